@@ -1,0 +1,136 @@
+"""What every study shares: model groups, store requirements, and how results are written."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import xarray as xr
+
+__all__ = ["ModelGroup", "StoreRequirementError", "require", "StudyResult", "Finding", "to_jsonable"]
+
+
+@dataclass(frozen=True)
+class ModelGroup:
+    """A base model and its post-trained versions, compared pairwise (base vs each post model)."""
+
+    name: str
+    base: str
+    post: tuple[str, ...]
+    labels: tuple[str, ...] = ()  # short names: base first, then each post model
+
+    def __post_init__(self) -> None:
+        if not self.post:
+            raise ValueError(f"model group {self.name!r} needs at least one post-trained model")
+        if not self.labels:
+            object.__setattr__(self, "labels", ("base", *(f"post{i}" if len(self.post) > 1 else "post" for i in range(len(self.post)))))
+        if len(self.labels) != 1 + len(self.post):
+            raise ValueError(f"model group {self.name!r}: {len(self.labels)} labels for {1 + len(self.post)} models")
+
+    @property
+    def models(self) -> dict[str, str]:
+        """label -> model path or hub id, base first."""
+        return dict(zip(self.labels, (self.base, *self.post)))
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        """(base label, post label) for each post-trained model."""
+        return [(self.labels[0], p) for p in self.labels[1:]]
+
+
+class StoreRequirementError(ValueError):
+    """A store lacks what a study needs; the message says what to extract."""
+
+
+def require(
+    ds: xr.Dataset,
+    *,
+    site: str,
+    study: str,
+    positions: str | None = None,
+    min_positions: int = 1,
+    coords: Sequence[str] = (),
+    layers: Sequence[int] | None = None,
+) -> None:
+    """Raise ``StoreRequirementError`` naming the missing piece and the extraction that would provide it."""
+    where = ds.attrs.get("group") or ds.attrs.get("dataset") or "store"
+    hint = f"extract with --sites {site}" + (f" --positions {positions}" if positions else "")
+    if site not in ds.data_vars:
+        raise StoreRequirementError(f"{study}: {where} has no {site!r} activations ({', '.join(ds.data_vars) or 'none'}); {hint}")
+    n_pos = ds.sizes.get("position", 1)
+    if n_pos < min_positions:
+        raise StoreRequirementError(f"{study}: {where} keeps {n_pos} position(s), {min_positions} needed; {hint}")
+    if positions and ds.attrs.get("positions") not in (None, positions):
+        raise StoreRequirementError(
+            f"{study}: {where} was captured at positions {ds.attrs.get('positions')!r}, {positions!r} needed; {hint}"
+        )
+    for c in coords:
+        if c not in ds.coords and c not in ds.data_vars:
+            raise StoreRequirementError(f"{study}: {where} has no {c!r} column; extract from a dataset with a {c!r} column")
+    if layers is not None:
+        have = set(int(l) for l in ds["layer"].values)
+        miss = [l for l in layers if l not in have]
+        if miss:
+            raise StoreRequirementError(f"{study}: {where} lacks layers {miss}; extract with --layers all")
+
+
+def to_jsonable(x: Any) -> Any:
+    """Numbers, arrays and dataclasses as plain JSON values; NaN/inf become None (JSON has neither)."""
+    if isinstance(x, dict):
+        return {str(k): to_jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [to_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return to_jsonable(x.tolist())
+    if isinstance(x, (np.floating, float)):
+        f = float(x)
+        return f if math.isfinite(f) else None
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    if hasattr(x, "__dataclass_fields__"):
+        return to_jsonable({k: getattr(x, k) for k in x.__dataclass_fields__})
+    return x
+
+
+@dataclass
+class StudyResult:
+    """A study's output: labelled arrays, a summary of every number, figures, and one verdict line per finding."""
+
+    study: str
+    data: xr.Dataset
+    summary: dict[str, Any]
+    figures: dict[str, Path] = field(default_factory=dict)
+    findings: list["Finding"] = field(default_factory=list)
+
+    def save(self, out_dir: str | Path) -> Path:
+        """``out_dir/<study>/results.zarr``, ``summary.json`` and figures (already written there by the study)."""
+        d = Path(out_dir) / self.study
+        d.mkdir(parents=True, exist_ok=True)
+        ds = self.data.copy()
+        ds.attrs = {k: json.dumps(to_jsonable(v)) if not isinstance(v, (str, int, float)) else v for k, v in ds.attrs.items()}
+        ds.to_zarr(d / "results.zarr", mode="w", zarr_format=3, consolidated=False)
+        payload = {
+            "study": self.study,
+            "summary": to_jsonable(self.summary),
+            "findings": [to_jsonable(f) for f in self.findings],
+            "figures": {k: str(v) for k, v in self.figures.items()},
+        }
+        (d / "summary.json").write_text(json.dumps(payload, indent=2))
+        return d
+
+
+@dataclass
+class Finding:
+    """One of the study's findings as measured on one model pair."""
+
+    finding: str  # e.g. "truth direction shared"
+    pair: str  # e.g. "base vs post"
+    figures: dict[str, float]  # the numbers behind the verdict
+    agrees: bool  # does this pair agree with the paper's finding?
+    detail: str = ""

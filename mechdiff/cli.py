@@ -1,0 +1,183 @@
+"""The mechdiff command line.
+
+mechdiff stores the activations of base and post-trained LLMs once, in chunked Zarr stores, and answers
+four questions about how post-training reshaped them: knowledge storage, truthfulness, refusal and
+confidence.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="mechdiff",
+    help=__doc__,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+store_app = typer.Typer(help="Inspect and check activation stores.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+console = Console(stderr=True)
+out = Console()
+
+
+def fail(msg: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {msg}", highlight=False)
+    raise typer.Exit(code)
+
+
+@app.command()
+def extract(
+    model: str = typer.Option(..., "--model", "-m", help="Local model directory or hub id (AutoModelForCausalLM)."),
+    data: Path = typer.Option(..., "--data", "-d", help="CSV, JSON or JSONL with a text, statement, instruction or goal column; other columns become coords."),
+    out_store: str = typer.Option(..., "--out", "-o", help="Store root: a local path or an fsspec URL (s3://, gs://)."),
+    sites: str = typer.Option("resid_post", help="Comma-separated: resid_pre, resid_post, attn_out, mlp_out, mlp_act."),
+    layers: str = typer.Option("all", help="all, a list 0,3,5, or a range 2:6 (end exclusive); negatives count from the end."),
+    positions: str = typer.Option("last", help="last, last:k, all, from:MARKER, or post_instruction (from the chat template)."),
+    template: str = typer.Option("none", help="none, chat (the tokenizer's chat template), or a format string with {text}."),
+    group: Optional[str] = typer.Option(None, help="Group inside the store [default: MODEL/DATASET]."),
+    text_column: Optional[str] = typer.Option(None, help="Column holding the prompt text, if not one of the usual names."),
+    dtype: str = typer.Option("float16", help="Stored dtype: float16 (fails loudly on overflow) or float32."),
+    model_dtype: str = typer.Option("float32", help="Dtype the model runs in: float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
+    token_budget: int = typer.Option(16384, help="Padded tokens per batch (rows x longest prompt)."),
+    shard_size: int = typer.Option(256, help="Examples per shard: the unit of resumption and of chunking."),
+    truncate: bool = typer.Option(False, help="Keep the last tokens of prompts longer than the context instead of refusing."),
+    compression: str = typer.Option("zstd", help="zstd or none."),
+    allow_pickle: bool = typer.Option(False, help="Allow non-safetensors weights (runs pickled code)."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the model's repository."),
+) -> None:
+    """Capture activations of MODEL on DATA into a Zarr store; re-running resumes where it stopped.
+
+    Every input is checked before the model loads, and the store is left untouched on an error.
+    """
+    from mechdiff.engine.data import DataError, load_prompts
+    from mechdiff.engine.extract import CaptureSpec, default_group, extract as run_extract
+    from mechdiff.engine.models import load_model
+    from mechdiff.engine.positions import PositionError
+    from mechdiff.engine.sites import SiteError, parse_layers
+
+    try:
+        prompts = load_prompts(data, text_column=text_column)
+        spec = CaptureSpec(
+            sites=sites, layers=layers, positions=positions, template=template, dtype=dtype,
+            compression=None if compression == "none" else compression,
+        )
+        parse_layers(layers, _config_layers(model, trust_remote_code))
+        _check_output(out_store)
+    except (DataError, SiteError, PositionError, ValueError, OSError) as e:
+        fail(str(e))
+    try:
+        lm = load_model(model, dtype=model_dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        rep = run_extract(
+            lm, prompts, spec, out_store, group or default_group(model, str(data)),
+            token_budget=token_budget, shard_size=shard_size, truncate=truncate,
+        )
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    out.print(
+        f"{rep.group}: {rep.n_examples} examples, {rep.shards_written} shards written, "
+        f"{rep.shards_skipped} already done, {rep.tokens:,} tokens in {rep.seconds:.1f}s "
+        f"({rep.tokens_per_s:,.0f} tok/s) -> {rep.url}"
+    )
+
+
+def _config_layers(model: str, trust_remote_code: bool) -> int:
+    """The model's layer count from its config alone, so layer ranges are checked before weights load."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except Exception as e:  # HF raises OSError or ValueError variants; one clear line is what matters
+        raise OSError(f"model {model}: cannot read its config ({str(e).splitlines()[0]})") from None
+    cfg = getattr(cfg, "text_config", None) or cfg
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(cfg, key, None), int):
+            return getattr(cfg, key)
+    raise ValueError(f"model {model}: its config names no layer count")
+
+
+def _check_output(url: str) -> None:
+    import os
+
+    if "://" in url and not url.startswith("file://"):
+        return
+    p = Path(url.removeprefix("file://")).resolve()
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if probe == p and not p.is_dir():
+        raise OSError(f"output {url} exists and is not a directory")
+    if not os.access(probe, os.W_OK):
+        raise OSError(f"output {url} is not writable ({probe} does not allow writing)")
+
+
+@store_app.command("info")
+def store_info_cmd(
+    store: str = typer.Argument(..., help="Store root: a local path or an fsspec URL."),
+) -> None:
+    """Groups, arrays, shapes, dtypes, chunks, provenance and the fraction done of a store."""
+    from mechdiff.engine.store import store_info
+
+    try:
+        infos = store_info(store)
+    except (ValueError, OSError, FileNotFoundError) as e:
+        fail(str(e))
+    if not infos:
+        fail(f"{store} holds no activation group")
+    for g in infos:
+        t = Table(title=f"{g.group}  ({g.fraction_done:.0%} done)", title_justify="left")
+        for c in ("array", "shape", "dtype", "chunks"):
+            t.add_column(c)
+        for a in g.arrays:
+            t.add_row(a.name, str(tuple(a.shape)), str(a.dtype), str(tuple(a.chunks)))
+        out.print(t)
+        p = Table(show_header=False, box=None)
+        for k, v in sorted(g.provenance.items()):
+            p.add_row(f"  {k}", str(v))
+        out.print(p)
+
+
+@store_app.command("verify")
+def store_verify_cmd(
+    store: str = typer.Argument(..., help="Store root: a local path or an fsspec URL."),
+    group: Optional[str] = typer.Option(None, help="Group to check [default: the only group]."),
+    sample: int = typer.Option(8, help="How many random finished examples to re-run."),
+    model: Optional[str] = typer.Option(None, help="Model to use instead of the one in the store's provenance."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+    seed: int = typer.Option(0, help="Seed for picking examples."),
+) -> None:
+    """Re-run SAMPLE stored examples through the model and report the largest difference from what is stored.
+
+    Exits 1 when a difference exceeds the stored dtype's rounding.
+    """
+    from mechdiff.engine.verify import verify_store
+
+    try:
+        rep = verify_store(store, group, sample=sample, model=model, device=device, seed=seed)
+    except (ValueError, OSError, KeyError) as e:
+        fail(str(e))
+    t = Table(title=f"{rep.group}: {len(rep.examples)} examples re-run", title_justify="left")
+    for c in ("site", "max |diff|", "max |diff| / max |x|", "ok"):
+        t.add_column(c)
+    for s in rep.sites:
+        t.add_row(s.site, f"{s.max_abs_diff:.3g}", f"{s.max_rel_diff:.3g}", "yes" if s.max_rel_diff <= rep.tolerance else "NO")
+    out.print(t)
+    if not rep.ok:
+        raise typer.Exit(1)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

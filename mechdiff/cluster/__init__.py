@@ -1,0 +1,1 @@
+"""Ray: actor pool, scheduling, retries, sweeps and dask-on-Ray."""

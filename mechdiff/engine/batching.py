@@ -1,0 +1,114 @@
+"""Tokenisation, prompt templates, length-bucketed batches and padded forward inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+__all__ = ["PromptTemplate", "TokenizeError", "tokenize", "length_batches", "pad_batch"]
+
+
+class TokenizeError(ValueError):
+    """A prompt that cannot be fed to the model as asked (e.g. longer than its context)."""
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """How a dataset text becomes the model's input.
+
+    ``none``  the text as it is
+    ``chat``  the tokenizer's chat template, one user turn, with the generation prompt
+    any other string is a format string with ``{text}``, e.g. ``"User: {text}\\nAssistant:"``
+    """
+
+    spec: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.spec not in ("none", "chat") and "{text}" not in self.spec:
+            raise ValueError(f"template {self.spec!r}: use none, chat, or a format string containing {{text}}")
+
+    def apply(self, text: str, tokenizer=None) -> str:
+        if self.spec == "none":
+            return text
+        if self.spec == "chat":
+            if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+                raise ValueError("template 'chat' needs a tokenizer with a chat template")
+            return tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+        return self.spec.replace("{text}", text)
+
+    def suffix(self, tokenizer=None) -> str:
+        """The template's text after the instruction: the post-instruction tokens' marker."""
+        probe = "\x00MECHDIFF\x00"
+        full = self.apply(probe, tokenizer)
+        return full[full.index(probe) + len(probe) :]
+
+
+def tokenize(
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    max_length: int | None = None,
+    truncate: bool = False,
+    add_special_tokens: bool = True,
+) -> list[list[int]]:
+    """Token ids per text. A text longer than ``max_length`` is refused unless ``truncate``, which keeps its
+    end (positions are counted from the end, so the end is what studies read)."""
+    # Chat-templated texts already carry their special tokens.
+    enc = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
+    out = []
+    for i, ids in enumerate(enc):
+        if not ids:
+            raise TokenizeError(f"example {i} tokenizes to no tokens")
+        if max_length is not None and len(ids) > max_length:
+            if not truncate:
+                raise TokenizeError(
+                    f"example {i} has {len(ids)} tokens, more than the model's context of {max_length}; "
+                    "pass --truncate to keep its last tokens"
+                )
+            ids = ids[-max_length:]
+        out.append(list(ids))
+    return out
+
+
+def length_batches(lengths: Sequence[int], indices: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Group ``indices`` into batches of similar length whose padded size (rows x longest) stays within
+    ``token_budget``. Sorting by length is what keeps padding, and so wasted compute, low."""
+    order = sorted(indices, key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        longest = max(lengths[i], lengths[cur[-1]] if cur else 0)
+        if cur and longest * (len(cur) + 1) > token_budget:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def pad_batch(
+    ids: Sequence[Sequence[int]], pad_id: int, *, side: str = "right", device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``attention_mask`` and ``position_ids`` for a padded batch; position ids count real
+    tokens only, so left padding gives each example the positions it has alone."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side {side!r}: left or right")
+    t = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), t), dtype=torch.long)
+    for b, x in enumerate(ids):
+        n = len(x)
+        sl = slice(t - n, t) if side == "left" else slice(0, n)
+        input_ids[b, sl] = torch.as_tensor(x, dtype=torch.long)
+        mask[b, sl] = 1
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": mask.to(device),
+        "position_ids": pos.to(device),
+    }

@@ -1,0 +1,358 @@
+"""From a prompt set to an activation store: batched, hooked forward passes with a background writer.
+
+Work is done shard by shard (a shard = a contiguous range of examples, aligned to the store's chunks).
+Inside a shard, examples are batched by token length under a token budget; the shard is handed to a
+writer thread whole, and the store marks it done only after its data is written. Re-running skips done
+shards, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+import mechdiff
+from mechdiff.engine.batching import PromptTemplate, length_batches, pad_batch, tokenize
+from mechdiff.engine.data import PromptSet
+from mechdiff.engine.models import LoadedModel
+from mechdiff.engine.positions import Positions, gather_index
+from mechdiff.engine.sites import Capture, hooks, parse_layers, parse_sites, site_width
+from mechdiff.engine.store import ActivationStore, ArraySpec
+
+__all__ = ["CaptureSpec", "ExtractReport", "PreparedExtraction", "prepare", "extract", "run_shards"]
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """What to capture: sites x layers at the given positions, stored in ``dtype``."""
+
+    sites: tuple[str, ...] = ("resid_post",)
+    layers: str | tuple[int, ...] = "all"
+    positions: str = "last"
+    template: str = "none"
+    dtype: str = "float16"
+    compression: str | None = "zstd"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sites", parse_sites(self.sites))
+        Positions.parse(self.positions)
+        PromptTemplate(self.template)
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError(f"store dtype {self.dtype!r}: float16 or float32")
+
+    def resolve_layers(self, n_layers: int) -> tuple[int, ...]:
+        return parse_layers(self.layers, n_layers)
+
+    def identity(self, n_layers: int) -> str:
+        """The spec as stored in provenance; stores made with another spec refuse to be appended to."""
+        d = asdict(self)
+        d["layers"] = list(self.resolve_layers(n_layers))
+        d["sites"] = list(self.sites)
+        return json.dumps(d, sort_keys=True)
+
+
+@dataclass
+class ExtractReport:
+    url: str
+    group: str
+    n_examples: int
+    shards_total: int
+    shards_written: int
+    shards_skipped: int
+    tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass
+class PreparedExtraction:
+    """Everything resolved before any forward pass: token ids, positions, array specs, provenance."""
+
+    spec: CaptureSpec
+    layers: tuple[int, ...]
+    positions: Positions
+    token_ids: list[list[int]]
+    counts: list[int]  # kept positions per example
+    width: int  # kept positions after padding to a common width (1 for `last`)
+    arrays: list[ArraySpec]
+    coords: dict[str, np.ndarray]
+    provenance: dict
+    max_layer: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.max_layer = max(self.layers)
+
+    def token_id_matrix(self) -> np.ndarray:
+        """``[example, tok]`` int32, right-aligned, -1 padded: positions counted from each end."""
+        t = max(len(x) for x in self.token_ids)
+        out = np.full((len(self.token_ids), t), -1, dtype=np.int32)
+        for i, ids in enumerate(self.token_ids):
+            out[i, t - len(ids) :] = ids
+        return out
+
+
+def default_group(model_id: str, dataset_source: str) -> str:
+    def clean(s: str) -> str:
+        name = Path(s.rstrip("/")).name or s
+        for suffix in (".csv", ".jsonl", ".json"):
+            name = name.removesuffix(suffix)
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+    return f"{clean(model_id)}/{clean(dataset_source)}"
+
+
+def prepare(
+    lm: LoadedModel,
+    prompts: PromptSet,
+    spec: CaptureSpec,
+    *,
+    max_length: int | None = None,
+    truncate: bool = False,
+) -> PreparedExtraction:
+    """Validate and resolve a capture before touching any store: raises on bad layers, sites, positions or
+    prompts that do not fit the model."""
+    if len(prompts) == 0:
+        raise ValueError(f"dataset {prompts.source} is empty")
+    adapter = lm.adapter
+    layers = spec.resolve_layers(adapter.n_layers)
+    pos = Positions.parse(spec.positions)
+    template = PromptTemplate(spec.template)
+    texts = [template.apply(t, lm.tokenizer) for t in prompts.texts]
+    limit = max_length or adapter.max_positions
+    # A chat template already writes the special tokens; adding them again would double the BOS.
+    ids = tokenize(lm.tokenizer, texts, max_length=limit, truncate=truncate, add_special_tokens=template.spec != "chat")
+    marker_ids = None
+    if pos.kind in ("from", "post_instruction"):
+        marker = pos.marker if pos.kind == "from" else template.suffix(lm.tokenizer)
+        marker_ids = lm.tokenizer(marker, add_special_tokens=False)["input_ids"]
+    counts = pos.counts(ids, marker_ids)
+    width = max(counts)
+    n_pos = width if pos.keeps_position_dim else None
+    arrays = [
+        ArraySpec(
+            name=site,
+            site=site,
+            layers=layers,
+            n_positions=n_pos,
+            width=site_width(adapter, site),
+            dim="neuron" if site == "mlp_act" else "hidden",
+            dtype=spec.dtype,
+            compression=spec.compression,
+        )
+        for site in spec.sites
+    ]
+    coords: dict[str, np.ndarray] = {
+        "text": np.asarray(prompts.texts, dtype=object),
+        "n_tokens": np.asarray([len(x) for x in ids], dtype=np.int32),
+        "n_positions": np.asarray(counts, dtype=np.int32),
+    }
+    for k, v in prompts.columns.items():
+        coords[k] = np.asarray(v)
+    provenance = {
+        **lm.provenance(),
+        "dataset": prompts.source,
+        "dataset_hash": prompts.hash,
+        "template": spec.template,
+        "positions": str(pos),
+        "capture_spec": spec.identity(adapter.n_layers),
+        "mechdiff_version": mechdiff.__version__,
+    }
+    return PreparedExtraction(spec, layers, pos, ids, counts, width, arrays, coords, provenance)
+
+
+def _check_disk(url: str, nbytes: int) -> None:
+    if "://" in url and not url.startswith("file://"):
+        return  # object stores report no free space; nothing to check
+    path = Path(url.removeprefix("file://")).resolve()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"output {url}: {probe} is not a directory")
+    import os
+
+    if not os.access(probe, os.W_OK):
+        raise PermissionError(f"output {url}: {probe} is not writable")
+    free = shutil.disk_usage(probe).free
+    if nbytes > free:
+        raise OSError(
+            f"output {url} needs up to {nbytes / 1e9:.2f} GB (uncompressed estimate) but {probe} has "
+            f"{free / 1e9:.2f} GB free"
+        )
+
+
+class _StopForward(Exception):
+    """Raised after the deepest needed layer: the layers above it would be wasted work."""
+
+
+class ShardWriter:
+    """Writes finished shards on a background thread so compression and I/O overlap the next forward pass."""
+
+    def __init__(self, store: ActivationStore, depth: int = 2):
+        self.store = store
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.written: list[int] = []
+        self.thread = threading.Thread(target=self._run, name="mechdiff-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            i, data = item
+            try:
+                self.store.write_shard(i, data)
+                self.written.append(i)
+            except BaseException as e:  # surfaced to the caller on the next put or at close
+                self.error = e
+
+    def put(self, i: int, data: dict[str, np.ndarray]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put((i, data))
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+@torch.inference_mode()
+def forward_capture(
+    lm: LoadedModel,
+    prep: PreparedExtraction,
+    batch: Sequence[int],
+    *,
+    padding_side: str = "right",
+) -> dict[str, np.ndarray]:
+    """One batched forward pass; returns ``{site: [batch, layer(, position), width]}`` float32 arrays."""
+    ids = [prep.token_ids[i] for i in batch]
+    inputs = pad_batch(ids, lm.tokenizer.pad_token_id, side=padding_side, device=lm.device)
+    counts = torch.as_tensor([prep.counts[i] for i in batch], device=lm.device)
+    index = gather_index(inputs["attention_mask"], counts, prep.width)
+    cap = Capture(prep.spec.sites, prep.layers, index=index, dtype=torch.float32)
+    stop_layer = lm.adapter.layer(prep.max_layer)
+
+    def stop(module, args, output):
+        raise _StopForward
+
+    with hooks(lm.adapter, cap):
+        # Registered after the capture hooks, so it fires after they have taken the deepest layer.
+        h = stop_layer.register_forward_hook(stop)
+        try:
+            lm.model(**inputs, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            h.remove()
+    out = {}
+    for site in prep.spec.sites:
+        a = cap.stacked(site).cpu().numpy()  # [B, L, P, W]
+        out[site] = a if prep.positions.keeps_position_dim else a[:, :, 0, :]
+    return out
+
+
+def run_shards(
+    lm: LoadedModel,
+    prep: PreparedExtraction,
+    store: ActivationStore,
+    shards: Sequence[int],
+    *,
+    token_budget: int = 16384,
+    padding_side: str = "right",
+    on_batch: Callable[[int, int], None] | None = None,
+) -> tuple[int, int]:
+    """Extract the given shards into ``store``. Returns (shards written, real tokens processed)."""
+    writer = ShardWriter(store)
+    tokens = 0
+    lengths = [len(x) for x in prep.token_ids]
+    try:
+        for s in shards:
+            rng = store.shard_range(s)
+            bufs = {
+                a.name: np.empty((len(rng), len(a.layers), *([a.n_positions] if a.n_positions else []), a.width), np.float32)
+                for a in prep.arrays
+            }
+            for batch in length_batches(lengths, list(rng), token_budget):
+                acts = forward_capture(lm, prep, batch, padding_side=padding_side)
+                rows = np.asarray(batch) - rng.start
+                for name, a in acts.items():
+                    bufs[name][rows] = a
+                n = sum(lengths[i] for i in batch)
+                tokens += n
+                if on_batch is not None:
+                    on_batch(n, len(batch))
+            writer.put(s, bufs)
+    finally:
+        writer.close()
+    return len(writer.written), tokens
+
+
+def extract(
+    lm: LoadedModel,
+    prompts: PromptSet,
+    spec: CaptureSpec,
+    out: str,
+    group: str | None = None,
+    *,
+    token_budget: int = 16384,
+    shard_size: int = 256,
+    max_length: int | None = None,
+    truncate: bool = False,
+    shards: Sequence[int] | None = None,
+    padding_side: str = "right",
+    progress: bool = True,
+    storage_options: dict | None = None,
+) -> ExtractReport:
+    """Capture ``spec`` for every prompt into the store at ``out`` (group ``group``), resuming if it exists.
+
+    Raises before any forward pass (and before the store is touched) on bad layers, sites, positions,
+    over-long prompts, a store made by another model / spec / dataset, or too little disk room.
+    """
+    out = str(out)
+    group = group or default_group(lm.model_id, prompts.source)
+    prep = prepare(lm, prompts, spec, max_length=max_length, truncate=truncate)
+    _check_disk(out, ActivationStore.estimate_nbytes_for(len(prompts), prep.arrays))
+    store = ActivationStore.create_or_open(
+        out,
+        group,
+        n_examples=len(prompts),
+        shard_size=shard_size,
+        arrays=prep.arrays,
+        coords=prep.coords,
+        token_ids=prep.token_id_matrix(),
+        provenance=prep.provenance,
+        storage_options=storage_options,
+    )
+    todo = [s for s in (shards if shards is not None else range(store.n_shards)) if s in set(store.missing_shards())]
+    skipped = (len(shards) if shards is not None else store.n_shards) - len(todo)
+    total_tokens = sum(len(prep.token_ids[i]) for s in todo for i in store.shard_range(s))
+    t0 = time.perf_counter()
+    if progress and todo:
+        from mechdiff.engine.progress import token_progress
+
+        with token_progress(f"extract {group}", total_tokens) as advance:
+            written, tokens = run_shards(
+                lm, prep, store, todo, token_budget=token_budget, padding_side=padding_side,
+                on_batch=lambda n, b: advance(n),
+            )
+    else:
+        written, tokens = run_shards(lm, prep, store, todo, token_budget=token_budget, padding_side=padding_side)
+    return ExtractReport(out, group, len(prompts), store.n_shards, written, skipped, tokens, time.perf_counter() - t0)

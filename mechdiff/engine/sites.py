@@ -1,0 +1,274 @@
+"""Hook sites: capture and intervention on the HF modules, as plain PyTorch forward hooks.
+
+Sites (TransformerLens-like names):
+
+``resid_pre``   input of decoder block l            (width d_model)
+``resid_post``  output of decoder block l           (width d_model)
+``attn_out``    what attention adds to the residual (width d_model)
+``mlp_out``     what the MLP adds to the residual   (width d_model)
+``mlp_act``     neuron activations, the down projection's input (width d_mlp)
+
+Everything is installed by the ``hooks`` context manager and removed on exit, exceptions included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from mechdiff.engine.adapter import ArchAdapter, hidden_from_output, replace_hidden_in_output
+
+__all__ = [
+    "SITES",
+    "SiteError",
+    "Intervention",
+    "Capture",
+    "hooks",
+    "site_width",
+    "parse_sites",
+    "parse_layers",
+]
+
+SITES: tuple[str, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out", "mlp_act")
+
+
+class SiteError(ValueError):
+    """An unknown site or a layer out of range."""
+
+
+def parse_sites(spec: str | Sequence[str]) -> tuple[str, ...]:
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    if not names:
+        raise SiteError("no site given: choose from " + ", ".join(SITES))
+    for n in names:
+        if n not in SITES:
+            raise SiteError(f"unknown site {n!r}: choose from " + ", ".join(SITES))
+    return tuple(dict.fromkeys(names))
+
+
+def parse_layers(spec: str | Sequence[int], n_layers: int) -> tuple[int, ...]:
+    """``all``, ``0,3,5``, ``2:6`` (python slice, end exclusive), negatives count from the end."""
+    if isinstance(spec, str):
+        s = spec.strip()
+        if s == "all":
+            return tuple(range(n_layers))
+        out: list[int] = []
+        for part in s.split(","):
+            part = part.strip()
+            try:
+                if ":" in part:
+                    a, b = part.split(":", 1)
+                    out.extend(range(n_layers)[slice(int(a) if a else None, int(b) if b else None)])
+                else:
+                    out.append(int(part))
+            except ValueError:
+                raise SiteError(f"layers {spec!r}: use all, a list like 0,3,5 or a range like 2:6") from None
+        layers = out
+    else:
+        layers = [int(x) for x in spec]
+    fixed = []
+    for l in layers:
+        if not -n_layers <= l < n_layers:
+            raise SiteError(f"layer {l} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+        fixed.append(l % n_layers)
+    if not fixed:
+        raise SiteError(f"layers {spec!r} selects no layer")
+    return tuple(dict.fromkeys(fixed))
+
+
+def site_width(adapter: ArchAdapter, site: str) -> int:
+    return adapter.d_mlp if site == "mlp_act" else adapter.d_model
+
+
+@dataclass
+class Intervention:
+    """A change to one site at one layer.
+
+    kind ``add``:     x += coef * vector                      (vector: [width])
+    kind ``ablate``:  x -= (x . d) d,  d = direction / |d|    (directional ablation)
+    kind ``replace``: x[b, index[b, j]] = values[b, j]         (patching; values: [batch, n, width])
+
+    ``index`` ([batch, n] sequence indices, -1 = leave alone) restricts add/ablate to those positions;
+    None means every position the forward pass sees (so generation steps are covered too).
+    """
+
+    site: str
+    layer: int
+    kind: str
+    vector: torch.Tensor | None = None
+    coef: float = 1.0
+    values: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.site not in SITES:
+            raise SiteError(f"unknown site {self.site!r}: choose from " + ", ".join(SITES))
+        if self.kind not in ("add", "ablate", "replace"):
+            raise ValueError(f"unknown intervention kind {self.kind!r}: add, ablate or replace")
+        if self.kind in ("add", "ablate") and self.vector is None:
+            raise ValueError(f"intervention {self.kind!r} needs a vector")
+        if self.kind == "replace" and (self.values is None or self.index is None):
+            raise ValueError("intervention 'replace' needs values and index")
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the modified activation ``x`` ([batch, seq, width]); never writes into ``x``."""
+        if self.kind == "replace":
+            out = x.clone()
+            b, n = self.index.shape
+            rows = torch.arange(b, device=x.device)[:, None].expand(b, n)
+            ok = self.index >= 0
+            out[rows[ok], self.index[ok]] = self.values.to(x.dtype)[ok]
+            return out
+        v = self.vector.to(device=x.device, dtype=x.dtype)
+        if self.kind == "add":
+            delta = (self.coef * v).expand_as(x)
+        else:
+            d = v / v.norm()
+            delta = -(x @ d)[..., None] * d
+        if self.index is None:
+            return x + delta
+        mask = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+        b, n = self.index.shape
+        rows = torch.arange(b, device=x.device)[:, None].expand(b, n)
+        ok = self.index >= 0
+        mask[rows[ok], self.index[ok]] = True
+        return x + delta * mask[..., None].to(x.dtype)
+
+
+@dataclass
+class Capture:
+    """Activations captured during one forward pass.
+
+    ``index`` is ``[batch, n]`` sequence indices (``-1`` = empty slot, filled with NaN) or None for every
+    position. ``acts[(site, layer)]`` holds a fresh ``[batch, n, width]`` tensor (a gather, so it never aliases
+    memory a later kernel reuses), moved to ``to_device`` (default: stay where computed) and ``dtype``.
+    """
+
+    sites: tuple[str, ...]
+    layers: tuple[int, ...]
+    index: torch.Tensor | None = None
+    dtype: torch.dtype | None = None
+    to_device: torch.device | str | None = None
+    acts: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+
+    def take(self, site: str, layer: int, x: torch.Tensor) -> None:
+        if self.index is None:
+            out = x.detach().clone()
+        else:
+            idx = self.index.to(x.device)
+            safe = idx.clamp(min=0)
+            out = torch.gather(x.detach(), 1, safe[..., None].expand(-1, -1, x.shape[-1]))
+            if bool((idx < 0).any()):
+                out = out.masked_fill((idx < 0)[..., None], float("nan"))
+        if self.dtype is not None and out.dtype != self.dtype:
+            out = out.to(self.dtype)
+        if self.to_device is not None:
+            out = out.to(self.to_device, non_blocking=False)
+        self.acts[(site, layer)] = out
+
+    def stacked(self, site: str) -> torch.Tensor:
+        """``[batch, layer, n, width]`` for one site over the captured layers."""
+        return torch.stack([self.acts[(site, l)] for l in self.layers], dim=1)
+
+
+def _module_for(adapter: ArchAdapter, site: str, layer: int) -> tuple[torch.nn.Module, str]:
+    """The module to hook and how: 'out' (forward output) or 'in' (forward input)."""
+    if site == "resid_post":
+        return adapter.layer(layer), "out"
+    if site == "resid_pre":
+        return adapter.layer(layer), "in"
+    if site == "attn_out":
+        return adapter.attn_out_module(layer), "out"
+    if site == "mlp_out":
+        return adapter.mlp_out_module(layer), "out"
+    if site == "mlp_act":
+        return adapter.down_proj(layer), "in"
+    raise SiteError(f"unknown site {site!r}: choose from " + ", ".join(SITES))
+
+
+def _input_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    if args:
+        return args[0]
+    return kwargs["hidden_states"]
+
+
+def _with_input_hidden(args: tuple, kwargs: dict, new: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (new, *args[1:]), kwargs
+    kwargs = dict(kwargs)
+    kwargs["hidden_states"] = new
+    return args, kwargs
+
+
+@contextlib.contextmanager
+def hooks(
+    adapter: ArchAdapter,
+    capture: Capture | None = None,
+    interventions: Sequence[Intervention] = (),
+) -> Iterator[Capture | None]:
+    """Install capture and intervention hooks for the duration of the block.
+
+    Interventions at a site run before its capture, so a capture sees the modified activation.
+    """
+    plan: dict[tuple[str, int], tuple[list[Intervention], bool]] = {}
+    for iv in interventions:
+        if not 0 <= iv.layer < adapter.n_layers:
+            raise SiteError(f"layer {iv.layer} is out of range: the model has {adapter.n_layers} layers")
+        plan.setdefault((iv.site, iv.layer), ([], False))[0].append(iv)
+    if capture is not None:
+        for site in capture.sites:
+            if site not in SITES:
+                raise SiteError(f"unknown site {site!r}: choose from " + ", ".join(SITES))
+            for l in capture.layers:
+                if not 0 <= l < adapter.n_layers:
+                    raise SiteError(f"layer {l} is out of range: the model has {adapter.n_layers} layers")
+                ivs, _ = plan.get((site, l), ([], False))
+                plan[(site, l)] = (ivs, True)
+
+    handles = []
+    try:
+        for (site, layer), (ivs, cap) in plan.items():
+            module, where = _module_for(adapter, site, layer)
+            if where == "out":
+                handles.append(module.register_forward_hook(_out_hook(site, layer, ivs, capture if cap else None)))
+            else:
+                handles.append(
+                    module.register_forward_pre_hook(
+                        _in_hook(site, layer, ivs, capture if cap else None), with_kwargs=True
+                    )
+                )
+        yield capture
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _out_hook(site: str, layer: int, ivs: list[Intervention], cap: Capture | None):
+    def hook(module, args, output):
+        x = hidden_from_output(output)
+        changed = False
+        for iv in ivs:
+            x = iv.apply(x)
+            changed = True
+        if cap is not None:
+            cap.take(site, layer, x)
+        return replace_hidden_in_output(output, x) if changed else None
+
+    return hook
+
+
+def _in_hook(site: str, layer: int, ivs: list[Intervention], cap: Capture | None):
+    def hook(module, args, kwargs):
+        x = _input_hidden(args, kwargs)
+        changed = False
+        for iv in ivs:
+            x = iv.apply(x)
+            changed = True
+        if cap is not None:
+            cap.take(site, layer, x)
+        return _with_input_hidden(args, kwargs, x) if changed else None
+
+    return hook

@@ -1,0 +1,740 @@
+"""The Zarr v3 activation store.
+
+One Zarr v3 group per (model, dataset) inside a store root, e.g. ``out/store.zarr`` group
+``base/truth_cities``. ``xarray.open_zarr(url, group=...)`` opens a group as a Dataset with named dims:
+
+* data vars, one per captured site: dims ``(example, layer[, position], hidden|neuron)``;
+* coords ``example``, ``layer``, ``position`` (negative offsets from each example's own end),
+  ``n_tokens``, ``text``, the dataset's other columns, and ``token_ids`` (example, tok), right-aligned
+  with -1 padding, ``tok`` = negative offsets from the end;
+* attrs: the caller's provenance plus ``created``, ``n_examples``, ``shard_size``, ``n_shards`` and
+  ``mechdiff_store`` (format version and the array specs).
+
+Work is split into shards of ``shard_size`` examples. Example chunks never straddle a shard, so
+processes writing different shards never touch the same object. Each shard has a done flag in the
+sub-group ``_progress`` (bool array ``done``, chunk size 1: one object per flag); ``open_zarr`` of the
+group does not see it. A flag is set only after all of its shard's data has been written.
+
+The skeleton (metadata, coords, token ids, flags) is made with xarray so its metadata is exactly
+what xarray expects; shard writes go through zarr-python directly.
+
+Arrays may capture different layer sets (e.g. ``mlp_act`` at the last layer only): the ``layer``
+coord is the union, and layers an array did not capture are never written and read as NaN (the
+array's ``captured_layers`` attr lists the real ones). Likewise an array capturing fewer positions
+than the store's ``position`` coord fills its last ``n_positions`` entries.
+
+The root of the store holds consolidated metadata, refreshed whenever a group is created, so that
+plain ``xarray.open_zarr(url, group=...)`` opens without a consolidated-metadata warning. mechdiff's
+own readers never use it (``consolidated=False``), so they always see the current hierarchy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+__all__ = [
+    "ArraySpec",
+    "ActivationStore",
+    "ArrayInfo",
+    "GroupInfo",
+    "StoreMismatchError",
+    "StoreIncompleteError",
+    "open_store",
+    "list_groups",
+    "store_info",
+    "MAX_CHUNK_BYTES",
+]
+
+#: Upper bound on the uncompressed size of one chunk of activations.
+MAX_CHUNK_BYTES = 16 * 2**20
+FORMAT_VERSION = 1
+
+_MARKER = "mechdiff_store"
+# "coordinates" is written by xarray itself (coords that no data var carries, e.g. token_ids).
+_RESERVED_ATTRS = (_MARKER, "created", "n_examples", "shard_size", "n_shards", "coordinates")
+_PROGRESS = "_progress"
+_DONE = "done"
+_DIMS = ("example", "layer", "position", "hidden", "neuron", "tok")
+_RESERVED_NAMES = set(_DIMS) | {"token_ids", _PROGRESS}
+_DTYPES = ("float16", "float32")
+
+
+class StoreMismatchError(ValueError):
+    """An existing group was made by a different model / tokenizer / dataset / capture spec."""
+
+
+class StoreIncompleteError(RuntimeError):
+    """A group exists but its creation never finished (no done flags)."""
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One captured site, stored as data var ``name`` with dims (example, layer[, position], dim).
+
+    ``n_positions=None`` keeps one position per example and drops the position dim.
+    ``compression`` is ``"zstd"``, ``"zstd:<level>"`` or None.
+    """
+
+    name: str
+    site: str
+    layers: tuple[int, ...]
+    n_positions: int | None
+    width: int
+    dim: str
+    dtype: str = "float16"
+    compression: str | None = "zstd"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        object.__setattr__(self, "dtype", str(np.dtype(self.dtype)))
+        if not self.name or "/" in self.name or self.name.startswith("_") or self.name in _RESERVED_NAMES:
+            raise ValueError(f"ArraySpec name {self.name!r} is not allowed")
+        if not self.layers or len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
+            raise ValueError(f"ArraySpec {self.name}: layers must be distinct non-negative ints, got {self.layers}")
+        if self.n_positions is not None and int(self.n_positions) < 1:
+            raise ValueError(f"ArraySpec {self.name}: n_positions must be >= 1 or None")
+        if self.width < 1:
+            raise ValueError(f"ArraySpec {self.name}: width must be >= 1")
+        if self.dim not in ("hidden", "neuron"):
+            raise ValueError(f"ArraySpec {self.name}: dim must be 'hidden' or 'neuron', got {self.dim!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"ArraySpec {self.name}: dtype must be float16 or float32, got {self.dtype}")
+        _compressors(self.compression)  # validates
+
+    @property
+    def dims(self) -> tuple[str, ...]:
+        pos = ("position",) if self.n_positions is not None else ()
+        return ("example", "layer", *pos, self.dim)
+
+    def shard_shape(self, n: int) -> tuple[int, ...]:
+        """Shape ``write_shard`` expects for ``n`` examples."""
+        pos = (self.n_positions,) if self.n_positions is not None else ()
+        return (n, len(self.layers), *pos, self.width)
+
+    def nbytes(self, n_examples: int) -> int:
+        """Uncompressed bytes of this array's captured values for ``n_examples`` examples."""
+        return int(np.prod(self.shard_shape(n_examples), dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> ArraySpec:
+        return cls(**{**d, "layers": tuple(d["layers"])})
+
+
+@dataclass(frozen=True)
+class ArrayInfo:
+    name: str
+    dims: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """Summary of one activation group, for ``mechdiff store info``."""
+
+    group: str
+    arrays: list[ArrayInfo]
+    provenance: dict[str, Any]
+    fraction_done: float
+    n_examples: int = 0
+    shard_size: int = 0
+    n_shards: int = 0
+    done_shards: list[int] = field(default_factory=list)
+
+
+class ActivationStore:
+    """Handle on one activation group: creation, shard writes and done flags.
+
+    Create it in the driver with :meth:`create_or_open`; workers call :meth:`open` (or
+    ``create_or_open`` with the same arguments) and write disjoint shards concurrently.
+    """
+
+    def __init__(self, url: str, group: str, zgroup: Any, storage_options: dict | None) -> None:
+        # Use create_or_open / open; this only wraps an opened zarr group.
+        self.url = url
+        self.group = group
+        self.storage_options = storage_options
+        self._zgroup = zgroup
+        attrs = dict(zgroup.attrs)
+        if _MARKER not in attrs:
+            raise StoreMismatchError(f"store {url} group {group or '/'} exists and is not a mechdiff activation group")
+        meta = attrs[_MARKER]
+        self.n_examples: int = int(attrs["n_examples"])
+        self.shard_size: int = int(attrs["shard_size"])
+        self.n_shards: int = int(attrs["n_shards"])
+        self.arrays: list[ArraySpec] = [ArraySpec.from_json(d) for d in meta["arrays"]]
+        self.provenance: dict[str, Any] = {k: v for k, v in attrs.items() if k not in _RESERVED_ATTRS}
+        self.created: str = str(attrs.get("created", ""))
+        self.layers: tuple[int, ...] = tuple(meta["layers"])
+        self.n_positions: int | None = meta["n_positions"]
+        self._specs = {s.name: s for s in self.arrays}
+        try:
+            self._zarrays = {s.name: zgroup[s.name] for s in self.arrays}
+            self._done = zgroup[f"{_PROGRESS}/{_DONE}"]
+        except KeyError as e:
+            raise StoreIncompleteError(
+                f"store {url} group {group or '/'} is incomplete ({e} missing): its creation was "
+                "interrupted or is still running; remove the group and create it again"
+            ) from None
+
+    def __repr__(self) -> str:
+        return (
+            f"ActivationStore({self.url!r}, group={self.group!r}, arrays={[s.name for s in self.arrays]}, "
+            f"n_examples={self.n_examples}, shards {len(self.done_shards())}/{self.n_shards} done)"
+        )
+
+    # ------------------------------------------------------------------ creation / opening
+
+    @classmethod
+    def create_or_open(
+        cls,
+        url: str | Path,
+        group: str | None,
+        *,
+        n_examples: int,
+        shard_size: int,
+        arrays: list[ArraySpec],
+        coords: Mapping[str, np.ndarray],
+        token_ids: np.ndarray,
+        provenance: Mapping[str, Any],
+        identity_keys: Iterable[str] = ("model_id", "weights_hash", "tokenizer_hash", "dataset_hash", "capture_spec"),
+        storage_options: dict | None = None,
+    ) -> ActivationStore:
+        """Create the group (coords, token ids, empty arrays, done flags) or open an existing one.
+
+        An existing group must match: the provenance values under ``identity_keys``, ``n_examples``,
+        ``shard_size`` and the array specs; otherwise :class:`StoreMismatchError` names what differs
+        (with both values) and nothing is touched.
+        """
+        url, group = _norm_url(url), _norm_group(group)
+        prov = _jsonable(dict(provenance))
+        clash = [k for k in prov if k in _RESERVED_ATTRS]
+        if clash:
+            raise ValueError(f"provenance keys {clash} are reserved by the store")
+        specs = list(arrays)
+        layout = _Layout.build(n_examples, shard_size, specs, coords, token_ids)  # bad arguments fail first
+        # Probe read-only so that a mismatch or an error leaves no trace (r+ would make directories).
+        existing = _open_zgroup(url, group, storage_options, mode="r", missing_ok=True)
+        if existing is None:
+            try:
+                _create(url, group, layout, prov, storage_options)
+            except FileExistsError:
+                pass  # another process created it meanwhile: fall through and compare
+        store = cls(url, group, _open_zgroup(url, group, storage_options, mode="r+"), storage_options)
+        store._check_same(prov, tuple(identity_keys), n_examples, shard_size, specs)
+        return store
+
+    @classmethod
+    def open(cls, url: str | Path, group: str | None, storage_options: dict | None = None) -> ActivationStore:
+        """Open an existing activation group for writing shards and reading progress."""
+        url, group = _norm_url(url), _norm_group(group)
+        return cls(url, group, _open_zgroup(url, group, storage_options, mode="r+"), storage_options)
+
+    def _check_same(
+        self, prov: dict[str, Any], keys: tuple[str, ...], n_examples: int, shard_size: int, specs: list[ArraySpec]
+    ) -> None:
+        where = f"store {self.url} group {self.group or '/'}"
+        diffs = [k for k in keys if self.provenance.get(k) != prov.get(k)]
+        if "model_id" in diffs and "weights_hash" in diffs:
+            diffs.remove("weights_hash")  # already shown next to the model ids
+        if diffs:
+            parts = []
+            for k in diffs:
+                old, new = self.provenance.get(k), prov.get(k)
+                if k == "model_id":
+                    w_old = self.provenance.get("weights_hash")
+                    w_new = prov.get("weights_hash")
+                    parts.append(
+                        f"was made by model {_short(old)}{_weights(w_old)}, this run uses model {_short(new)}{_weights(w_new)}"
+                    )
+                else:
+                    parts.append(f"{k} differs: stored {_short(old)}, this run {_short(new)}")
+            raise StoreMismatchError(f"{where} " + "; ".join(parts) + "; use another group or remove this one")
+        structural = []
+        if self.n_examples != n_examples:
+            structural.append(f"n_examples differs: stored {self.n_examples}, this run {n_examples}")
+        if self.shard_size != shard_size:
+            structural.append(f"shard_size differs: stored {self.shard_size}, this run {shard_size}")
+        old_specs = {s.name: s for s in self.arrays}
+        new_specs = {s.name: s for s in specs}
+        if old_specs != new_specs:
+            for name in sorted(set(old_specs) | set(new_specs)):
+                o, n = old_specs.get(name), new_specs.get(name)
+                if o != n:
+                    structural.append(f"array {name} differs: stored {_spec_str(o)}, this run {_spec_str(n)}")
+        if structural:
+            raise StoreMismatchError(f"{where}: " + "; ".join(structural) + "; use another group or remove this one")
+
+    # ------------------------------------------------------------------ shards
+
+    def shard_range(self, i: int) -> range:
+        """Example indices of shard ``i``."""
+        if not 0 <= i < self.n_shards:
+            raise IndexError(f"shard {i} out of range 0..{self.n_shards - 1}")
+        start = i * self.shard_size
+        return range(start, min(start + self.shard_size, self.n_examples))
+
+    def write_shard(self, i: int, data: Mapping[str, np.ndarray]) -> None:
+        """Write all arrays of shard ``i``, then set its done flag.
+
+        ``data[name]`` has shape ``spec.shard_shape(len(shard_range(i)))``, any float dtype. Everything
+        is validated and cast before the first byte is written. Casting raises OverflowError (naming
+        the array and the example index) if a finite value would become inf. Rewriting a shard
+        (a retry) overwrites it.
+        """
+        rng = self.shard_range(i)
+        missing = sorted(set(self._specs) - set(data))
+        extra = sorted(set(data) - set(self._specs))
+        if missing or extra:
+            raise ValueError(
+                f"write_shard({i}): missing arrays {missing}, unexpected arrays {extra}; expected {sorted(self._specs)}"
+            )
+        prepared = {name: self._prepare(spec, data[name], rng) for name, spec in self._specs.items()}
+        for name, values in prepared.items():
+            self._write_array(name, rng, values)
+        self._mark_done(i)
+
+    def _prepare(self, spec: ArraySpec, values: Any, rng: range) -> np.ndarray:
+        arr = np.asarray(values)
+        want = spec.shard_shape(len(rng))
+        if arr.shape != want:
+            raise ValueError(f"array {spec.name}: shape {arr.shape} for shard examples {rng.start}..{rng.stop - 1}, expected {want}")
+        if arr.dtype.kind != "f":
+            raise TypeError(f"array {spec.name}: dtype {arr.dtype}, expected a float dtype")
+        target = np.dtype(spec.dtype)
+        if arr.dtype == target:
+            return arr
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = arr.astype(target)
+        # Cheap test first (no inf at all is the normal case), the exact mask only when needed.
+        if target.itemsize < arr.dtype.itemsize and _has_inf(out):
+            bad = np.isinf(out) & np.isfinite(arr)
+            if bad.any():
+                idx = tuple(int(x) for x in np.argwhere(bad)[0])
+                raise OverflowError(
+                    f"array {spec.name}: value {arr[idx]!r} at example {rng.start + idx[0]} "
+                    f"(layer {spec.layers[idx[1]]}) overflows {target}; store this array as float32"
+                )
+        return out
+
+    def _write_array(self, name: str, rng: range, values: np.ndarray) -> None:
+        spec = self._specs[name]
+        idx = [self.layers.index(layer) for layer in spec.layers]
+        contiguous = idx == list(range(idx[0], idx[0] + len(idx)))
+        layer_sel: slice | np.ndarray = slice(idx[0], idx[0] + len(idx)) if contiguous else np.asarray(idx)
+        sel: list[Any] = [slice(rng.start, rng.stop), layer_sel]
+        if spec.n_positions is not None:
+            assert self.n_positions is not None
+            sel.append(slice(self.n_positions - spec.n_positions, self.n_positions))
+        sel.append(slice(None))
+        za = self._zarrays[name]
+        if contiguous:
+            za[tuple(sel)] = values
+        else:
+            za.set_orthogonal_selection(tuple(sel), values)
+
+    def _mark_done(self, i: int) -> None:
+        self._done[i] = True
+
+    def done_shards(self) -> list[int]:
+        """Shards whose data is completely written."""
+        return np.flatnonzero(self._done[:]).tolist()
+
+    def missing_shards(self) -> list[int]:
+        done = self._done[:]
+        return np.flatnonzero(~done).tolist()
+
+    def fraction_done(self) -> float:
+        return float(np.count_nonzero(self._done[:])) / self.n_shards
+
+    # ------------------------------------------------------------------ sizes
+
+    def estimate_nbytes(self) -> int:
+        """Uncompressed bytes of the activations and token ids of this group (an upper bound on disk use
+        for those; the text coords come on top)."""
+        tok = self._zgroup["token_ids"]
+        return self.estimate_nbytes_for(self.n_examples, self.arrays) + int(np.prod(tok.shape)) * 4
+
+    @staticmethod
+    def estimate_nbytes_for(n_examples: int, arrays: Iterable[ArraySpec]) -> int:
+        """Uncompressed bytes of the captured activations, to check disk room before creating a group."""
+        return sum(spec.nbytes(n_examples) for spec in arrays)
+
+    def info(self) -> GroupInfo:
+        """This group's :class:`GroupInfo`."""
+        arrays = [
+            ArrayInfo(
+                name=s.name,
+                dims=s.dims,
+                shape=tuple(self._zarrays[s.name].shape),
+                dtype=str(self._zarrays[s.name].dtype),
+                chunks=tuple(self._zarrays[s.name].chunks),
+            )
+            for s in self.arrays
+        ]
+        done = self.done_shards()
+        return GroupInfo(
+            group=self.group,
+            arrays=arrays,
+            provenance=dict(self.provenance),
+            fraction_done=len(done) / self.n_shards,
+            n_examples=self.n_examples,
+            shard_size=self.shard_size,
+            n_shards=self.n_shards,
+            done_shards=done,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def open_store(url: str | Path, group: str | None = None, storage_options: dict | None = None):
+    """Open an activation group as a lazy, dask-backed ``xarray.Dataset``.
+
+    ``group=None``: the root if it holds arrays, else the single activation group below it, else a
+    ValueError listing the groups. Unwritten shards read as NaN; check ``ActivationStore.open(...)
+    .missing_shards()`` before trusting a reduction.
+    """
+    import xarray as xr
+
+    url = _norm_url(url)
+    if group is None:
+        root = _open_zgroup(url, "", storage_options, mode="r")
+        if _MARKER in root.attrs or any(True for _ in root.array_keys()):
+            group = ""
+        else:
+            groups = _walk(root)
+            if len(groups) != 1:
+                listed = ", ".join(groups) if groups else "none"
+                raise ValueError(f"store {url} holds {len(groups)} activation groups ({listed}); pass group=")
+            group = groups[0]
+    group = _norm_group(group)
+    store = _make_store(url, storage_options, read_only=True)
+    # consolidated=False: mechdiff's readers always see the current hierarchy, never a stale copy.
+    return xr.open_zarr(store, group=group or None, consolidated=False, zarr_format=3)
+
+
+def list_groups(url: str | Path, storage_options: dict | None = None) -> list[str]:
+    """Paths of the activation groups in a store, sorted (their progress: :func:`store_info`)."""
+    return _walk(_open_zgroup(_norm_url(url), "", storage_options, mode="r"))
+
+
+def store_info(url: str | Path, storage_options: dict | None = None) -> list[GroupInfo]:
+    """A :class:`GroupInfo` (arrays, provenance, fraction done) for every activation group in a store."""
+    url = _norm_url(url)
+    root = _open_zgroup(url, "", storage_options, mode="r")
+    out = []
+    for g in _walk(root):
+        zg = root if g == "" else root[g]
+        out.append(ActivationStore(url, g, zg, storage_options).info())
+    return out
+
+
+def _walk(root: Any) -> list[str]:
+    found: list[str] = []
+    stack: list[tuple[str, Any]] = [("", root)]
+    while stack:
+        path, g = stack.pop()
+        if _MARKER in g.attrs:
+            found.append(path)
+            continue  # an activation group's sub-groups are its own bookkeeping
+        for name, child in g.groups():
+            stack.append((f"{path}/{name}" if path else name, child))
+    return sorted(found)
+
+
+# ---------------------------------------------------------------------------------------------
+# creation
+
+
+@dataclass
+class _Layout:
+    """Everything needed to create a group, validated."""
+
+    n_examples: int
+    shard_size: int
+    specs: list[ArraySpec]
+    layers: tuple[int, ...]
+    n_positions: int | None
+    coords: dict[str, np.ndarray]
+    token_ids: np.ndarray
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_examples // self.shard_size)
+
+    @classmethod
+    def build(
+        cls,
+        n_examples: int,
+        shard_size: int,
+        specs: list[ArraySpec],
+        coords: Mapping[str, np.ndarray],
+        token_ids: np.ndarray,
+    ) -> _Layout:
+        if n_examples < 1 or shard_size < 1:
+            raise ValueError(f"n_examples ({n_examples}) and shard_size ({shard_size}) must be >= 1")
+        if not specs:
+            raise ValueError("no arrays to store")
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"array names repeat: {names}")
+        widths: dict[str, int] = {}
+        for s in specs:
+            if widths.setdefault(s.dim, s.width) != s.width:
+                raise ValueError(f"arrays along dim {s.dim!r} disagree on its size ({widths[s.dim]} vs {s.width} for {s.name})")
+        layers = tuple(sorted(set().union(*(s.layers for s in specs))))
+        pos = [s.n_positions for s in specs if s.n_positions is not None]
+        n_positions = max(pos) if pos else None
+
+        tok = np.asarray(token_ids)
+        if tok.ndim != 2 or tok.shape[0] != n_examples or tok.shape[1] < 1 or tok.dtype.kind not in "iu":
+            raise ValueError(f"token_ids must be an int array of shape ({n_examples}, T>=1), got {tok.dtype} {tok.shape}")
+        tok = tok.astype(np.int32)
+        real = tok >= 0
+        if (tok < -1).any() or not (real[:, 1:] >= real[:, :-1]).all():
+            raise ValueError("token_ids must be right-aligned with -1 padding on the left")
+
+        out: dict[str, np.ndarray] = {}
+        for name, values in coords.items():
+            if name in _RESERVED_NAMES or name in names:
+                raise ValueError(f"coord name {name!r} clashes with a dim, token_ids or an array name")
+            arr = np.asarray(values)
+            if arr.shape != (n_examples,):
+                raise ValueError(f"coord {name!r} has shape {arr.shape}, expected ({n_examples},)")
+            if arr.dtype.kind in "USTO":
+                # zarr v3's variable-length "string" dtype is stable; fixed-width unicode is not
+                arr = np.array([str(v) for v in arr.tolist()], dtype=object)
+            out[name] = arr
+        if "n_tokens" not in out:
+            out["n_tokens"] = real.sum(axis=1).astype(np.int32)
+        return cls(n_examples, shard_size, specs, layers, n_positions, out, tok)
+
+
+def _create(url: str, group: str, layout: _Layout, provenance: dict[str, Any], storage_options: dict | None) -> None:
+    import dask.array as da
+    import xarray as xr
+
+    n = layout.n_examples
+    L = len(layout.layers)
+    P = layout.n_positions
+    data_vars = {}
+    encoding: dict[str, dict[str, Any]] = {}
+    for s in layout.specs:
+        shape = (n, L, *((P,) if s.n_positions is not None else ()), s.width)
+        chunks = _chunk_shape(shape, layout.shard_size, np.dtype(s.dtype).itemsize, has_position=s.n_positions is not None)
+        # One dask chunk spanning the whole array: never computed, it only carries shape and dtype,
+        # so the graph stays tiny however many zarr chunks there are.
+        empty = da.empty(shape, dtype=s.dtype, chunks=shape)
+        attrs = {"site": s.site, "captured_layers": list(s.layers), "n_positions": s.n_positions}
+        data_vars[s.name] = xr.Variable(s.dims, empty, attrs=attrs)
+        encoding[s.name] = {"chunks": chunks, "compressors": _compressors(s.compression), "fill_value": np.nan}
+
+    T = layout.token_ids.shape[1]
+    coords: dict[str, Any] = {
+        "example": np.arange(n, dtype=np.int64),
+        "layer": np.asarray(layout.layers, dtype=np.int64),
+        "tok": np.arange(-T, 0, dtype=np.int64),
+        "token_ids": (("example", "tok"), layout.token_ids),
+    }
+    if P is not None:
+        coords["position"] = np.arange(-P, 0, dtype=np.int64)
+    for name, arr in layout.coords.items():
+        coords[name] = ("example", arr)
+    encoding["token_ids"] = {"chunks": _chunk_shape((n, T), layout.shard_size, 4, has_position=False, layer_dim=False)}
+
+    attrs = {
+        **provenance,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "n_examples": n,
+        "shard_size": layout.shard_size,
+        "n_shards": layout.n_shards,
+        _MARKER: {
+            "format": FORMAT_VERSION,
+            "arrays": [s.to_json() for s in layout.specs],
+            "layers": list(layout.layers),
+            "n_positions": P,
+        },
+    }
+    ds = xr.Dataset(data_vars, coords=coords, attrs=attrs)
+    store = _make_store(url, storage_options)
+    # compute=False writes metadata and the (numpy) coords now, and no chunk of the data vars.
+    ds.to_zarr(store, group=group or None, mode="w-", compute=False, zarr_format=3, consolidated=False, encoding=encoding)
+
+    import zarr
+
+    zg = zarr.open_group(store, path=group, mode="r+", zarr_format=3, use_consolidated=False)
+    progress = zg.create_group(_PROGRESS)
+    # Chunk size 1: each shard's flag is its own object, so concurrent writers never share one.
+    progress.create_array(
+        _DONE,
+        shape=(layout.n_shards,),
+        chunks=(1,),
+        dtype=bool,
+        fill_value=False,
+        compressors=None,
+        dimension_names=("shard",),
+    )
+    _consolidate_root(store)
+
+
+def _consolidate_root(store: Any) -> None:
+    """Refresh the root's consolidated metadata (what plain ``open_zarr`` reads first)."""
+    import zarr
+
+    with warnings.catch_warnings():
+        # zarr warns that consolidated metadata is not (yet) in the v3 spec; we know.
+        warnings.simplefilter("ignore")
+        try:
+            zarr.consolidate_metadata(store, zarr_format=3)
+        except TypeError:
+            pass  # a store without consolidated-metadata support: open_zarr falls back by itself
+
+
+def _chunk_shape(
+    shape: tuple[int, ...], shard_size: int, itemsize: int, *, has_position: bool, layer_dim: bool = True
+) -> tuple[int, ...]:
+    """Chunks: layer 1, example = shard size (or its largest divisor keeping a chunk <= 16 MiB),
+    position reduced only when a single example's row is over the limit."""
+    n = shape[0]
+    rest = list(shape[1:])
+    if layer_dim:
+        rest[0] = 1
+    row = int(np.prod(rest, dtype=np.int64)) * itemsize  # bytes per example in one chunk
+    s = min(shard_size, n)
+    if s * row <= MAX_CHUNK_BYTES:
+        return (s, *rest)
+    if row <= MAX_CHUNK_BYTES:
+        # A divisor of the shard size, so that no chunk straddles two shards.
+        d = max(1, min(s, MAX_CHUNK_BYTES // row))
+        while s % d:
+            d -= 1
+        return (d, *rest)
+    if has_position:
+        p_total, width = rest[-2], rest[-1]
+        per_pos = max(1, MAX_CHUNK_BYTES // (width * itemsize))
+        n_pchunks = -(-p_total // per_pos)
+        rest[-2] = -(-p_total // n_pchunks)  # even split of the positions
+    return (1, *rest)
+
+
+def _has_inf(x: np.ndarray) -> bool:
+    if x.dtype == np.float16:
+        # exponent all ones and mantissa zero, on the raw bits: ~3x faster than np.isinf on float16
+        return bool(((x.view(np.uint16) & 0x7FFF) == 0x7C00).any())
+    return bool(np.isinf(x).any())
+
+
+def _compressors(compression: str | None) -> list[Any] | None:
+    if compression is None:
+        return None
+    if compression == "zstd" or compression.startswith("zstd:"):
+        from zarr.codecs import ZstdCodec
+
+        level = 3
+        if compression.startswith("zstd:"):
+            try:
+                level = int(compression.split(":", 1)[1])
+            except ValueError:
+                raise ValueError(f"bad compression {compression!r}; use 'zstd', 'zstd:<level>' or None") from None
+        return [ZstdCodec(level=level)]
+    raise ValueError(f"bad compression {compression!r}; use 'zstd', 'zstd:<level>' or None")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _norm_url(url: str | Path) -> str:
+    return str(url) if "://" in str(url) else str(Path(url))
+
+
+def _norm_group(group: str | None) -> str:
+    return (group or "").strip("/")
+
+
+def _make_store(url: str, storage_options: dict | None, read_only: bool = False) -> Any:
+    """A zarr store for a local path or an fsspec URL (s3://, gs://, memory://, ...)."""
+    from zarr.storage import FsspecStore, LocalStore
+
+    if "://" in url:
+        return FsspecStore.from_url(url, storage_options=storage_options, read_only=read_only)
+    if storage_options:
+        raise ValueError(f"storage_options given for the local path {url}")
+    if read_only and not Path(url).exists():
+        raise FileNotFoundError(f"no zarr store at {url}")
+    return LocalStore(url, read_only=read_only)
+
+
+def _open_zgroup(url: str, group: str, storage_options: dict | None, *, mode: str, missing_ok: bool = False) -> Any:
+    import zarr
+
+    try:
+        store = _make_store(url, storage_options, read_only=(mode == "r"))
+        # use_consolidated=False: the root's consolidated copy may lag behind concurrent creators.
+        return zarr.open_group(store, path=group, mode=mode, zarr_format=3, use_consolidated=False)
+    except (FileNotFoundError, KeyError) as e:
+        if missing_ok:
+            return None
+        raise FileNotFoundError(f"no zarr group {group or '/'} in store {url}") from e
+    except (ValueError, TypeError) as e:
+        # e.g. a path that holds an array, or a zarr v2 store
+        raise ValueError(f"store {url} group {group or '/'} cannot be opened as a zarr v3 group: {e}") from e
+
+
+def _jsonable(obj: Any) -> Any:
+    """Make provenance JSON-safe: numpy scalars/arrays, tuples, sets and Paths become plain JSON."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted(_jsonable(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def _short(v: Any, limit: int = 80) -> str:
+    """A value for a one-line message: strings quoted, others as compact JSON, long ones cut."""
+    s = v if isinstance(v, str) else json.dumps(v, sort_keys=True, separators=(",", ":"))
+    s = " ".join(s.split())
+    if len(s) > limit:
+        s = s[: limit - 3] + "..."
+    return repr(s) if isinstance(v, str) else s
+
+
+def _weights(h: Any) -> str:
+    if not h:
+        return ""
+    h = str(h)
+    return f" (weights {h[:12]}{'..' if len(h) > 12 else ''})"
+
+
+def _spec_str(s: ArraySpec | None) -> str:
+    if s is None:
+        return "(absent)"
+    return (
+        f"{s.site} layers {list(s.layers)} positions {s.n_positions} {s.dim} {s.width} {s.dtype} {s.compression}"
+    )

@@ -1,0 +1,1 @@
+"""The embedded default: a synthetic world and a tiny base / post-trained model pair."""

@@ -1,0 +1,110 @@
+"""Model config and the training loop (fp32 on CPU, AdamW, warmup + cosine, deterministic order)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from mechdiff.zoo.corpus import Packed
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    d_mlp: int = 512
+    max_positions: int = 256
+    rope_theta: float = 10000.0
+
+    def config(self, tok: PreTrainedTokenizerBase) -> LlamaConfig:
+        return LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=self.d_model,
+            intermediate_size=self.d_mlp,
+            num_hidden_layers=self.n_layers,
+            num_attention_heads=self.n_heads,
+            num_key_value_heads=self.n_heads,
+            max_position_embeddings=self.max_positions,
+            rope_theta=self.rope_theta,
+            tie_word_embeddings=True,  # halves the embedding cost in the size budget
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    steps: int
+    batch: int = 32
+    seq_len: int = 128
+    lr: float = 1e-3
+    min_lr_frac: float = 0.1
+    warmup_frac: float = 0.05
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+
+    def asdict(self) -> dict:
+        return asdict(self)
+
+
+def lr_at(step: int, spec: StageSpec) -> float:
+    warm = max(1, int(spec.warmup_frac * spec.steps))
+    if step < warm:
+        return spec.lr * (step + 1) / warm
+    t = (step - warm) / max(1, spec.steps - warm)
+    return spec.lr * (spec.min_lr_frac + (1 - spec.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def new_model(spec: ModelSpec, tok: PreTrainedTokenizerBase, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(spec.config(tok))
+    model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")]
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    return model
+
+
+def train(
+    model: LlamaForCausalLM,
+    data: Packed,
+    spec: StageSpec,
+    *,
+    seed: int,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Train in place for ``spec.steps`` steps over the packed windows (in a seeded order; the
+    windows are fresh documents, so an epoch rarely repeats). Returns the loss per step."""
+    torch.manual_seed(seed)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr, betas=(0.9, 0.95))
+    order = np.random.default_rng(seed).permutation(len(data.ids))
+    ids = torch.from_numpy(data.ids)
+    labels = ids.clone()
+    labels[~torch.from_numpy(data.loss_mask)] = -100
+    losses: list[float] = []
+    for step in range(spec.steps):
+        idx = order[(np.arange(spec.batch) + step * spec.batch) % len(order)]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, spec)
+        # Right padding only, so no attention mask is needed: pads come after every real token
+        # and are never targets.
+        out = model(input_ids=ids[idx], labels=labels[idx])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(out.loss))
+        if on_step is not None:
+            on_step(step, losses[-1])
+    model.eval()
+    return losses

@@ -1,0 +1,240 @@
+"""Hook sites against references: HF hidden states, hand-installed hooks, hand-modified forwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechdiff.engine.adapter import hidden_from_output, replace_hidden_in_output
+from mechdiff.engine.batching import pad_batch, tokenize
+from mechdiff.engine.models import load_model
+from mechdiff.engine.positions import Positions, PositionError, gather_index
+from mechdiff.engine.sites import SITES, Capture, Intervention, SiteError, hooks, parse_layers
+from mechdiff.engine.tiny import TINY_ARCHS, random_prompts
+
+PROMPTS = random_prompts(5, 4, 12, vocab_size=512, seed=3)
+
+
+def _batch(lm, side="right"):
+    ids = tokenize(lm.tokenizer, PROMPTS)
+    return ids, pad_batch(ids, lm.tokenizer.pad_token_id, side=side)
+
+
+def _capture_all(lm, inputs, sites=SITES, index=None):
+    n = lm.adapter.n_layers
+    cap = Capture(tuple(sites), tuple(range(n)), index=index)
+    with torch.no_grad(), hooks(lm.adapter, cap):
+        out = lm.model(**inputs, output_hidden_states=True, use_cache=False)
+    return cap, out
+
+
+@pytest.fixture(scope="module", params=TINY_ARCHS)
+def arch_lm(request, tiny_dir):
+    return load_model(tiny_dir(request.param, n_layers=3))
+
+
+def test_resid_post_equals_hf_hidden_states(arch_lm):
+    lm = arch_lm
+    _, inputs = _batch(lm)
+    cap, out = _capture_all(lm, inputs)
+    hs = out.hidden_states
+    n = lm.adapter.n_layers
+    mask = inputs["attention_mask"].bool()
+    for l in range(n - 1):
+        got = cap.acts[("resid_post", l)][mask]
+        torch.testing.assert_close(got, hs[l + 1][mask], atol=1e-5, rtol=1e-5)
+    # resid_pre of layer l is the residual before block l: HF's hidden_states[l] for l < last.
+    for l in range(n):
+        torch.testing.assert_close(cap.acts[("resid_pre", l)][mask], hs[l][mask], atol=1e-5, rtol=1e-5)
+    # Last layer: HF applied the final norm there, so check by hand instead: the block's output is its
+    # input plus what attention and the MLP added (parallel or sequential residual alike), and the final
+    # norm of it reproduces HF's last hidden state and the logits.
+    last = n - 1
+    pre = hs[last]
+    post = cap.acts[("resid_post", last)]
+    torch.testing.assert_close(
+        post[mask], (pre + cap.acts[("attn_out", last)] + cap.acts[("mlp_out", last)])[mask], atol=1e-5, rtol=1e-5
+    )
+    normed = lm.adapter.final_norm(post)
+    torch.testing.assert_close(normed[mask], hs[-1][mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lm.adapter.logits(post)[mask], out.logits[mask], atol=1e-4, rtol=1e-4)
+
+
+def test_mlp_act_is_down_projection_input(arch_lm):
+    lm = arch_lm
+    _, inputs = _batch(lm)
+    seen = {}
+    handles = [
+        lm.adapter.down_proj(l).register_forward_pre_hook(lambda m, a, l=l: seen.__setitem__(l, a[0].detach().clone()))
+        for l in range(lm.adapter.n_layers)
+    ]
+    try:
+        cap, _ = _capture_all(lm, inputs, sites=("mlp_act",))
+    finally:
+        for h in handles:
+            h.remove()
+    for l in range(lm.adapter.n_layers):
+        assert cap.acts[("mlp_act", l)].shape[-1] == lm.adapter.d_mlp
+        torch.testing.assert_close(cap.acts[("mlp_act", l)], seen[l], atol=0, rtol=0)
+
+
+def test_left_and_right_padding_agree(arch_lm):
+    lm = arch_lm
+    ids, right = _batch(lm, "right")
+    _, left = _batch(lm, "left")
+    counts = torch.full((len(ids),), 3)
+    i_r = gather_index(right["attention_mask"], counts, 3)
+    i_l = gather_index(left["attention_mask"], counts, 3)
+    cap_r, _ = _capture_all(lm, right, sites=("resid_post", "mlp_act"), index=i_r)
+    cap_l, _ = _capture_all(lm, left, sites=("resid_post", "mlp_act"), index=i_l)
+    for key in cap_r.acts:
+        torch.testing.assert_close(cap_l.acts[key], cap_r.acts[key], atol=2e-5, rtol=1e-4)
+    # ... and both equal each prompt run alone.
+    for b, x in enumerate(ids):
+        single = pad_batch([x], lm.tokenizer.pad_token_id)
+        cap_s, _ = _capture_all(lm, single, sites=("resid_post",), index=gather_index(single["attention_mask"], counts[:1], 3))
+        for l in range(lm.adapter.n_layers):
+            torch.testing.assert_close(cap_r.acts[("resid_post", l)][b], cap_s.acts[("resid_post", l)][0], atol=2e-5, rtol=1e-4)
+
+
+class _Wrapped(torch.nn.Module):
+    """A decoder block whose output a plain function rewrites: the hand-modified forward."""
+
+    def __init__(self, inner, fn):
+        super().__init__()
+        self.inner, self.fn = inner, fn
+
+    def forward(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        return replace_hidden_in_output(out, self.fn(hidden_from_output(out)))
+
+
+def _hand_logits(lm, inputs, layer, fn):
+    layers = lm.adapter.layers
+    orig = layers[layer]
+    layers[layer] = _Wrapped(orig, fn)
+    try:
+        with torch.no_grad():
+            return lm.model(**inputs, use_cache=False).logits
+    finally:
+        layers[layer] = orig
+
+
+@pytest.mark.parametrize("kind", ["add", "ablate", "replace"])
+def test_interventions_equal_hand_modified_forward(tiny_llama, kind):
+    lm = tiny_llama
+    ids, inputs = _batch(lm)
+    g = torch.Generator().manual_seed(0)
+    d = lm.adapter.d_model
+    v = torch.randn(d, generator=g)
+    layer = 1
+    index = gather_index(inputs["attention_mask"], torch.full((len(ids),), 2), 2)
+    if kind == "add":
+        iv = Intervention("resid_post", layer, "add", vector=v, coef=3.0)
+        fn = lambda x: x + 3.0 * v
+    elif kind == "ablate":
+        iv = Intervention("resid_post", layer, "ablate", vector=v)
+        u = v / v.norm()
+        fn = lambda x: x - (x @ u)[..., None] * u
+    else:
+        vals = torch.randn(len(ids), 2, d, generator=g)
+        iv = Intervention("resid_post", layer, "replace", values=vals, index=index)
+
+        def fn(x):
+            x = x.clone()
+            for b in range(len(ids)):
+                for j in range(2):
+                    x[b, index[b, j]] = vals[b, j]
+            return x
+
+    with torch.no_grad(), hooks(lm.adapter, None, [iv]):
+        got = lm.model(**inputs, use_cache=False).logits
+    want = _hand_logits(lm, inputs, layer, fn)
+    with torch.no_grad():
+        plain = lm.model(**inputs, use_cache=False).logits
+    mask = inputs["attention_mask"].bool()
+    torch.testing.assert_close(got[mask], want[mask], atol=1e-5, rtol=1e-5)
+    assert (got[mask] - plain[mask]).abs().max() > 1e-3  # the intervention did something
+
+
+def test_add_at_selected_positions_only(tiny_llama):
+    lm = tiny_llama
+    ids, inputs = _batch(lm)
+    index = gather_index(inputs["attention_mask"], torch.ones(len(ids), dtype=torch.long), 1)
+    v = torch.randn(lm.adapter.d_model)
+    iv = Intervention("mlp_out", 0, "add", vector=v, index=index)
+    cap_a = Capture(("mlp_out",), (0,))
+    with torch.no_grad(), hooks(lm.adapter, cap_a, [iv]):
+        lm.model(**inputs, use_cache=False)
+    cap_b = Capture(("mlp_out",), (0,))
+    with torch.no_grad(), hooks(lm.adapter, cap_b):
+        lm.model(**inputs, use_cache=False)
+    diff = cap_a.acts[("mlp_out", 0)] - cap_b.acts[("mlp_out", 0)]
+    changed = diff.abs().sum(-1) > 0
+    expect = torch.zeros_like(changed)
+    expect[torch.arange(len(ids)), index[:, 0]] = True
+    assert torch.equal(changed, expect)
+
+
+def test_mlp_act_intervention_matches_hand_modified_down_proj(tiny_llama):
+    """Ablating a direction in neuron space = a down projection fed the ablated activations."""
+    lm = tiny_llama
+    _, inputs = _batch(lm)
+    u = torch.zeros(lm.adapter.d_mlp)
+    u[5] = 1.0  # zero-ablate neuron 5
+    iv = Intervention("mlp_act", 2, "ablate", vector=u)
+    with torch.no_grad(), hooks(lm.adapter, None, [iv]):
+        got = lm.model(**inputs, use_cache=False).logits
+    dp = lm.adapter.down_proj(2)
+    saved = dp.weight.data[:, 5].clone()
+    dp.weight.data[:, 5] = 0
+    try:
+        with torch.no_grad():
+            want = lm.model(**inputs, use_cache=False).logits
+    finally:
+        dp.weight.data[:, 5] = saved
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_hooks_removed_on_exception(tiny_llama):
+    lm = tiny_llama
+    _, inputs = _batch(lm)
+    cap = Capture(("resid_post", "mlp_act"), (0, 1))
+    with pytest.raises(RuntimeError, match="boom"):
+        with hooks(lm.adapter, cap, [Intervention("resid_post", 0, "add", vector=torch.ones(lm.adapter.d_model))]):
+            raise RuntimeError("boom")
+    for l in range(lm.adapter.n_layers):
+        for m in (lm.adapter.layer(l), lm.adapter.down_proj(l), lm.adapter.attn_out_module(l), lm.adapter.mlp_out_module(l)):
+            assert not m._forward_hooks and not m._forward_pre_hooks
+
+
+def test_captured_tensors_do_not_alias_later_passes(tiny_llama):
+    lm = tiny_llama
+    ids, inputs = _batch(lm)
+    for index in (None, gather_index(inputs["attention_mask"], torch.full((len(ids),), 2), 2)):
+        cap = Capture(("resid_post", "mlp_act"), (0, 1, 2), index=index)
+        with torch.no_grad(), hooks(lm.adapter, cap):
+            lm.model(**inputs, use_cache=False)
+        snapshot = {k: v.clone() for k, v in cap.acts.items()}
+        other = dict(inputs, input_ids=(inputs["input_ids"] * 7 + 11) % 500)
+        with torch.no_grad():
+            for _ in range(2):
+                lm.model(**other, use_cache=False)
+        for k in snapshot:
+            assert torch.equal(snapshot[k], cap.acts[k])
+
+
+def test_bad_sites_layers_positions(tiny_llama):
+    with pytest.raises(SiteError, match="unknown site 'resid_mid'"):
+        with hooks(tiny_llama.adapter, Capture(("resid_mid",), (0,))):
+            pass
+    with pytest.raises(SiteError, match="out of range: the model has 3 layers"):
+        parse_layers("0,7", 3)
+    assert parse_layers("all", 3) == (0, 1, 2)
+    assert parse_layers("-1", 3) == (2,)
+    assert parse_layers("1:", 3) == (1, 2)
+    with pytest.raises(PositionError, match="unknown positions"):
+        Positions.parse("first")
+    with pytest.raises(PositionError, match="not found"):
+        Positions.parse("from:w9").counts([[1, 5, 6]], [999])
+    assert Positions.parse("from:x").counts([[1, 5, 6, 7, 5, 6, 9]], [5, 6]) == [3]
