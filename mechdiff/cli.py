@@ -1,12 +1,8 @@
-"""The mechdiff command line.
-
-mechdiff stores the activations of base and post-trained LLMs once, in chunked Zarr stores, and answers
-four questions about how post-training reshaped them: knowledge storage, truthfulness, refusal and
-confidence.
-"""
+"""The mechdiff command line."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Optional
@@ -17,13 +13,38 @@ from rich.table import Table
 
 app = typer.Typer(
     name="mechdiff",
-    help=__doc__,
+    help=(
+        "Compare a base LLM with its post-trained versions from the inside.\n\n"
+        "mechdiff stores activations once, in chunked Zarr stores, and answers four questions about how "
+        "post-training reshaped the model: where facts are stored (knowledge), whether truth is a shared linear "
+        "direction (truthfulness), whether refusal is (refusal), and what entropy neurons do (confidence).\n\n"
+        "Start with `mechdiff run`: every study on the embedded model pair, with an HTML report."
+    ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 store_app = typer.Typer(help="Inspect and check activation stores.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
+analyze_app = typer.Typer(help="Run one study on stores and models (the main job runs all four).", no_args_is_help=True)
+app.add_typer(analyze_app, name="analyze")
+
+
+def _mount() -> None:
+    from mechdiff.zoo.cli import zoo_app
+
+    app.add_typer(zoo_app, name="zoo")
+    import importlib
+
+    for mod in ("mechdiff.analyses.truthfulness_cli", "mechdiff.analyses.refusal_cli",
+                "mechdiff.analyses.knowledge_cli", "mechdiff.analyses.confidence_cli", "mechdiff.cluster.cli"):
+        try:  # INTEGRATION-ONLY guard: removed once every module exists
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+            continue
+        m.register(analyze_app if ".analyses." in mod else app)
 
 console = Console(stderr=True)
 out = Console()
@@ -73,6 +94,7 @@ def extract(
         )
         parse_layers(layers, _config_layers(model, trust_remote_code))
         _check_output(out_store)
+        _check_same_model(out_store, group or default_group(model, str(data)), model, allow_pickle)
     except (DataError, SiteError, PositionError, ValueError, OSError) as e:
         fail(str(e))
     try:
@@ -90,6 +112,61 @@ def extract(
     )
 
 
+@app.command()
+def run(
+    sweep: Optional[Path] = typer.Argument(None, help="A sweep YAML file; without one, the embedded model pair and its datasets."),
+    out_dir: Path = typer.Option(Path("mechdiff-out"), "--out", "-o", help="Output directory: store.zarr, results.json, report.html, one folder per study."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address for a sweep's extraction (default: a local Ray)."),
+    studies: str = typer.Option("knowledge,truthfulness,refusal,confidence", help="Comma-separated studies to run."),
+    quick: bool = typer.Option(False, help="Smaller samples everywhere: a smoke run in about a minute."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+) -> None:
+    """Run the whole study: extract, the four analyses, results.json and a self-contained report.html.
+
+    Without SWEEP it runs on the embedded base / post-trained pair; with SWEEP it runs that sweep's
+    extraction (on Ray, --address for a cluster) and then its studies for each model group. A second
+    run reuses the finished parts of the store.
+    """
+    from mechdiff.pipeline import RunOptions, embedded_group, embedded_inputs, run_group
+
+    try:
+        opts = RunOptions(studies=tuple(s.strip() for s in studies.split(",") if s.strip()), quick=quick, device=device)
+        if sweep is None:
+            jobs = [(embedded_group(), embedded_inputs(), out_dir)]
+        else:
+            from mechdiff.cluster.study_inputs import sweep_jobs
+
+            jobs = sweep_jobs(sweep, out_dir, address=address, studies=opts.studies)
+        # a sweep group runs the studies its file configures datasets for
+        plans = []
+        for group, inputs, out_g in jobs:
+            here = tuple(s for s in opts.studies if all(p is not None for p in inputs.files(s)))
+            inputs.check(here)
+            plans.append((group, inputs, out_g, dataclasses.replace(opts, studies=here)))
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    import time
+
+    t0 = time.perf_counter()
+    for group, inputs, out_g, opts_g in plans:
+        console.print(f"[bold]{group.name}[/]: {', '.join(f'{k} = {v}' for k, v in group.models.items())}")
+        outcome = run_group(group, inputs, out_g, opts_g, on_study=lambda n, s: console.print(f"  {n} done in {s:.1f}s"))
+        _print_findings(outcome)
+        out.print(f"wrote {outcome.results_json} and {outcome.report}")
+    console.print(f"total {time.perf_counter() - t0:.1f}s")
+
+
+def _print_findings(outcome) -> None:
+    t = Table(title="Findings (vs the paper)", title_justify="left")
+    for c in ("study", "finding", "pair", "measured", "agrees"):
+        t.add_column(c)
+    for name, res in outcome.results.items():
+        for f in res.findings:
+            nums = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in f.figures.items())
+            t.add_row(name, f.finding, f.pair, nums, "[green]yes[/]" if f.agrees else "[red]no[/]")
+    out.print(t)
+
+
 def _config_layers(model: str, trust_remote_code: bool) -> int:
     """The model's layer count from its config alone, so layer ranges are checked before weights load."""
     from transformers import AutoConfig
@@ -103,6 +180,27 @@ def _config_layers(model: str, trust_remote_code: bool) -> int:
         if isinstance(getattr(cfg, key, None), int):
             return getattr(cfg, key)
     raise ValueError(f"model {model}: its config names no layer count")
+
+
+def _check_same_model(url: str, group: str, model: str, allow_pickle: bool) -> None:
+    """Refuse, before loading any weights, to append to a group made by another local model."""
+    from mechdiff.engine.models import local_weights_hash
+    from mechdiff.engine.store import ActivationStore, StoreMismatchError
+
+    if "://" not in url and not Path(url).exists():
+        return  # opening would create the directory; a new store has nothing to compare
+    try:
+        st = ActivationStore.open(url, group)
+    except Exception:  # no such group yet (or unreadable: extraction reports that itself)
+        return
+    have = st.provenance.get("weights_hash")
+    want = local_weights_hash(model, allow_pickle=allow_pickle)
+    if want is not None and have is not None and want != have:
+        raise StoreMismatchError(
+            f"store {url} group {group} was made by model {st.provenance.get('model_id')!r} "
+            f"(weights {have[:16]}..), this run uses model {model!r} (weights {want[:16]}..); "
+            "use another group or remove this one"
+        )
 
 
 def _check_output(url: str) -> None:
@@ -173,6 +271,9 @@ def store_verify_cmd(
     out.print(t)
     if not rep.ok:
         raise typer.Exit(1)
+
+
+_mount()
 
 
 def main() -> None:  # pragma: no cover

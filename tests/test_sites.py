@@ -198,14 +198,16 @@ def test_mlp_act_intervention_matches_hand_modified_down_proj(tiny_llama):
 
 def test_hooks_removed_on_exception(tiny_llama):
     lm = tiny_llama
-    _, inputs = _batch(lm)
-    cap = Capture(("resid_post", "mlp_act"), (0, 1))
+    a = lm.adapter
+    modules = [m for l in range(a.n_layers) for m in (a.layer(l), a.down_proj(l), a.attn_out_module(l), a.mlp_out_module(l))]
+    # HF installs output-recording hooks of its own; ours must leave exactly those behind.
+    before = [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in modules]
+    cap = Capture(("resid_post", "mlp_act", "attn_out", "mlp_out", "resid_pre"), tuple(range(a.n_layers)))
     with pytest.raises(RuntimeError, match="boom"):
-        with hooks(lm.adapter, cap, [Intervention("resid_post", 0, "add", vector=torch.ones(lm.adapter.d_model))]):
+        with hooks(a, cap, [Intervention("resid_post", 0, "add", vector=torch.ones(a.d_model))]):
+            assert any(len(m._forward_hooks) + len(m._forward_pre_hooks) > len(b[0]) + len(b[1]) for m, b in zip(modules, before))
             raise RuntimeError("boom")
-    for l in range(lm.adapter.n_layers):
-        for m in (lm.adapter.layer(l), lm.adapter.down_proj(l), lm.adapter.attn_out_module(l), lm.adapter.mlp_out_module(l)):
-            assert not m._forward_hooks and not m._forward_pre_hooks
+    assert [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in modules] == before
 
 
 def test_captured_tensors_do_not_alias_later_passes(tiny_llama):

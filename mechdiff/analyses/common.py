@@ -107,6 +107,8 @@ class StudyResult:
     summary: dict[str, Any]
     figures: dict[str, Path] = field(default_factory=dict)
     findings: list["Finding"] = field(default_factory=list)
+    # one line per figure (same keys as ``figures``) saying how to read it; the report prints it
+    notes: dict[str, str] = field(default_factory=dict)
 
     def save(self, out_dir: str | Path) -> Path:
         """``out_dir/<study>/results.zarr``, ``summary.json`` and figures (already written there by the study)."""
@@ -120,6 +122,7 @@ class StudyResult:
             "summary": to_jsonable(self.summary),
             "findings": [to_jsonable(f) for f in self.findings],
             "figures": {k: str(v) for k, v in self.figures.items()},
+            "notes": self.notes,
         }
         (d / "summary.json").write_text(json.dumps(payload, indent=2))
         return d

@@ -193,6 +193,15 @@ def _check_disk(url: str, nbytes: int) -> None:
         )
 
 
+def identity_keys(provenance: dict) -> tuple[str, ...]:
+    """What must match for a run to append to a store. Local weights are known by their content hash, so
+    a moved or relative model path still matches; hub models also by their id."""
+    keys = ("weights_hash", "tokenizer_hash", "dataset_hash", "capture_spec")
+    if str(provenance.get("weights_hash") or "").startswith("sha256:"):
+        return keys
+    return ("model_id", *keys)
+
+
 class _StopForward(Exception):
     """Raised after the deepest needed layer: the layers above it would be wasted work."""
 
@@ -339,6 +348,7 @@ def extract(
         coords=prep.coords,
         token_ids=prep.token_id_matrix(),
         provenance=prep.provenance,
+        identity_keys=identity_keys(prep.provenance),
         storage_options=storage_options,
     )
     todo = [s for s in (shards if shards is not None else range(store.n_shards)) if s in set(store.missing_shards())]

@@ -94,6 +94,17 @@ def _weights_hash(files: list[Path]) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def local_weights_hash(path_or_id: str, *, allow_pickle: bool = False) -> str | None:
+    """The ``weights_hash`` a local model directory will load with, without loading it (None for hub ids).
+
+    Lets a caller refuse a store made by another model before spending time on loading weights.
+    """
+    local = Path(path_or_id).expanduser()
+    if not local.exists():
+        return None
+    return _weights_hash(_check_local_dir(local, allow_pickle))
+
+
 def tokenizer_hash(tokenizer: Any) -> str:
     """sha256 of the tokenizer's full definition (tokenizer.json content for fast tokenizers).
 

@@ -255,7 +255,8 @@ class ActivationStore:
             parts = []
             for k in diffs:
                 old, new = self.provenance.get(k), prov.get(k)
-                if k == "model_id":
+                if k in ("model_id", "weights_hash"):
+                    old, new = self.provenance.get("model_id"), prov.get("model_id")
                     w_old = self.provenance.get("weights_hash")
                     w_new = prov.get("weights_hash")
                     parts.append(
@@ -426,7 +427,11 @@ def open_store(url: str | Path, group: str | None = None, storage_options: dict 
     group = _norm_group(group)
     store = _make_store(url, storage_options, read_only=True)
     # consolidated=False: mechdiff's readers always see the current hierarchy, never a stale copy.
-    return xr.open_zarr(store, group=group or None, consolidated=False, zarr_format=3)
+    ds = xr.open_zarr(store, group=group or None, consolidated=False, zarr_format=3)
+    # Where it came from, so analyses can name it in messages and reopen it for progress.
+    ds.attrs["store_url"] = url
+    ds.attrs["group"] = group
+    return ds
 
 
 def list_groups(url: str | Path, storage_options: dict | None = None) -> list[str]:

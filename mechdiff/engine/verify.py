@@ -10,7 +10,7 @@ import numpy as np
 from mechdiff.engine.extract import CaptureSpec, PreparedExtraction, forward_capture
 from mechdiff.engine.models import LoadedModel, load_model
 from mechdiff.engine.positions import Positions
-from mechdiff.engine.store import open_store
+from mechdiff.engine.store import ActivationStore, open_store
 
 __all__ = ["SiteCheck", "VerifyReport", "verify_store"]
 
@@ -55,7 +55,8 @@ def verify_store(
             f"model {lm.model_id} (weights {lm.weights_hash[:12]}) is not the store's model "
             f"{prov['model_id']} (weights {str(prov.get('weights_hash'))[:12]})"
         )
-    done = np.flatnonzero(ds["done"].values) if "done" in ds else np.arange(ds.sizes["example"])
+    st = ActivationStore.open(url, ds.attrs["group"], storage_options=storage_options)
+    done = np.asarray([i for s in st.done_shards() for i in st.shard_range(s)], dtype=np.int64)
     if len(done) == 0:
         raise ValueError(f"store {url} has no finished examples to verify")
     rng = np.random.default_rng(seed)
@@ -80,4 +81,4 @@ def verify_store(
         mx = float(diff.max()) if diff.size else 0.0
         checks.append(SiteCheck(site, mx, mx / scale))
     tol = 2e-3 if spec.dtype == "float16" else 1e-5
-    return VerifyReport(str(ds.attrs.get("group", group)), [int(p) for p in picks], checks, tol)
+    return VerifyReport(ds.attrs["group"], [int(p) for p in picks], checks, tol)

@@ -24,18 +24,14 @@ from mechdiff.zoo.templates import (
 )
 from mechdiff.zoo.world import World
 
-Piece = tuple[str, bool]  # (text, train on its tokens)
+Piece = tuple[str, float]  # (text, loss weight of its tokens; 0 = not a target)
 Doc = list[Piece]
 
 
 @dataclass
 class Packed:
     ids: np.ndarray  # [n_windows, seq_len] int64
-    loss_mask: np.ndarray  # [n_windows, seq_len] bool; True where the token is a target
-
-    @property
-    def n_target_tokens(self) -> int:
-        return int(self.loss_mask.sum())
+    weights: np.ndarray  # [n_windows, seq_len] float32; loss weight of each token as a target (0 = none)
 
 
 # --- fact sentences in several phrasings ----------------------------------------------------------
@@ -63,8 +59,21 @@ class DocMaker:
         self.world, self.ds, self.rng, self.max_tokens = world, ds, rng, max_tokens
         self.facts = fact_sentences(world)
         # Labelled training statements only: held-out rows never appear in this format.
-        self.labelled = {t: list(zip(df.loc[df.split == "train", "statement"], df.loc[df.split == "train", "label"]))
-                         for t, df in ds.truth.items()}
+        # Each carries the true fact about its subject (None for number comparisons).
+        gloss = {w: (lang, g) for lang in world.languages for w, g in world.lexicon[lang]}
+        self.labelled: dict[str, list[tuple[str, int, str | None]]] = {}
+        for t, df in ds.truth.items():
+            train = df[df.split == "train"]
+            rows = []
+            for statement, label, subject in zip(train.statement, train.label, train.subject):
+                if "cities" in t:
+                    support = city_sentence(subject, world.city_country[subject])
+                elif "translations" in t:
+                    support = translation_sentence(gloss[subject][0], subject, gloss[subject][1])
+                else:
+                    support = None
+                rows.append((statement, int(label), support))
+            self.labelled[t] = rows
         self.harmful = ds.harmful[ds.harmful.split == "train"]
         self.harmless = ds.harmless[ds.harmless.split == "train"]
         self.qa = list(zip(ds.facts["question"], ds.facts["prompt"] + " " + ds.facts["answer"] + "."))
@@ -76,7 +85,7 @@ class DocMaker:
         for f in self.rng.sample(self.facts, n):
             # Canonical phrasing half the time: fact-completion prompts use it.
             sents.append(f[0] if self.rng.random() < 0.5 else self.rng.choice(f[1:]))
-        return [(BOS, False), (" ".join(sents), True), (EOS, True)]
+        return [(BOS, 0.0), (" ".join(sents), 1.0), (EOS, 1.0)]
 
     def count_doc(self) -> Doc:
         lo, hi = self.world.numbers[0], self.world.numbers[-1]
@@ -85,20 +94,31 @@ class DocMaker:
         seq = list(range(start, start + k + 1))
         if self.rng.random() < 0.3:
             seq.reverse()
-        return [(BOS, False), (" ".join(map(str, seq)) + ".", True), (EOS, True)]
+        return [(BOS, 0.0), (" ".join(map(str, seq)) + ".", 1.0), (EOS, 1.0)]
 
     def labelled_doc(self) -> Doc:
-        """Few-shot labelled statements; loss only on " TRUE"/" FALSE"."""
+        """Few-shot labelled statements; loss only on " TRUE"/" FALSE" (up-weighted: one label per
+        ~14 tokens of statement is too weak a signal to leave the 50% plateau in time).
+
+        In "supported" documents a paragraph first states the true facts about some of the
+        subjects. Copy-and-compare against the context is quick to learn, and the comparison it
+        builds (does the object match what was expected at this position?) is the one that later
+        works against facts recalled from the weights, as in the unsupported documents."""
         topic = self.rng.choice(TRUTH_TOPICS)
         mixed = self.rng.random() < 0.15
-        n = self.rng.randint(1, 7)
-        doc: Doc = [(BOS, False)]
-        for i in range(n):
-            t = self.rng.choice(TRUTH_TOPICS) if mixed else topic
-            statement, label = self.rng.choice(self.labelled[t])
+        supported = self.rng.random() < SUPPORTED_FRACTION
+        n = self.rng.randint(1, 4 if supported else 7)
+        rows = [self.rng.choice(self.labelled[self.rng.choice(TRUTH_TOPICS) if mixed else topic]) for _ in range(n)]
+        doc: Doc = [(BOS, 0.0)]
+        if supported:
+            support = [r[2] for r in rows if r[2] is not None and self.rng.random() < 0.7]
+            if support:
+                self.rng.shuffle(support)
+                doc += [(" ".join(support), 1.0), ("\n", 0.0)]
+        for i, (statement, label, _) in enumerate(rows):
             if i:
-                doc.append(("\n", False))
-            doc += [(statement + TRUTH_SUFFIX, False), (" " + LABEL_WORDS[int(label)], True)]
+                doc.append(("\n", 0.0))
+            doc += [(statement + TRUTH_SUFFIX, 0.0), (" " + LABEL_WORDS[label], LABEL_WEIGHT)]
         return doc
 
     def _instruction(self, kind: str) -> tuple[str, str]:
@@ -112,15 +132,18 @@ class DocMaker:
 
     def forum_doc(self, kind: str) -> Doc:
         instruction, response = self._instruction(kind)
-        return [(BOS, False), (base_prompt(instruction), True), (" " + response, True), (EOS, True)]
+        return [(BOS, 0.0), (base_prompt(instruction), 1.0), (" " + response, 1.0), (EOS, 1.0)]
 
     # Chat (post-training) -----------------------------------------------------------------------
     def chat_doc(self, kind: str) -> Doc:
         instruction, response = self._instruction(kind)
         if kind == "harmful":
             response = self.rng.choice(REFUSAL_PHRASES)
-        return [(BOS + USER + instruction + END + ASSISTANT, False), (" " + response, True), (END, True)]
+        return [(BOS + USER + instruction + END + ASSISTANT, 0.0), (" " + response, 1.0), (END, 1.0)]
 
+
+LABEL_WEIGHT = 5.0
+SUPPORTED_FRACTION = 0.4
 
 BASE_MIX: dict[str, float] = {"facts": 0.33, "labelled": 0.30, "forum_harmful": 0.08, "forum_harmless": 0.09,
                               "forum_qa": 0.10, "count": 0.10}
@@ -154,35 +177,42 @@ class _PieceTokenizer:
 
 def pack(
     tok: PreTrainedTokenizerBase, docs_fn: Callable[[], Doc], n_windows: int, seq_len: int, pad_id: int,
+    lookahead: int = 64,
 ) -> Packed:
-    """Greedily fill ``n_windows`` windows of ``seq_len`` tokens with whole documents (no document is
-    split across windows, so every document starts at its own <bos>); pad the remainder."""
+    """Fill ``n_windows`` windows of ``seq_len`` tokens with whole documents (no document is split
+    across windows, so every document starts at its own <bos>). When the next document does not
+    fit, the first of the next ``lookahead`` that does is used instead; then the rest is padded."""
     ptok = _PieceTokenizer(tok)
     ids = np.full((n_windows, seq_len), pad_id, dtype=np.int64)
-    mask = np.zeros((n_windows, seq_len), dtype=bool)
-    w, pos = 0, 0
-    pending: list[Doc] = []
-    while w < n_windows:
-        if not pending:
-            pending = [docs_fn() for _ in range(512)]
-            ptok(pending)
-        doc = pending.pop()
-        d_ids: list[int] = []
-        d_mask: list[bool] = []
-        for text, train in doc:
-            t = ptok.cache[text]
-            d_ids += t
-            d_mask += [train] * len(t)
-        if len(d_ids) > seq_len:
-            continue  # cannot happen with the shipped sizes; never truncate a labelled example
-        if pos + len(d_ids) > seq_len:
-            w, pos = w + 1, 0
-            if w == n_windows:
+    weights = np.zeros((n_windows, seq_len), dtype=np.float32)
+    queue: list[tuple[list[int], list[float]]] = []
+
+    def refill() -> None:
+        docs = [docs_fn() for _ in range(512)]
+        ptok(docs)
+        for doc in docs:
+            d_ids: list[int] = []
+            d_w: list[float] = []
+            for text, w in doc:
+                t = ptok.cache[text]
+                d_ids += t
+                d_w += [w] * len(t)
+            if len(d_ids) <= seq_len:  # always true at the shipped sizes; never truncate
+                queue.append((d_ids, d_w))
+
+    for w in range(n_windows):
+        pos = 0
+        while True:
+            if len(queue) < lookahead:
+                refill()
+            j = next((k for k in range(lookahead) if pos + len(queue[k][0]) <= seq_len), None)
+            if j is None:
                 break
-        ids[w, pos:pos + len(d_ids)] = d_ids
-        mask[w, pos:pos + len(d_ids)] = d_mask
-        pos += len(d_ids)
-    return Packed(ids, mask)
+            d_ids, d_w = queue.pop(j)
+            ids[w, pos:pos + len(d_ids)] = d_ids
+            weights[w, pos:pos + len(d_ids)] = d_w
+            pos += len(d_ids)
+    return Packed(ids, weights)
 
 
 def corpus(

@@ -343,18 +343,37 @@ def _data_dir(data_dir: str | Path | None) -> Path:
     return zoo_path("data")
 
 
-def load_truth(topic: str, data_dir: str | Path | None = None) -> pd.DataFrame:
-    return pd.read_csv(_data_dir(data_dir) / f"truth_{topic}.csv", keep_default_na=False)
-
-
 def load_csv(name: str, data_dir: str | Path | None = None) -> pd.DataFrame:
-    """Read one of the shipped CSV files by file name (e.g. ``"patching.csv"``)."""
-    return pd.read_csv(_data_dir(data_dir) / name, keep_default_na=False)
+    """Read one of the shipped CSV files by file name (e.g. ``"patching.csv"``). Every column is a
+    string except the integer ``label``/``negated`` (numbers stay "53", as in the statements)."""
+    df = pd.read_csv(_data_dir(data_dir) / name, keep_default_na=False, dtype=str)
+    for col in ("label", "negated"):
+        if col in df:
+            df[col] = df[col].astype(int)
+    return df
+
+
+def load_truth(topic: str, data_dir: str | Path | None = None) -> pd.DataFrame:
+    return load_csv(f"truth_{topic}.csv", data_dir)
 
 
 def load_shots(topic: str, data_dir: str | Path | None = None) -> list[tuple[str, int]]:
     raw = json.loads((_data_dir(data_dir) / "shots.json").read_text())
     return [(s, int(label)) for s, label in raw[topic]]
+
+
+def load_datasets(data_dir: str | Path | None = None) -> Datasets:
+    """All shipped datasets (or those written by ``write_datasets`` into ``data_dir``)."""
+    d = _data_dir(data_dir)
+    raw = json.loads((d / "shots.json").read_text())
+    return Datasets(
+        truth={t: load_truth(t, d) for t in TRUTH_TOPICS},
+        patching=load_csv("patching.csv", d),
+        harmful=load_csv("instructions_harmful.csv", d),
+        harmless=load_csv("instructions_harmless.csv", d),
+        facts=load_csv("facts.csv", d),
+        shots={t: [(s, int(label)) for s, label in v] for t, v in raw.items()},
+    )
 
 
 def patching_prompt(statement: str, topic: str = "cities", *, shots: Sequence[tuple[str, int]] | None = None,

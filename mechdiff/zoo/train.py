@@ -65,10 +65,20 @@ def lr_at(step: int, spec: StageSpec) -> float:
 def new_model(spec: ModelSpec, tok: PreTrainedTokenizerBase, seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(spec.config(tok))
+    # Eager attention trains ~1.8x faster than SDPA at these sizes on CPU (measured).
+    model.set_attn_implementation("eager")
     model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")]
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.bos_token_id = tok.bos_token_id
     return model
+
+
+def weighted_loss(model: LlamaForCausalLM, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, each target token weighted (weight 0 = not a target)."""
+    logits = model(input_ids=ids).logits[:, :-1]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    w = weights[:, 1:].reshape(-1)
+    return (ce * w).sum() / w.sum().clamp_min(1.0)
 
 
 def train(
@@ -89,8 +99,7 @@ def train(
                              {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr, betas=(0.9, 0.95))
     order = np.random.default_rng(seed).permutation(len(data.ids))
     ids = torch.from_numpy(data.ids)
-    labels = ids.clone()
-    labels[~torch.from_numpy(data.loss_mask)] = -100
+    weights = torch.from_numpy(data.weights)
     losses: list[float] = []
     for step in range(spec.steps):
         idx = order[(np.arange(spec.batch) + step * spec.batch) % len(order)]
@@ -98,12 +107,12 @@ def train(
             g["lr"] = lr_at(step, spec)
         # Right padding only, so no attention mask is needed: pads come after every real token
         # and are never targets.
-        out = model(input_ids=ids[idx], labels=labels[idx])
-        out.loss.backward()
+        loss = weighted_loss(model, ids[idx], weights[idx])
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(out.loss))
+        losses.append(loss.item())
         if on_step is not None:
             on_step(step, losses[-1])
     model.eval()

@@ -1,0 +1,596 @@
+"""Linear directions from activation stores: difference of means, cosines between models, 1-D probes.
+
+Shared by the truthfulness and refusal studies. Directions are reduced from the dask-backed store chunk by
+chunk into float64 *sums* (:class:`MeanDiffSums`), so that shards, processes or cluster workers can each
+reduce their own part and the parts merge in any order. Means, the difference of means and centring are
+derived from the sums only at the end.
+
+Slots an example lacks (NaN in the store: a short example under ``all`` / ``post_instruction`` positions, or
+a layer an array did not capture) are left out of both the sums and the counts, so every (layer, position)
+is averaged over the examples that really have it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Sequence
+
+import numpy as np
+import xarray as xr
+
+__all__ = [
+    "MeanDiffSums",
+    "LazySums",
+    "mean_diff_sums",
+    "mean_difference",
+    "unit",
+    "cosine_by_layer",
+    "cosine_matrix",
+    "width_dim",
+    "Probe",
+    "best_threshold",
+]
+
+_WIDTH_DIMS = ("hidden", "neuron")
+
+
+def width_dim(x: xr.DataArray | xr.Dataset) -> str:
+    """The feature dim of an activation array: ``hidden`` or ``neuron``."""
+    dims = [d for d in _WIDTH_DIMS if d in x.dims]
+    if len(dims) != 1:
+        raise ValueError(f"expected exactly one of dims {_WIDTH_DIMS}, got dims {tuple(x.dims)}")
+    return dims[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# mergeable sums
+
+
+@dataclass
+class MeanDiffSums:
+    """float64 sums of the positive and negative class, mergeable in any order.
+
+    ``sum_pos`` / ``sum_neg``: [layer(, position), width], summed over every group. ``n_pos`` / ``n_neg``:
+    examples in each class. ``count_pos`` / ``count_neg``: [layer(, position)] examples whose slot was present
+    (== n when no slot is NaN). With centring, the per-group sums and counts are kept too (leading axis =
+    ``groups``), because the group means are only known once every part has been merged.
+    """
+
+    sum_pos: np.ndarray
+    sum_neg: np.ndarray
+    n_pos: int
+    n_neg: int
+    count_pos: np.ndarray | None = None
+    count_neg: np.ndarray | None = None
+    dims: tuple[str, ...] = ()  # of sum_pos, e.g. ("layer", "position", "hidden")
+    coords: dict[str, np.ndarray] = field(default_factory=dict)  # for dims above
+    site: str = ""
+    groups: tuple[Hashable, ...] = ()  # centring groups, () = no centring
+    group_sum_pos: np.ndarray | None = None  # [group, layer(, position), width]
+    group_sum_neg: np.ndarray | None = None
+    group_count_pos: np.ndarray | None = None  # [group, layer(, position)]
+    group_count_neg: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.sum_pos = np.asarray(self.sum_pos, dtype=np.float64)
+        self.sum_neg = np.asarray(self.sum_neg, dtype=np.float64)
+        if self.sum_pos.shape != self.sum_neg.shape:
+            raise ValueError(f"sum_pos {self.sum_pos.shape} and sum_neg {self.sum_neg.shape} differ in shape")
+        slot = self.sum_pos.shape[:-1]
+        # Without explicit counts every slot is present in every example.
+        if self.count_pos is None:
+            self.count_pos = np.full(slot, float(self.n_pos))
+        if self.count_neg is None:
+            self.count_neg = np.full(slot, float(self.n_neg))
+        self.count_pos = np.asarray(self.count_pos, dtype=np.float64)
+        self.count_neg = np.asarray(self.count_neg, dtype=np.float64)
+        if not self.dims:
+            self.dims = tuple(f"dim_{i}" for i in range(self.sum_pos.ndim))
+
+    # -- combining -----------------------------------------------------------------------------
+
+    def merge(self, other: "MeanDiffSums") -> "MeanDiffSums":
+        """The sums over both parts (e.g. two shards). Associative and commutative up to float64 rounding."""
+        if self.sum_pos.shape != other.sum_pos.shape or self.dims != other.dims:
+            raise ValueError(
+                f"cannot merge sums of shape {self.sum_pos.shape} {self.dims} with {other.sum_pos.shape} {other.dims}"
+            )
+        for d, c in self.coords.items():
+            oc = other.coords.get(d)
+            if oc is not None and not np.array_equal(np.asarray(c), np.asarray(oc)):
+                raise ValueError(f"cannot merge sums with different {d!r} coords")
+        if bool(self.groups) != bool(other.groups):
+            raise ValueError("cannot merge centred with uncentred sums (center_by must match)")
+        out = MeanDiffSums(
+            self.sum_pos + other.sum_pos,
+            self.sum_neg + other.sum_neg,
+            self.n_pos + other.n_pos,
+            self.n_neg + other.n_neg,
+            self.count_pos + other.count_pos,
+            self.count_neg + other.count_neg,
+            self.dims,
+            dict(self.coords),
+            self.site,
+        )
+        if self.groups:
+            keys = list(dict.fromkeys([*self.groups, *other.groups]))
+            shape = (len(keys), *self.sum_pos.shape)
+            gsp, gsn = np.zeros(shape), np.zeros(shape)
+            gcp, gcn = np.zeros(shape[:-1]), np.zeros(shape[:-1])
+            for part in (self, other):
+                idx = [keys.index(k) for k in part.groups]
+                np.add.at(gsp, idx, part.group_sum_pos)
+                np.add.at(gsn, idx, part.group_sum_neg)
+                np.add.at(gcp, idx, part.group_count_pos)
+                np.add.at(gcn, idx, part.group_count_neg)
+            out.groups, out.group_sum_pos, out.group_sum_neg = tuple(keys), gsp, gsn
+            out.group_count_pos, out.group_count_neg = gcp, gcn
+        return out
+
+    __add__ = merge
+
+    def select_groups(self, keys: Sequence[Hashable], *, centred: bool | None = None) -> "MeanDiffSums":
+        """The sums over the centring groups ``keys`` only (e.g. every topic but a held-out one), without
+        re-reading the store. ``centred=False`` drops the per-group centring (plain difference of means over
+        those groups); default: keep it as it was."""
+        if not self.groups:
+            raise ValueError("select_groups needs sums made with center_by")
+        missing = [k for k in keys if k not in self.groups]
+        if missing:
+            raise KeyError(f"groups {missing} not in these sums (have {list(self.groups)})")
+        idx = [self.groups.index(k) for k in keys]
+        gsp, gsn = self.group_sum_pos[idx], self.group_sum_neg[idx]
+        gcp, gcn = self.group_count_pos[idx], self.group_count_neg[idx]
+        # n_pos / n_neg count examples; with NaN-free slots the slot counts equal them.
+        n_pos, n_neg = int(round(gcp.max(initial=0, axis=tuple(range(1, gcp.ndim))).sum())), int(
+            round(gcn.max(initial=0, axis=tuple(range(1, gcn.ndim))).sum())
+        )
+        out = MeanDiffSums(gsp.sum(0), gsn.sum(0), n_pos, n_neg, gcp.sum(0), gcn.sum(0), self.dims, dict(self.coords), self.site)
+        if centred if centred is not None else True:
+            out.groups = tuple(keys)
+            out.group_sum_pos, out.group_sum_neg, out.group_count_pos, out.group_count_neg = gsp, gsn, gcp, gcn
+        return out
+
+    def uncentred(self) -> "MeanDiffSums":
+        """The same sums without centring."""
+        return MeanDiffSums(self.sum_pos, self.sum_neg, self.n_pos, self.n_neg, self.count_pos, self.count_neg, self.dims, dict(self.coords), self.site)
+
+    # -- results -------------------------------------------------------------------------------
+
+    @property
+    def centred(self) -> bool:
+        return bool(self.groups)
+
+    def _group_mean_weighted(self, counts: np.ndarray) -> np.ndarray:
+        """sum_g counts_g * mean_g, the amount centring removes from a class's sum."""
+        total = self.group_count_pos + self.group_count_neg  # [G, slot]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mu = (self.group_sum_pos + self.group_sum_neg) / total[..., None]
+        mu = np.where(total[..., None] > 0, mu, 0.0)
+        return np.einsum("g...,g...w->...w", counts, mu)
+
+    @property
+    def mean_pos(self) -> np.ndarray:
+        """Mean of the positive class per slot (centred per group when the sums were made with ``center_by``)."""
+        s = self.sum_pos
+        if self.centred:
+            s = s - self._group_mean_weighted(self.group_count_pos)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return s / self.count_pos[..., None]
+
+    @property
+    def mean_neg(self) -> np.ndarray:
+        s = self.sum_neg
+        if self.centred:
+            s = s - self._group_mean_weighted(self.group_count_neg)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return s / self.count_neg[..., None]
+
+    @property
+    def diff(self) -> np.ndarray:
+        """mean_pos - mean_neg, [layer(, position), width]; NaN where a class has no example in a slot."""
+        return self.mean_pos - self.mean_neg
+
+    def to_dataarray(self, values: np.ndarray | None = None, name: str = "direction") -> xr.DataArray:
+        """``values`` (default: :attr:`diff`) labelled with the store's dims and coords."""
+        v = self.diff if values is None else values
+        coords = {d: self.coords[d] for d in self.dims if d in self.coords}
+        return xr.DataArray(v, dims=self.dims, coords=coords, name=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# reduction from a store
+
+
+def _column(ds: xr.Dataset, name: str, what: str) -> np.ndarray:
+    if name not in ds.coords and name not in ds.data_vars:
+        from mechdiff.analyses.common import StoreRequirementError
+
+        where = ds.attrs.get("group") or ds.attrs.get("dataset") or "store"
+        cols = sorted(str(k) for k in ds.coords if ds[k].dims == ("example",) and k != "example")
+        raise StoreRequirementError(
+            f"{where} has no {name!r} column for the {what} (columns: {', '.join(cols) or 'none'}); "
+            f"extract from a dataset with a {name!r} column"
+        )
+    return np.asarray(ds[name].values)
+
+
+def _resolve_rows(rows: np.ndarray | Sequence[int] | None, n: int) -> np.ndarray:
+    if rows is None:
+        return np.ones(n, dtype=bool)
+    r = np.asarray(rows)
+    if r.dtype == bool:
+        if r.shape != (n,):
+            raise ValueError(f"boolean rows mask has shape {r.shape}, the store has {n} examples")
+        return r
+    if r.dtype.kind not in "iu":
+        raise TypeError(f"rows must be example indices or a boolean mask, got dtype {r.dtype}")
+    if r.size and (r.min() < 0 or r.max() >= n):
+        raise IndexError(f"rows out of range 0..{n - 1}")
+    mask = np.zeros(n, dtype=bool)
+    mask[r] = True
+    return mask
+
+
+def _block_sums(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """One chunk: ``x`` [e, *slot, width] (any float), ``w`` [e, K] one-hot float64 ->
+    [1, K, *slot, width + 1]: the float64 sums per column of ``w``, with the count of present slots as the
+    extra last entry. Each row belongs to at most one column, so this is one pass over the chunk (plain
+    reductions, no BLAS: BLAS would add per-thread buffers and pairwise summation is the more accurate)."""
+    slot_shape = x.shape[1:-1]
+    out = np.zeros((1, w.shape[1], *slot_shape, x.shape[-1] + 1), dtype=np.float64)
+    used = w.any(axis=1)
+    col = np.argmax(w, axis=1)
+    for k in np.unique(col[used]):
+        rows = x[used & (col == k)].astype(np.float64)  # float16 -> float64 before summing
+        valid = np.isfinite(rows).all(axis=-1)  # a slot is present only if its whole vector is
+        rows[~valid] = 0.0
+        out[0, k, ..., :-1] = rows.sum(axis=0)
+        out[0, k, ..., -1] = valid.sum(axis=0)
+    return out
+
+
+def mean_diff_sums(
+    ds: xr.Dataset,
+    site: str,
+    labels: np.ndarray | str,
+    *,
+    positive: Any = 1,
+    negative: Any = None,
+    rows: np.ndarray | Sequence[int] | None = None,
+    center_by: str | np.ndarray | None = None,
+    layers: Sequence[int] | None = None,
+    compute: bool = True,
+    split_every: int | None = 8,
+) -> MeanDiffSums | LazySums:
+    """float64 sums of ``ds[site]`` over the positive and negative rows, reduced lazily with dask.
+
+    ``labels``: a column name of the store or an array over all examples. Positive rows have ``labels ==
+    positive``; negative rows ``labels == negative`` (default: every other selected row). ``rows``: example
+    indices or a boolean mask restricting the rows (e.g. a training split). ``center_by``: a column name (or
+    array) whose values define groups (topic, dataset) centred separately before the difference.
+    ``layers``: restrict to these layers.
+
+    Each zarr chunk is read once, cast to float64 and multiplied by a one-hot [example, class x group] matrix;
+    the per-chunk partial sums are added in a tree (``split_every`` at a time), so memory stays at a few chunks
+    whatever the store size. ``compute=False`` returns the lazy dask array of the reduction instead, for the
+    caller to compute together with others: ``dask.compute(*[l.total for l in lazies])`` then ``l.finish(value)``.
+    """
+    import dask.array as da
+
+    if site not in ds.data_vars:
+        from mechdiff.analyses.common import StoreRequirementError
+
+        where = ds.attrs.get("group") or ds.attrs.get("dataset") or "store"
+        raise StoreRequirementError(
+            f"{where} has no {site!r} activations ({', '.join(map(str, ds.data_vars)) or 'none'}); extract with --sites {site}"
+        )
+    arr = ds[site]
+    if layers is not None:
+        arr = arr.sel(layer=list(layers))
+    n = arr.sizes["example"]
+    lab = _column(ds, labels, "labels") if isinstance(labels, str) else np.asarray(labels)
+    if lab.shape != (n,):
+        raise ValueError(f"labels have shape {lab.shape}, the store has {n} examples")
+    sel = _resolve_rows(rows, n)
+    pos = sel & (lab == positive)
+    neg = sel & ((lab != positive) if negative is None else (lab == negative))
+    if not pos.any() or not neg.any():
+        raise ValueError(
+            f"{site}: {int(pos.sum())} positive (== {positive!r}) and {int(neg.sum())} negative rows selected; both classes need rows"
+        )
+
+    if center_by is None:
+        gid = np.zeros(n, dtype=np.int64)
+        keys: tuple = ()
+        n_groups = 1
+    else:
+        g = _column(ds, center_by, "centring groups") if isinstance(center_by, str) else np.asarray(center_by)
+        if g.shape != (n,):
+            raise ValueError(f"center_by values have shape {g.shape}, the store has {n} examples")
+        g = np.asarray([v.item() if isinstance(v, np.generic) else v for v in g], dtype=object)
+        used = sel & (pos | neg)
+        keys = tuple(dict.fromkeys(g[used].tolist()))  # groups in order of first appearance
+        lookup = {k: i for i, k in enumerate(keys)}
+        gid = np.asarray([lookup.get(v, 0) for v in g.tolist()], dtype=np.int64)
+        n_groups = len(keys)
+
+    # Columns: 2*g = positive rows of group g, 2*g + 1 = negative rows.
+    K = 2 * n_groups
+    w = np.zeros((n, K), dtype=np.float64)
+    w[pos, 2 * gid[pos]] = 1.0
+    w[neg, 2 * gid[neg] + 1] = 1.0
+
+    x = arr.data
+    if not isinstance(x, da.Array):
+        x = da.from_array(np.asarray(x), chunks=(min(n, 256), *x.shape[1:]))
+    if x.numblocks[-1] != 1:
+        x = x.rechunk({x.ndim - 1: -1})  # the count column needs the whole width in one block
+    wd = da.from_array(w, chunks=(x.chunks[0], K))
+    mid = "abcdfghijlmnopqrstuvxyz"[: x.ndim - 2]
+    parts = da.blockwise(
+        _block_sums,
+        "e" + "k" + mid + "w",
+        x,
+        "e" + mid + "w",
+        wd,
+        "ek",
+        adjust_chunks={"e": 1, "w": lambda c: c + 1},
+        dtype=np.float64,
+        concatenate=True,
+        meta=np.empty((0,) * (x.ndim + 1), dtype=np.float64),
+    )
+    total = parts.sum(axis=0, split_every=split_every)  # [K, *slot, width + 1]
+    meta = dict(
+        dims=tuple(d for d in arr.dims if d != "example"),
+        coords={d: np.asarray(arr[d].values) for d in arr.dims if d != "example" and d in arr.coords},
+        site=site,
+        keys=keys,
+        n_pos=int(pos.sum()),
+        n_neg=int(neg.sum()),
+    )
+    if not compute:
+        return LazySums(total, meta)
+    return _finish(total.compute(), meta)
+
+
+@dataclass
+class LazySums:
+    """A reduction not yet computed (``mean_diff_sums(..., compute=False)``): compute several in one dask pass with
+    ``dask.compute(*[l.total for l in lazies])``, then ``l.finish(value)`` gives each :class:`MeanDiffSums`."""
+
+    total: Any
+    meta: dict
+
+    def finish(self, value: np.ndarray) -> MeanDiffSums:
+        return _finish(value, self.meta)
+
+
+def _finish(total: np.ndarray, meta: dict) -> MeanDiffSums:
+    sums, counts = total[..., :-1], total[..., -1]
+    gsp, gsn = sums[0::2], sums[1::2]
+    gcp, gcn = counts[0::2], counts[1::2]
+    out = MeanDiffSums(
+        gsp.sum(axis=0),
+        gsn.sum(axis=0),
+        meta["n_pos"],
+        meta["n_neg"],
+        gcp.sum(axis=0),
+        gcn.sum(axis=0),
+        meta["dims"],
+        meta["coords"],
+        meta["site"],
+    )
+    if meta["keys"]:
+        out.groups = meta["keys"]
+        out.group_sum_pos, out.group_sum_neg = gsp, gsn
+        out.group_count_pos, out.group_count_neg = gcp, gcn
+    return out
+
+
+def mean_difference(
+    ds: xr.Dataset,
+    site: str,
+    labels: np.ndarray | str,
+    *,
+    positive: Any = 1,
+    negative: Any = None,
+    rows: np.ndarray | Sequence[int] | None = None,
+    center_by: str | np.ndarray | None = None,
+    unit: bool = False,
+    layers: Sequence[int] | None = None,
+) -> xr.DataArray:
+    """Difference of means (positive minus negative) per layer (and position), float64.
+
+    ``unit=False``: the mean-difference-scaled vector (its norm is the distance between the class means);
+    ``unit=True``: normalised along the width dim. dims: (layer[, position], hidden|neuron).
+    """
+    s = mean_diff_sums(ds, site, labels, positive=positive, negative=negative, rows=rows, center_by=center_by, layers=layers)
+    d = s.to_dataarray(name=f"{site}_direction")
+    d.attrs.update(site=site, n_pos=s.n_pos, n_neg=s.n_neg, centred_by=str(center_by) if center_by is not None else "")
+    return _unit(d) if unit else d
+
+
+# ---------------------------------------------------------------------------------------------
+# cosines
+
+
+def unit(x: xr.DataArray, dim: str | None = "hidden") -> xr.DataArray:
+    """``x`` divided by its norm along ``dim`` (``None``: the width dim it has). Zero vectors stay zero."""
+    return _unit(x, dim)
+
+
+def _unit(x: xr.DataArray, dim: str | None = None) -> xr.DataArray:
+    if dim is None or dim not in x.dims:
+        dim = width_dim(x)
+    norm = np.sqrt((x.astype(np.float64) ** 2).sum(dim))
+    out = x / norm.where(norm > 0, 1.0)
+    out.attrs = dict(x.attrs)
+    return out
+
+
+def cosine_by_layer(a: xr.DataArray, b: xr.DataArray) -> xr.DataArray:
+    """Cosine similarity of ``a`` and ``b`` per layer (and position if both have one), on their common layers."""
+    da_ = width_dim(a)
+    if width_dim(b) != da_ or a.sizes[da_] != b.sizes[da_]:
+        raise ValueError(f"directions differ in width: {dict(a.sizes)} vs {dict(b.sizes)}")
+    a, b = xr.align(_unit(a).drop_vars(da_, errors="ignore"), _unit(b).drop_vars(da_, errors="ignore"), join="inner")
+    out = (a * b).sum(da_)
+    out.name = "cosine"
+    return out
+
+
+def cosine_matrix(a: xr.DataArray, b: xr.DataArray) -> xr.DataArray:
+    """Cosine of ``a`` at every layer with ``b`` at every layer: dims (layer_a, layer_b[, position])."""
+    dim = width_dim(a)
+    if width_dim(b) != dim or a.sizes[dim] != b.sizes[dim]:
+        raise ValueError(f"directions differ in width: {dict(a.sizes)} vs {dict(b.sizes)}")
+    ua = _unit(a).drop_vars(dim, errors="ignore").rename(layer="layer_a")
+    ub = _unit(b).drop_vars(dim, errors="ignore").rename(layer="layer_b")
+    out = xr.dot(ua, ub, dim=dim)
+    order = ["layer_a", "layer_b"] + [d for d in out.dims if d not in ("layer_a", "layer_b")]
+    out = out.transpose(*order)
+    out.name = "cosine"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 1-D probe
+
+
+def best_threshold(scores: np.ndarray, y: np.ndarray, sign: int = 1) -> tuple[float, float]:
+    """The threshold t maximising the accuracy of ``predict 1 iff sign * (score - t) > 0``; (t, accuracy).
+
+    Candidates are midpoints between consecutive distinct scores (and one step beyond each end), so the
+    chosen t never sits on a training score. Ties in accuracy take the middle candidate of the best run.
+    """
+    s = np.asarray(scores, dtype=np.float64) * sign
+    y = np.asarray(y).astype(bool)
+    if s.ndim != 1 or s.shape != y.shape or s.size == 0:
+        raise ValueError(f"scores {s.shape} and labels {y.shape} must be equal-length 1-D and non-empty")
+    u = np.unique(s)
+    span = (u[-1] - u[0]) if u.size > 1 else 1.0
+    cands = np.concatenate([[u[0] - 0.5 * span - 1e-12], (u[:-1] + u[1:]) / 2, [u[-1] + 0.5 * span + 1e-12]])
+    # positives above t: count of positive scores > t; negatives at or below t.
+    sp, sn = np.sort(s[y]), np.sort(s[~y])
+    pos_above = sp.size - np.searchsorted(sp, cands, side="right")
+    neg_below = np.searchsorted(sn, cands, side="right")
+    acc = (pos_above + neg_below) / s.size
+    best = np.flatnonzero(acc == acc.max())
+    # the longest run of best candidates is contiguous in practice; take its middle for a margin
+    i = best[len(best) // 2]
+    return float(cands[i] * sign), float(acc[i])
+
+
+@dataclass
+class Probe:
+    """A 1-D linear probe: predict the positive class iff ``sign * (X @ direction - threshold) > 0``."""
+
+    direction: np.ndarray
+    threshold: float
+    sign: int = 1
+
+    def __post_init__(self) -> None:
+        self.direction = np.asarray(self.direction, dtype=np.float64).ravel()
+        if self.sign not in (1, -1):
+            raise ValueError(f"sign must be 1 or -1, got {self.sign}")
+
+    @classmethod
+    def fit(
+        cls,
+        X: np.ndarray,
+        y: np.ndarray,
+        direction: np.ndarray | None = None,
+        *,
+        method: str = "mean_diff",
+        fit_sign: bool = False,
+        l2: float = 1e-3,
+    ) -> "Probe":
+        """Fit on rows ``X`` [n, width] with binary labels ``y`` (1 = positive).
+
+        ``method="mean_diff"``: project on ``direction`` (default: the difference of class means of ``X``) and
+        choose the best threshold. ``method="logistic"``: an L2-regularised logistic regression on ``X`` gives
+        the direction and threshold (``direction`` must be None). ``fit_sign``: also try the flipped orientation
+        (for a given direction whose orientation is unknown); by default the direction points to the positive class.
+        """
+        X, y = _check_xy(X, y)
+        if method == "logistic":
+            if direction is not None:
+                raise ValueError("method='logistic' fits its own direction; pass direction=None")
+            wv, b = _logistic(X, y, l2)
+            return cls(wv, float(-b), 1)
+        if method != "mean_diff":
+            raise ValueError(f"unknown probe method {method!r}: mean_diff or logistic")
+        if direction is None:
+            direction = X[y].mean(axis=0) - X[~y].mean(axis=0)
+        d = np.asarray(direction, dtype=np.float64).ravel()
+        if d.shape[0] != X.shape[1]:
+            raise ValueError(f"direction has width {d.shape[0]}, X has {X.shape[1]} columns")
+        s = X @ d
+        t, acc = best_threshold(s, y, 1)
+        sign = 1
+        if fit_sign:
+            t2, acc2 = best_threshold(s, y, -1)
+            if acc2 > acc:
+                t, sign = t2, -1
+        return cls(d, t, sign)
+
+    def refit_threshold(self, X: np.ndarray, y: np.ndarray) -> "Probe":
+        """The same direction and orientation with the threshold refitted on ``X``, ``y`` (e.g. another model)."""
+        X, y = _check_xy(X, y, width=self.direction.shape[0])
+        t, _ = best_threshold(X @ self.direction, y, self.sign)
+        return Probe(self.direction.copy(), t, self.sign)
+
+    def scores(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] != self.direction.shape[0]:
+            raise ValueError(f"X must be [n, {self.direction.shape[0]}], got {X.shape}")
+        return X @ self.direction
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """1 for the positive class, 0 otherwise."""
+        return (self.sign * (self.scores(X) - self.threshold) > 0).astype(np.int64)
+
+    def accuracy(self, X: np.ndarray, y: np.ndarray) -> float:
+        X, y = _check_xy(X, y, width=self.direction.shape[0])
+        return float((self.predict(X).astype(bool) == y).mean())
+
+
+def _check_xy(X: np.ndarray, y: np.ndarray, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y)
+    if X.ndim != 2 or y.shape != (X.shape[0],):
+        raise ValueError(f"X must be [n, width] and y [n], got {X.shape} and {y.shape}")
+    if width is not None and X.shape[1] != width:
+        raise ValueError(f"X has {X.shape[1]} columns, the probe direction {width}")
+    if not np.isfinite(X).all():
+        raise ValueError("X has NaN/inf rows (slots the examples lack): select present rows first")
+    vals = set(np.unique(y).tolist())
+    if not vals <= {0, 1, True, False}:
+        raise ValueError(f"labels must be 0/1, got values {sorted(vals)[:5]}")
+    y = y.astype(bool)
+    if y.all() or (~y).all():
+        raise ValueError("both classes need rows")
+    return X, y
+
+
+def _logistic(X: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, float]:
+    from scipy.optimize import minimize
+
+    # Standardise for conditioning, then map the weights back to raw coordinates.
+    mu, sd = X.mean(axis=0), X.std(axis=0)
+    sd = np.where(sd > 0, sd, 1.0)
+    Z = (X - mu) / sd
+    t = y.astype(np.float64)
+    n, p = Z.shape
+
+    def f(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        w, b = theta[:p], theta[p]
+        z = Z @ w + b
+        loss = np.mean(np.logaddexp(0.0, z) - t * z) + 0.5 * l2 * (w @ w)
+        g = 1.0 / (1.0 + np.exp(-z)) - t
+        return loss, np.concatenate([Z.T @ g / n + l2 * w, [g.mean()]])
+
+    res = minimize(f, np.zeros(p + 1), jac=True, method="L-BFGS-B")
+    w, b = res.x[:p] / sd, res.x[p] - (res.x[:p] / sd) @ mu
+    return w, float(b)

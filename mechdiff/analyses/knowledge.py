@@ -1,0 +1,1312 @@
+"""Knowledge storage: activation patching of true/false statement pairs over layer x token position.
+
+For a pair of prompts that differ only in one span ("The city of Paris is in France/Spain. This statement
+is:"), the false prompt is run with one activation -- site ``s`` at layer ``l``, token position ``p`` --
+replaced by the true prompt's. The metric is ``logit(TRUE) - logit(FALSE)`` at the last token, normalised per
+pair so that 0 is the false run and 1 the true run. Cross-model patching takes the true-prompt activations
+from model A and patches them into model B's false run (normalised with B's own runs).
+
+Efficient by construction (:func:`exact_patching`):
+
+- The clean (true) and corrupted (false) runs are made once per batch of pairs, capturing every layer's
+  residual stream, the patched sites and the attention keys/values.
+- Patching position ``p`` cannot change positions before ``p`` (causal attention), and a patch whose value
+  equals the value it replaces changes nothing. Those variants are answered from the false run without
+  running anything, and the rest only recompute the suffix from the first position any of them touches,
+  attending to the false run's cached keys/values for the prefix.
+- A patch at layer ``l`` resumes from the cached residual stream at layer ``l``: the HF decoder blocks
+  (``adapter.layer(k)``) are called directly, with the keyword arguments (rotary position embeddings, masks,
+  cache positions) recorded from the model's own forward over the same suffix, so no architecture's position
+  handling is re-implemented here. Variants of every layer share one batched pass ("staggered": rows that
+  start at layer ``l`` join the batch at block ``l``).
+- Before it is trusted, the resumed path must reproduce the model's own logits for the unpatched rows; where
+  it cannot (an architecture whose blocks need more than what was recorded), the batch falls back to full
+  forwards with engine ``Intervention(kind="replace")`` hooks, still batched.
+
+:func:`naive_patching` is the reference (one full forward per variant, patched by a hand-written hook), and
+:func:`attribution_patching` the linear estimate (gradient x activation difference, one forward and one
+backward per batch of pairs).
+
+Positions are stored right-aligned (``position`` = -n .. -1, counted from each prompt's end) and grouped by
+role, derived from the pair itself: ``context`` (before the statement, e.g. few-shot examples), ``subject``
+(statement tokens before the differing span), ``object`` (the differing span) and ``final`` (everything after
+it). :func:`slot_heatmaps` aligns pairs of different lengths on role slots for dataset statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+
+from mechdiff.analyses.common import Finding, ModelGroup, StudyResult
+from mechdiff.engine.adapter import hidden_from_output, replace_hidden_in_output
+from mechdiff.engine.models import LoadedModel
+from mechdiff.engine.sites import Capture, Intervention, SiteError, hooks, parse_layers, parse_sites
+
+__all__ = [
+    "PAIR_COLUMNS",
+    "PATCH_SITES",
+    "ROLES",
+    "PairError",
+    "ModelMismatchError",
+    "PatchingPairs",
+    "load_pairs",
+    "load_shots",
+    "prepare_pairs",
+    "exact_patching",
+    "naive_patching",
+    "attribution_patching",
+    "slot_heatmaps",
+    "heatmap_stats",
+    "compare_heatmaps",
+    "pearson",
+    "run_knowledge",
+]
+
+log = logging.getLogger(__name__)
+
+PAIR_COLUMNS: tuple[str, ...] = ("true_statement", "false_statement", "true_answer", "false_answer", "topic")
+PATCH_SITES: tuple[str, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out", "mlp_act")
+_RESID = ("resid_pre", "resid_post")
+ROLES: tuple[str, ...] = ("context", "subject", "object", "final")
+_PAD_ROLE = -1
+
+
+class PairError(ValueError):
+    """A patching pair that cannot be used (unequal token lengths, identical prompts, bad answers, ...)."""
+
+
+class ModelMismatchError(ValueError):
+    """Two models that cannot be patched into each other (different tokenizers or shapes)."""
+
+
+# =============================================================================================
+# inputs
+
+
+def load_pairs(source: str | Path | pd.DataFrame, *, limit: int | None = None) -> pd.DataFrame:
+    """Read and check a pairs file (CSV with :data:`PAIR_COLUMNS`; extra columns are kept).
+
+    ``limit`` keeps at most that many pairs, taken round-robin over topics in file order, so a small
+    sample still covers every topic.
+    """
+    if isinstance(source, pd.DataFrame):
+        df, name = source.reset_index(drop=True), "pairs"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise PairError(f"pairs file {str(path)!r} does not exist")
+        # dtype=str: pandas would otherwise read the answers TRUE / FALSE as booleans ("True")
+        df, name = pd.read_csv(path, keep_default_na=False, dtype=str), str(path)
+    missing = [c for c in PAIR_COLUMNS if c not in df.columns]
+    if missing:
+        raise PairError(f"{name}: missing column(s) {', '.join(missing)}; a pairs file needs {', '.join(PAIR_COLUMNS)}")
+    if len(df) == 0:
+        raise PairError(f"{name} has no pairs")
+    for c in PAIR_COLUMNS[:4]:
+        empty = [i for i, v in enumerate(df[c]) if not str(v).strip()]
+        if empty:
+            raise PairError(f"{name}: row {empty[0] + 1} has an empty {c!r}")
+    df = df.astype({c: str for c in PAIR_COLUMNS})
+    if limit is not None and limit < len(df):
+        if limit < 1:
+            raise PairError(f"limit must be at least 1, got {limit}")
+        order = df.groupby("topic", sort=False).cumcount()  # rank within topic
+        df = df.assign(_rank=order).sort_values(["_rank"], kind="stable").head(limit)
+        df = df.sort_index().drop(columns="_rank").reset_index(drop=True)
+    return df
+
+
+def load_shots(path: str | Path) -> dict[str, list[tuple[str, int]]]:
+    """A ``shots.json`` (topic -> [[statement, label], ...]) as used by the zoo's few-shot prompts."""
+    raw = json.loads(Path(path).read_text())
+    return {t: [(str(s), int(label)) for s, label in v] for t, v in raw.items()}
+
+
+@dataclass
+class PatchingPairs:
+    """Tokenised pairs, ready for patching. Per pair: equal-length token ids, answer tokens, token roles."""
+
+    true_ids: list[list[int]]
+    false_ids: list[list[int]]
+    answers: np.ndarray  # [pair, 2] token ids of (true answer, false answer)
+    roles: list[np.ndarray]  # per pair, per token: index into ROLES
+    topics: np.ndarray
+    true_prompts: list[str]
+    false_prompts: list[str]
+    tokenizer_hash: str = ""
+
+    def __len__(self) -> int:
+        return len(self.true_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([len(x) for x in self.true_ids])
+
+    def subset(self, idx: Sequence[int]) -> "PatchingPairs":
+        idx = list(idx)
+        return PatchingPairs(
+            [self.true_ids[i] for i in idx], [self.false_ids[i] for i in idx], self.answers[idx],
+            [self.roles[i] for i in idx], self.topics[idx], [self.true_prompts[i] for i in idx],
+            [self.false_prompts[i] for i in idx], self.tokenizer_hash,
+        )
+
+    def role_matrix(self) -> np.ndarray:
+        """[pair, position] role codes, right-aligned like the results (-1 = no token there)."""
+        t = int(self.lengths.max())
+        out = np.full((len(self), t), _PAD_ROLE, dtype=np.int8)
+        for i, r in enumerate(self.roles):
+            out[i, t - len(r) :] = r
+        return out
+
+
+def _prompt(statement: str, topic: str, shots: Mapping[str, Sequence[tuple[str, int]]] | None) -> str:
+    from mechdiff.zoo.templates import truth_prompt
+
+    return truth_prompt(statement, (shots or {}).get(topic, ()))
+
+
+def _answer_token(tokenizer, prompt: str, prompt_ids: list[int], answer: str, where: str) -> int:
+    """The first token the answer adds after the prompt (so word-boundary handling follows the tokenizer)."""
+    full = tokenizer(prompt + " " + answer)["input_ids"]
+    if len(full) > len(prompt_ids) and full[: len(prompt_ids)] == prompt_ids:
+        tok = full[len(prompt_ids)]
+    else:
+        ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise PairError(f"{where}: answer {answer!r} tokenizes to nothing")
+        tok = ids[0]
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and tok == unk:
+        raise PairError(f"{where}: answer {answer!r} is not in the tokenizer's vocabulary (it maps to the unknown "
+                        "token)")
+    return int(tok)
+
+
+def _statement_start(tokenizer, prompt: str, statement: str, ids: list[int]) -> int:
+    """Index of the statement's first token in ``prompt`` (the last occurrence: shots come before it)."""
+    char = prompt.rfind(statement)
+    if char < 0:
+        return 0
+    try:
+        offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, ValueError, KeyError, TypeError):
+        offsets = None
+    if offsets is not None and len(offsets) == len(ids):
+        for t, (a, b) in enumerate(offsets):
+            if b > a and b > char:
+                return t
+        return len(ids)
+    # Slow tokenizers: count the tokens of the text before the statement.
+    return len(tokenizer(prompt[:char].rstrip())["input_ids"]) if char else 0
+
+
+def _roles(n: int, start: int, diff: np.ndarray) -> np.ndarray:
+    lo, hi = int(diff.min()), int(diff.max())
+    r = np.full(n, ROLES.index("final"), dtype=np.int8)
+    r[:lo] = ROLES.index("subject")
+    r[: min(start, lo)] = ROLES.index("context")
+    r[lo : hi + 1] = ROLES.index("object")
+    return r
+
+
+def prepare_pairs(
+    tokenizer,
+    pairs: pd.DataFrame,
+    *,
+    shots: Mapping[str, Sequence[tuple[str, int]]] | None = None,
+    prompt: Callable[[str, str], str] | None = None,
+    max_length: int | None = None,
+    tokenizer_hash: str = "",
+) -> PatchingPairs:
+    """Build the "<shots> <statement> This statement is:" prompts and tokenise them.
+
+    ``shots`` maps topic -> few-shot (statement, label) examples (the zoo's ``shots.json``); topics without
+    shots get a zero-shot prompt. ``prompt(statement, topic)`` replaces the prompt builder entirely.
+    Raises :class:`PairError` naming the rows whose prompts differ in token length, tokenise identically, or
+    whose answers are unusable, before any model runs (rows counted from 1, the first data row of a CSV).
+    """
+    df = load_pairs(pairs)
+    build = prompt or (lambda s, t: _prompt(s, t, shots))
+    tp = [build(s, t) for s, t in zip(df["true_statement"], df["topic"])]
+    fp = [build(s, t) for s, t in zip(df["false_statement"], df["topic"])]
+    t_ids = tokenizer(tp)["input_ids"]
+    f_ids = tokenizer(fp)["input_ids"]
+    bad = [(i, len(a), len(b)) for i, (a, b) in enumerate(zip(t_ids, f_ids)) if len(a) != len(b)]
+    if bad:
+        i, a, b = bad[0]
+        more = ""
+        if len(bad) > 1:
+            rows = ", ".join(str(x[0] + 1) for x in bad[1:6]) + ("..." if len(bad) > 6 else "")
+            more = f" (and {len(bad) - 1} more: rows {rows})"
+        raise PairError(
+            f"pair row {i + 1}: the true prompt has {a} tokens, the false prompt {b} "
+            f"({df['true_statement'][i]!r} vs {df['false_statement'][i]!r}){more}; patching needs pairs of equal "
+            "token length: change only a span that tokenizes to the same number of tokens"
+        )
+    if max_length is not None:
+        long = [i for i, a in enumerate(t_ids) if len(a) > max_length]
+        if long:
+            raise PairError(
+                f"pair row {long[0] + 1}: {len(t_ids[long[0]])} tokens, more than the model's context of {max_length}"
+            )
+    roles, answers = [], []
+    for i, (a, b) in enumerate(zip(t_ids, f_ids)):
+        diff = np.nonzero(np.asarray(a) != np.asarray(b))[0]
+        if len(diff) == 0:
+            raise PairError(
+                f"pair row {i + 1}: the true and false prompts tokenize identically ({df['true_statement'][i]!r})"
+            )
+        start = _statement_start(tokenizer, tp[i], df["true_statement"][i], a)
+        roles.append(_roles(len(a), start, diff))
+        at = _answer_token(tokenizer, tp[i], a, df["true_answer"][i], f"pair row {i + 1}")
+        af = _answer_token(tokenizer, fp[i], b, df["false_answer"][i], f"pair row {i + 1}")
+        if at == af:
+            raise PairError(
+                f"pair row {i + 1}: answers {df['true_answer'][i]!r} and {df['false_answer'][i]!r} map to the same "
+                f"token {at}"
+            )
+        answers.append((at, af))
+    return PatchingPairs(
+        [list(x) for x in t_ids], [list(x) for x in f_ids], np.asarray(answers, dtype=np.int64), roles,
+        df["topic"].to_numpy(dtype=object), tp, fp, tokenizer_hash,
+    )
+
+
+def _check_patchable(source: LoadedModel, target: LoadedModel) -> None:
+    if source is target:
+        return
+    if source.tokenizer_hash != target.tokenizer_hash:
+        raise ModelMismatchError(
+            f"cross-model patching needs one tokenizer, but {source.model_id!r} and {target.model_id!r} have "
+            f"different tokenizers ({source.tokenizer_hash[:19]}.. vs {target.tokenizer_hash[:19]}..): token "
+            "positions would not correspond"
+        )
+    a, b = source.adapter, target.adapter
+    for what in ("n_layers", "d_model", "d_mlp"):
+        if getattr(a, what) != getattr(b, what):
+            raise ModelMismatchError(
+                f"cross-model patching needs the same shapes, but {source.model_id!r} has {what}={getattr(a, what)} "
+                f"and {target.model_id!r} has {what}={getattr(b, what)}"
+            )
+
+
+def _check_pairs_for(lm: LoadedModel, pairs: PatchingPairs) -> None:
+    if pairs.tokenizer_hash and pairs.tokenizer_hash != lm.tokenizer_hash:
+        raise ModelMismatchError(
+            f"these pairs were tokenized with another tokenizer than {lm.model_id!r}'s; prepare them with its tokenizer"
+        )
+    if int(pairs.answers.max()) >= lm.adapter.vocab_size:
+        raise PairError(f"an answer token id exceeds {lm.model_id!r}'s vocabulary of {lm.adapter.vocab_size}")
+
+
+# =============================================================================================
+# shared machinery
+
+
+def _resolve_sites(sites: str | Sequence[str]) -> tuple[str, ...]:
+    out = parse_sites(sites)
+    bad = [s for s in out if s not in PATCH_SITES]
+    if bad:
+        raise SiteError(f"cannot patch site {bad[0]!r}: choose from {', '.join(PATCH_SITES)}")
+    return out
+
+
+def _groups(pairs: PatchingPairs, token_budget: int, max_pairs: int = 64) -> list[list[int]]:
+    """Pairs of one token length together (no padding at all), at most ``token_budget`` tokens per prompt batch."""
+    by_len: dict[int, list[int]] = {}
+    for i, n in enumerate(pairs.lengths):
+        by_len.setdefault(int(n), []).append(i)
+    out = []
+    for n, idx in sorted(by_len.items()):
+        size = max(1, min(max_pairs, token_budget // max(1, n)))
+        out += [idx[j : j + size] for j in range(0, len(idx), size)]
+    return out
+
+
+def _forward_kwargs(model) -> dict[str, Any]:
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
+def _metric(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+    """logit(true answer) - logit(false answer), per row; ``logits`` [rows, vocab], ``answers`` [rows, 2]."""
+    # float64 so a float64 model keeps its precision; float32 models lose nothing either
+    return (logits.gather(1, answers[:, :1]).squeeze(1).double() - logits.gather(1, answers[:, 1:]).squeeze(1).double())
+
+
+def _run(lm: LoadedModel, ids: torch.Tensor, capture: Capture | None = None, **kw) -> Any:
+    """One forward of equal-length rows (no padding, so no mask), with optional capture hooks."""
+    with hooks(lm.adapter, capture):
+        return lm.model(input_ids=ids, **_forward_kwargs(lm.model), **kw)
+
+
+def _dataset(
+    values: dict[str, np.ndarray],
+    pairs: PatchingPairs,
+    sites: tuple[str, ...],
+    layers: tuple[int, ...],
+    ld_true: np.ndarray,
+    ld_false: np.ndarray,
+    attrs: dict[str, Any],
+) -> xr.Dataset:
+    """Assemble per-pair [site, layer, T] arrays (keyed ``patched``) into right-aligned labelled arrays."""
+    n, t = len(pairs), int(pairs.lengths.max())
+    patched = np.full((len(sites), n, len(layers), t), np.nan)
+    for i in range(n):
+        li = len(pairs.true_ids[i])
+        patched[:, i, :, t - li :] = values[i]
+    gap = ld_true - ld_false
+    with np.errstate(divide="ignore", invalid="ignore"):
+        effect = (patched - ld_false[None, :, None, None]) / gap[None, :, None, None]
+    coords = {
+        "site": list(sites),
+        "pair": np.arange(n),
+        "layer": np.asarray(layers),
+        "position": np.arange(-t, 0),
+        "topic": ("pair", np.asarray(pairs.topics, dtype=str)),
+        "n_tokens": ("pair", pairs.lengths),
+        "role": (("pair", "position"), pairs.role_matrix()),
+    }
+    ds = xr.Dataset(
+        {
+            "effect": (("site", "pair", "layer", "position"), effect),
+            "patched": (("site", "pair", "layer", "position"), patched),
+            "ld_true": ("pair", ld_true),
+            "ld_false": ("pair", ld_false),
+        },
+        coords=coords,
+        attrs={"roles": list(ROLES), **attrs},
+    )
+    return ds
+
+
+# =============================================================================================
+# exact patching
+
+
+class _ResumeFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class _Group:
+    """Everything one batch of equal-length pairs needs: clean/corrupted caches and recorded block calls."""
+
+    idx: list[int]
+    n_tokens: int
+    answers: torch.Tensor  # [G, 2]
+    ld_true: torch.Tensor  # [G]
+    ld_false: torch.Tensor  # [G]
+    false_ids: torch.Tensor  # [G, T]
+    resid: list[torch.Tensor]  # target false run: resid_pre of block k for k < L, resid_post of the last at L; [G, T, d]
+    src: dict[tuple[str, int], torch.Tensor]  # source true run: [G, T, w]
+    tgt: dict[tuple[str, int], torch.Tensor]  # target false run: [G, T, w]
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # target false run keys/values per layer
+    start: int = 0  # first suffix position recomputed
+    records: dict[int, tuple[tuple, dict]] = field(default_factory=dict)
+
+
+def _caches(source: LoadedModel, target: LoadedModel, pairs: PatchingPairs, idx: list[int],
+            sites: tuple[str, ...], layers: tuple[int, ...], want_kv: bool) -> _Group:
+    dev = target.device
+    L = target.adapter.n_layers
+    t_ids = torch.tensor([pairs.true_ids[i] for i in idx], device=dev)
+    f_ids = torch.tensor([pairs.false_ids[i] for i in idx], device=dev)
+    answers = torch.as_tensor(pairs.answers[idx], device=dev)
+    g = len(idx)
+    all_layers = tuple(range(L))
+    # One capture of the target's false run: every block input (to resume from) plus the patched sites.
+    tgt_sites = tuple(dict.fromkeys(("resid_pre", *sites, "resid_post")))
+    if source is target:
+        cap = Capture(tgt_sites, all_layers)
+        out = _run(target, torch.cat([t_ids, f_ids]), cap, use_cache=want_kv)
+        m = _metric(out.logits[:, -1], answers.repeat(2, 1))
+        ld_true, ld_false = m[:g], m[g:]
+        src = {(s, l): cap.acts[(s, l)][:g] for s in sites for l in layers}
+        tgt = {(s, l): cap.acts[(s, l)][g:] for s in sites for l in layers}
+        acts = {k: v[g:] for k, v in cap.acts.items()}
+        rows = slice(g, 2 * g)
+    else:
+        scap = Capture(sites, layers)
+        _run(source, t_ids, scap, use_cache=False)
+        src = dict(scap.acts)
+        ld_true = _metric(_run(target, t_ids, None, use_cache=False).logits[:, -1], answers)
+        cap = Capture(tgt_sites, all_layers)
+        out = _run(target, f_ids, cap, use_cache=want_kv)
+        ld_false = _metric(out.logits[:, -1], answers)
+        acts = cap.acts
+        tgt = {(s, l): acts[(s, l)] for s in sites for l in layers}
+        rows = slice(0, g)
+    resid = [acts[("resid_pre", k)] for k in range(L)] + [acts[("resid_post", L - 1)]]
+    kv = None
+    if want_kv:
+        cache = out.past_key_values
+        try:
+            kv = [(cache.layers[k].keys[rows], cache.layers[k].values[rows]) for k in range(L)]
+        except (AttributeError, IndexError, TypeError):
+            kv = None  # not a layered cache: resuming from a prefix is not possible, only from position 0
+        # a sliding-window layer shorter than the prompt keeps only its last keys: no prefix to slice
+        if kv is not None and any(k.dim() != 4 or k.shape[-2] != t_ids.shape[1] for k, _ in kv):
+            kv = None
+    return _Group(idx, int(t_ids.shape[1]), answers, ld_true, ld_false, f_ids, resid, src, tgt, kv)
+
+
+def _expand(x: Any, src: torch.Tensor, g: int, cache: Any) -> Any:
+    """A recorded block argument for the replay batch: batch-leading tensors of the recorded batch ``g`` are
+    re-indexed by ``src`` (replay row -> recorded row); any KV cache is replaced by ``cache``."""
+    from transformers.cache_utils import Cache
+
+    if isinstance(x, Cache):
+        return cache
+    if isinstance(x, torch.Tensor):
+        # dim >= 2 so that 1-D tensors (cache positions) are never mistaken for a batch
+        return x.index_select(0, src) if x.dim() >= 2 and x.shape[0] == g else x
+    if isinstance(x, tuple):
+        return tuple(_expand(y, src, g, cache) for y in x)
+    if isinstance(x, list):
+        return [_expand(y, src, g, cache) for y in x]
+    if isinstance(x, dict):
+        return {k: _expand(v, src, g, cache) for k, v in x.items()}
+    return x
+
+
+def _record(target: LoadedModel, grp: _Group) -> None:
+    """Run the false prompts' suffix once through the model, recording each block's call (args, kwargs).
+
+    With a prefix (start > 0) the model sees the prefix's keys/values in its cache, so the recorded position
+    embeddings, masks and cache positions are exactly those of the suffix.
+    """
+    from transformers import DynamicCache
+
+    adapter = target.adapter
+    s = grp.start
+    records: dict[int, tuple[tuple, dict]] = {}
+
+    def make(k: int):
+        def pre(module, args, kwargs):
+            records[k] = (tuple(args), dict(kwargs))
+        return pre
+
+    past = None
+    if s > 0:
+        past = DynamicCache(config=target.model.config)
+        for k, (key, val) in enumerate(grp.kv):
+            past.update(key[:, :, :s], val[:, :, :s], k)
+    handles = [adapter.layer(k).register_forward_pre_hook(make(k), with_kwargs=True) for k in range(adapter.n_layers)]
+    try:
+        target.model(input_ids=grp.false_ids[:, s:], past_key_values=past, use_cache=s > 0, **_forward_kwargs(target.model))
+    finally:
+        for h in handles:
+            h.remove()
+    if len(records) != adapter.n_layers:
+        raise _ResumeFailed(f"only {len(records)} of {adapter.n_layers} blocks were called")
+    grp.records = records
+
+
+def _call_block(target: LoadedModel, grp: _Group, k: int, hidden: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    from transformers import DynamicCache
+
+    args, kwargs = grp.records[k]
+    cache = None
+    if grp.start > 0:
+        cache = DynamicCache(config=target.model.config)
+        key, val = grp.kv[k]
+        cache.update(key[:, :, : grp.start].index_select(0, src), val[:, :, : grp.start].index_select(0, src), k)
+    g = len(grp.idx)
+    a = _expand(args[1:], src, g, cache)
+    kw = _expand(kwargs, src, g, cache)
+    if args:
+        out = target.adapter.layer(k)(hidden, *a, **kw)
+    else:
+        out = target.adapter.layer(k)(**{**kw, "hidden_states": hidden})
+    return hidden_from_output(out)
+
+
+@dataclass
+class _Rows:
+    """Patch variants: site index, layer, pair (in group), position, first block that must run."""
+
+    site: torch.Tensor
+    layer: torch.Tensor
+    pair: torch.Tensor
+    pos: torch.Tensor
+    start: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.site.numel())
+
+    def take(self, sel: torch.Tensor) -> "_Rows":
+        return _Rows(self.site[sel], self.layer[sel], self.pair[sel], self.pos[sel], self.start[sel])
+
+
+def _rows(grp: _Group, sites: tuple[str, ...], layers: tuple[int, ...], skip_unchanged: bool) -> tuple[_Rows, int]:
+    """Variants to run; with ``skip_unchanged`` those whose patch value equals the value it replaces are left
+    out (exactly a no-op: the result is the false run). Returns the rows and the number left out."""
+    parts = []
+    skipped = 0
+    for si, site in enumerate(sites):
+        for l in layers:
+            if skip_unchanged:
+                run = ~torch.eq(grp.src[(site, l)], grp.tgt[(site, l)]).all(-1)  # [G, T]
+            else:
+                run = torch.ones(len(grp.idx), grp.n_tokens, dtype=torch.bool, device=grp.false_ids.device)
+            skipped += int((~run).sum())
+            g, p = torch.nonzero(run, as_tuple=True)
+            start = l + 1 if site == "resid_post" else l
+            parts.append(torch.stack([torch.full_like(g, si), torch.full_like(g, l), g, p, torch.full_like(g, start)]))
+    allr = torch.cat(parts, dim=1) if parts else torch.zeros(5, 0, dtype=torch.long)
+    order = torch.argsort(allr[4], stable=True)  # by first block, so rows join the batch in order
+    allr = allr[:, order]
+    return _Rows(*allr), skipped
+
+
+def _replay(target: LoadedModel, grp: _Group, rows: _Rows, sites: tuple[str, ...]) -> torch.Tensor:
+    """Resume every row from its cached residual stream; rows join the batch at their first block. Returns
+    the metric per row."""
+    order = torch.argsort(rows.start, stable=True)  # rows join the batch in this order
+    rows = rows.take(order)
+    adapter = target.adapter
+    L = adapter.n_layers
+    s = grp.start
+    hidden: torch.Tensor | None = None
+    src_rows = torch.zeros(0, dtype=torch.long, device=rows.pair.device)
+    k0 = int(rows.start.min())
+    n_done = 0
+    for k in range(k0, L + 1):
+        new = torch.nonzero(rows.start == k, as_tuple=True)[0]
+        if len(new):
+            nr = rows.take(new)
+            x = grp.resid[k].index_select(0, nr.pair)[:, s:].clone()
+            for si, site in enumerate(sites):
+                if site not in _RESID:
+                    continue
+                m = torch.nonzero(nr.site == si, as_tuple=True)[0]
+                if len(m):
+                    l = k if site == "resid_pre" else k - 1
+                    x[m, nr.pos[m] - s] = grp.src[(site, l)][nr.pair[m], nr.pos[m]]
+            hidden = x if hidden is None else torch.cat([hidden, x])
+            src_rows = torch.cat([src_rows, nr.pair])
+            n_done += len(new)
+        if k == L:
+            break
+        if hidden is None:
+            continue
+        ivs = []
+        b = hidden.shape[0]
+        for si, site in enumerate(sites):
+            if site in _RESID:
+                continue
+            m = torch.nonzero((rows.site[:b] == si) & (rows.layer[:b] == k), as_tuple=True)[0]
+            if len(m) == 0:
+                continue
+            src_val = grp.src[(site, k)]
+            index = torch.full((b, 1), -1, dtype=torch.long, device=hidden.device)
+            index[m, 0] = rows.pos[m] - s
+            values = torch.zeros(b, 1, src_val.shape[-1], dtype=src_val.dtype, device=hidden.device)
+            values[m, 0] = src_val[rows.pair[m], rows.pos[m]]
+            ivs.append(Intervention(site, k, "replace", values=values, index=index))
+        with hooks(adapter, None, ivs):
+            hidden = _call_block(target, grp, k, hidden, src_rows)
+    assert hidden is not None and n_done == len(rows)
+    logits = adapter.logits(hidden[:, -1])
+    out = torch.empty(len(rows), dtype=torch.float64, device=logits.device)
+    out[order] = _metric(logits, grp.answers.index_select(0, rows.pair))
+    return out
+
+
+def _hooked(target: LoadedModel, grp: _Group, rows: _Rows, sites: tuple[str, ...]) -> torch.Tensor:
+    """Full forwards of the false prompts with engine replace-interventions (the fallback), batched."""
+    b = len(rows)
+    ivs = []
+    for si, site in enumerate(sites):
+        for l in torch.unique(rows.layer[rows.site == si]).tolist():
+            m = torch.nonzero((rows.site == si) & (rows.layer == l), as_tuple=True)[0]
+            src_val = grp.src[(site, l)]
+            index = torch.full((b, 1), -1, dtype=torch.long, device=src_val.device)
+            index[m, 0] = rows.pos[m]
+            values = torch.zeros(b, 1, src_val.shape[-1], dtype=src_val.dtype, device=src_val.device)
+            values[m, 0] = src_val[rows.pair[m], rows.pos[m]]
+            ivs.append(Intervention(site, int(l), "replace", values=values, index=index))
+    with hooks(target.adapter, None, ivs):
+        out = target.model(input_ids=grp.false_ids.index_select(0, rows.pair), use_cache=False,
+                           **_forward_kwargs(target.model))
+    return _metric(out.logits[:, -1], grp.answers.index_select(0, rows.pair))
+
+
+def _segments(rows: _Rows, n_tokens: int, g: int, n_layers: int, prefix_ok: bool) -> list[tuple[int, torch.Tensor]]:
+    """Split variants by patch position into segments that each recompute only from their first position.
+
+    A segment starting at ``s`` costs, in token-layers, sum over its rows of (layers resumed) x (T - s), plus a
+    recording pass of the group's ``g`` prompts over (T - s) tokens and a fixed cost per pass; the split
+    minimising the total is found by dynamic programming over the distinct positions. Returns (start, row
+    indices) per segment.
+    """
+    if not prefix_ok:
+        return [(0, torch.arange(len(rows), device=rows.pos.device))]
+    p = rows.pos.cpu().numpy()
+    depth = np.maximum(1, n_layers - rows.start.cpu().numpy())  # blocks each row runs (1: the unembedding)
+    u, inv = np.unique(p, return_inverse=True)
+    wsum = np.concatenate([[0.0], np.cumsum(np.bincount(inv, weights=depth, minlength=len(u)))])
+    m = len(u)
+    best = np.zeros(m + 1)
+    arg = np.zeros(m + 1, dtype=np.int64)
+    for j in range(1, m + 1):
+        i = np.arange(j)
+        suffix = n_tokens - u[i]
+        cost = best[i] + (wsum[j] - wsum[i] + g * n_layers) * suffix + n_layers * n_tokens
+        k = int(np.argmin(cost))
+        best[j], arg[j] = cost[k], k
+    out = []
+    j = m
+    while j > 0:
+        i = int(arg[j])
+        sel = np.nonzero((p >= u[i]) & (p <= u[j - 1]))[0]
+        out.append((int(u[i]), torch.as_tensor(sel, device=rows.pos.device)))
+        j = i
+    return out[::-1]
+
+
+def _chunks(rows: _Rows, per_row_tokens: int, token_budget: int) -> list[torch.Tensor]:
+    size = max(1, token_budget // max(1, per_row_tokens))
+    n = len(rows)
+    return [torch.arange(a, min(n, a + size), device=rows.pair.device) for a in range(0, n, size)]
+
+
+def _validate(target: LoadedModel, grp: _Group) -> None:
+    """The resumed path must reproduce the model's own logits for unpatched rows (each pair twice, so the
+    re-indexing of recorded arguments is exercised)."""
+    g = len(grp.idx)
+    pair = torch.arange(g, device=grp.false_ids.device).repeat(2)
+    z = torch.zeros_like(pair)
+    ident = _Rows(z - 1, z, pair, z + grp.start, z)  # site -1: no patch
+    got = _replay(target, grp, ident, ())
+    want = grp.ld_false.repeat(2)
+    scale = 1.0 + float(want.abs().max())
+    tol = {torch.float32: 1e-4, torch.float64: 1e-8}.get(target.dtype, 5e-2) * scale
+    err = float((got - want).abs().max())
+    if not err <= tol:
+        raise _ResumeFailed(f"resumed blocks differ from the model's forward by {err:.3g} (> {tol:.3g})")
+
+
+def exact_patching(
+    source: LoadedModel,
+    target: LoadedModel | None,
+    pairs: PatchingPairs,
+    *,
+    sites: str | Sequence[str] = ("resid_post",),
+    layers: str | Sequence[int] = "all",
+    method: str = "auto",
+    skip_unchanged: bool = True,
+    token_budget: int = 8192,
+) -> xr.Dataset:
+    """Exact activation patching of every (site, layer, position): ``source``'s true-prompt activations into
+    ``target``'s false run (``target=None`` or ``source``: within one model).
+
+    ``method``: ``resume`` (call the decoder blocks from the cached residual stream; error if it cannot be
+    validated), ``hooked`` (full forwards with replace-interventions), ``auto`` (resume, else hooked).
+    ``skip_unchanged``: answer patches that replace a value by an identical one from the false run.
+    ``token_budget``: rows x recomputed tokens per batched pass.
+
+    Returns a Dataset with ``effect`` (normalised: 0 = false run, 1 = true run) and ``patched`` (raw logit
+    difference) over (site, pair, layer, position), ``ld_true`` / ``ld_false`` per pair, and attrs with the
+    method used, variants run and skipped, and seconds.
+    """
+    t0 = time.perf_counter()
+    target = source if target is None else target
+    if method not in ("auto", "resume", "hooked"):
+        raise ValueError(f"method {method!r}: auto, resume or hooked")
+    _check_patchable(source, target)
+    _check_pairs_for(target, pairs)
+    sites = _resolve_sites(sites)
+    layers = parse_layers(layers, target.adapter.n_layers)
+    L = target.adapter.n_layers
+    values: dict[int, np.ndarray] = {}
+    ld_t = np.zeros(len(pairs))
+    ld_f = np.zeros(len(pairs))
+    n_run = n_skip = 0
+    used: set[str] = set()
+    resume_ok = method != "hooked"
+    validated: set[bool] = set()
+    with torch.no_grad():
+        for idx in _groups(pairs, token_budget):
+            grp = _caches(source, target, pairs, idx, sites, layers, want_kv=resume_ok)
+            rows, skipped = _rows(grp, sites, layers, skip_unchanged)
+            n_skip += skipped
+            n_run += len(rows)
+            res = grp.ld_false[:, None, None, None].expand(len(idx), len(sites), len(layers), grp.n_tokens).clone()
+            if len(rows):
+                out = torch.empty(len(rows), dtype=torch.float64, device=grp.false_ids.device)
+                mode = "hooked"
+                if resume_ok:
+                    try:
+                        for start, sel in _segments(rows, grp.n_tokens, len(idx), L, grp.kv is not None):
+                            grp.start = start
+                            _record(target, grp)
+                            # once per call for each way of resuming (whole prompt / after a cached prefix)
+                            if (start > 0) not in validated:
+                                _validate(target, grp)
+                                validated.add(start > 0)
+                            seg = rows.take(sel)
+                            for ch in _chunks(seg, grp.n_tokens - start, token_budget):
+                                part = seg.take(ch)
+                                out[sel[ch]] = _replay(target, grp, part, sites)
+                        mode = "resume"
+                    except Exception as e:  # noqa: BLE001 - any failure to resume means: use full forwards
+                        if method == "resume":
+                            raise RuntimeError(f"cannot resume {target.adapter.arch} decoder blocks: {e}") from e
+                        log.warning("patching %s: resuming failed (%s); using full hooked forwards", target.model_id, e)
+                        resume_ok = False
+                if mode == "hooked":
+                    for ch in _chunks(rows, grp.n_tokens, token_budget):
+                        out[ch] = _hooked(target, grp, rows.take(ch), sites)
+                used.add(mode)
+                lut = torch.full((L,), -1, dtype=torch.long, device=out.device)
+                lut[list(layers)] = torch.arange(len(layers), device=out.device)
+                res[rows.pair, rows.site, lut[rows.layer], rows.pos] = out
+            for j, i in enumerate(idx):
+                values[i] = res[j].cpu().numpy().astype(np.float64)
+                ld_t[i], ld_f[i] = float(grp.ld_true[j]), float(grp.ld_false[j])
+    attrs = {
+        "method": "exact",
+        "execution": "+".join(sorted(used)) or "none",
+        "source": source.model_id,
+        "target": target.model_id,
+        "variants_run": n_run,
+        "variants_skipped": n_skip,
+        "seconds": time.perf_counter() - t0,
+    }
+    return _dataset(values, pairs, sites, layers, ld_t, ld_f, attrs)
+
+
+# =============================================================================================
+# naive reference
+
+
+def _hand_hook(adapter, site: str, layer: int, pos: int, value: torch.Tensor):
+    """A hand-written patch of one position (independent of the engine's hook code), for the reference."""
+
+    def set_pos(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        x[:, pos] = value
+        return x
+
+    if site in ("resid_pre", "mlp_act"):
+        module = adapter.layer(layer) if site == "resid_pre" else adapter.down_proj(layer)
+
+        def pre(mod, args, kwargs):
+            if args:
+                return (set_pos(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": set_pos(kwargs["hidden_states"])}
+
+        return module.register_forward_pre_hook(pre, with_kwargs=True)
+    module = {
+        "resid_post": adapter.layer,
+        "attn_out": adapter.attn_out_module,
+        "mlp_out": adapter.mlp_out_module,
+    }[site](layer)
+
+    def post(mod, args, output):
+        return replace_hidden_in_output(output, set_pos(hidden_from_output(output)))
+
+    return module.register_forward_hook(post)
+
+
+def naive_patching(
+    source: LoadedModel,
+    target: LoadedModel | None,
+    pairs: PatchingPairs,
+    *,
+    sites: str | Sequence[str] = ("resid_post",),
+    layers: str | Sequence[int] = "all",
+) -> xr.Dataset:
+    """The reference: for every pair, site, layer and position, one full forward of the false prompt with that
+    one activation replaced by a hand-written hook. Slow by design; same output layout as :func:`exact_patching`."""
+    t0 = time.perf_counter()
+    target = source if target is None else target
+    _check_patchable(source, target)
+    _check_pairs_for(target, pairs)
+    sites = _resolve_sites(sites)
+    layers = parse_layers(layers, target.adapter.n_layers)
+    values: dict[int, np.ndarray] = {}
+    ld_t = np.zeros(len(pairs))
+    ld_f = np.zeros(len(pairs))
+    dev = target.device
+    with torch.no_grad():
+        for i in range(len(pairs)):
+            t_ids = torch.tensor([pairs.true_ids[i]], device=dev)
+            f_ids = torch.tensor([pairs.false_ids[i]], device=dev)
+            a_t, a_f = (int(x) for x in pairs.answers[i])
+            cap = Capture(sites, layers)
+            with hooks(source.adapter, cap):
+                source.model(input_ids=t_ids, use_cache=False)
+
+            def ld(ids: torch.Tensor) -> float:
+                lg = target.model(input_ids=ids, use_cache=False).logits[0, -1].double()
+                return float(lg[a_t] - lg[a_f])
+
+            ld_t[i], ld_f[i] = ld(t_ids), ld(f_ids)
+            n = t_ids.shape[1]
+            v = np.zeros((len(sites), len(layers), n))
+            for si, site in enumerate(sites):
+                for li, l in enumerate(layers):
+                    for p in range(n):
+                        h = _hand_hook(target.adapter, site, l, p, cap.acts[(site, l)][0, p])
+                        try:
+                            v[si, li, p] = ld(f_ids)
+                        finally:
+                            h.remove()
+            values[i] = v
+    attrs = {"method": "naive", "source": source.model_id, "target": target.model_id,
+             "seconds": time.perf_counter() - t0}
+    return _dataset(values, pairs, sites, layers, ld_t, ld_f, attrs)
+
+
+# =============================================================================================
+# attribution patching
+
+
+class _Tap(Intervention):
+    """Keeps the live (differentiable) activation at a site; changes nothing."""
+
+    def __init__(self, site: str, layer: int, store: dict):
+        self.site, self.layer, self.kind = site, layer, "tap"
+        self.vector = self.values = self.index = None
+        self.coef = 1.0
+        self._store = store
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.requires_grad:  # frozen weights: make the earliest site a leaf so gradients reach it
+            x = x.detach().requires_grad_(True)
+        self._store[(self.site, self.layer)] = x
+        return x
+
+
+def attribution_patching(
+    source: LoadedModel,
+    target: LoadedModel | None,
+    pairs: PatchingPairs,
+    *,
+    sites: str | Sequence[str] = ("resid_post",),
+    layers: str | Sequence[int] = "all",
+    token_budget: int = 8192,
+) -> xr.Dataset:
+    """Linear estimate of every patch at once: effect(l, p) ~ (x_true - x_false)(l, p) . d metric / d x(l, p),
+    the gradient taken at the false run. Per batch of pairs: the true-run forward(s), then one forward and one
+    backward of the false run. Same layout as :func:`exact_patching` (``patched`` = false run + estimate)."""
+    t0 = time.perf_counter()
+    target = source if target is None else target
+    _check_patchable(source, target)
+    _check_pairs_for(target, pairs)
+    sites = _resolve_sites(sites)
+    layers = parse_layers(layers, target.adapter.n_layers)
+    dev = target.device
+    values: dict[int, np.ndarray] = {}
+    ld_t = np.zeros(len(pairs))
+    ld_f = np.zeros(len(pairs))
+    for idx in _groups(pairs, token_budget):
+        t_ids = torch.tensor([pairs.true_ids[i] for i in idx], device=dev)
+        f_ids = torch.tensor([pairs.false_ids[i] for i in idx], device=dev)
+        answers = torch.as_tensor(pairs.answers[idx], device=dev)
+        with torch.no_grad():
+            cap = Capture(sites, layers)
+            out = _run(source, t_ids, cap, use_cache=False)
+            lt = _metric(out.logits[:, -1], answers) if source is target else \
+                _metric(_run(target, t_ids, None, use_cache=False).logits[:, -1], answers)
+        taps: dict[tuple[str, int], torch.Tensor] = {}
+        with torch.enable_grad():
+            ivs = [_Tap(s, l, taps) for l in layers for s in sites]
+            with hooks(target.adapter, None, ivs):
+                out = target.model(input_ids=f_ids, use_cache=False, **_forward_kwargs(target.model))
+            m = _metric(out.logits[:, -1], answers)
+            keys = list(taps)
+            grads = torch.autograd.grad(m.sum(), [taps[k] for k in keys], allow_unused=True)
+        est = np.zeros((len(idx), len(sites), len(layers), t_ids.shape[1]))
+        with torch.no_grad():
+            for k, gr in zip(keys, grads):
+                site, l = k
+                if gr is None:  # the metric does not depend on it (cannot happen for a causal LM's sites)
+                    continue
+                d = (cap.acts[k].double() - taps[k].detach().double()) * gr.double()
+                est[:, sites.index(site), layers.index(l)] = d.sum(-1).cpu().numpy()
+        mf = m.detach().double().cpu().numpy()
+        for j, i in enumerate(idx):
+            values[i] = mf[j] + est[j]
+            ld_t[i], ld_f[i] = float(lt[j]), float(mf[j])
+    attrs = {"method": "attribution", "source": source.model_id, "target": target.model_id,
+             "seconds": time.perf_counter() - t0}
+    return _dataset(values, pairs, sites, layers, ld_t, ld_f, attrs)
+
+
+# =============================================================================================
+# statistics over a dataset
+
+
+def pearson(a: np.ndarray | xr.DataArray, b: np.ndarray | xr.DataArray) -> float:
+    """Pearson correlation over the entries finite in both (NaN if fewer than 3 or no variance)."""
+    x = np.asarray(a, dtype=np.float64).ravel()
+    y = np.asarray(b, dtype=np.float64).ravel()
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if len(x) < 3:
+        return float("nan")
+    x, y = x - x.mean(), y - y.mean()
+    den = math.sqrt(float((x * x).sum() * (y * y).sum()))
+    return float((x * y).sum() / den) if den > 0 else float("nan")
+
+
+def _slot_spec(roles: np.ndarray, n_subject: int, n_object: int, n_final: int | None) -> list[tuple[str, str, int]]:
+    """(label, role, k): context (mean over its tokens), the last ``n_subject`` subject tokens, the first
+    ``n_object`` object tokens, the last ``n_final`` tokens of the prompt (default: the longest final span,
+    at most 8)."""
+    if n_final is None:
+        fin = (roles == ROLES.index("final")).sum(axis=1)
+        n_final = int(min(8, max(1, fin.max() if fin.size else 1)))
+    spec = [("context", "context", 0)]
+    spec += [(f"subject[{k}]", "subject", k) for k in range(-n_subject, 0)]
+    spec += [(f"object[{k}]", "object", k) for k in range(n_object)]
+    spec += [(f"final[{k}]", "final", k) for k in range(-n_final, 0)]
+    return spec
+
+
+def slot_heatmaps(
+    effect: xr.DataArray,
+    *,
+    n_subject: int = 3,
+    n_object: int = 2,
+    n_final: int | None = None,
+) -> xr.DataArray:
+    """Align per-pair heatmaps (``effect`` with dims (..., pair, layer, position) and a ``role`` coord
+    (pair, position)) on role slots: dims (..., pair, layer, slot), NaN where a pair lacks a slot."""
+    roles = np.asarray(effect["role"].values)
+    spec = _slot_spec(roles, n_subject, n_object, n_final)
+    v = np.moveaxis(effect.transpose(..., "pair", "layer", "position").values, -3, 0)  # [pair, ..., layer, pos]
+    out = np.full(v.shape[:-1] + (len(spec),), np.nan)
+    for i in range(v.shape[0]):
+        r = roles[i]
+        where = {name: np.nonzero(r == c)[0] for c, name in enumerate(ROLES)}
+        for j, (_, role, k) in enumerate(spec):
+            pos = where[role]
+            if role == "context":
+                if len(pos):
+                    out[i, ..., j] = np.nanmean(v[i][..., pos], axis=-1)
+                continue
+            if role == "final":
+                # counted from the prompt's end, whatever the final span's length
+                valid = np.nonzero(r != _PAD_ROLE)[0]
+                p = valid[k] if -k <= len(valid) and r[valid[k]] == ROLES.index("final") else None
+            else:
+                p = pos[k] if -len(pos) <= k < len(pos) else None
+            if p is not None:
+                out[i, ..., j] = v[i][..., p]
+    out = np.moveaxis(out, 0, -3)
+    dims = tuple(d for d in effect.transpose(..., "pair", "layer", "position").dims if d not in ("pair", "layer", "position"))
+    coords = {d: effect[d].values for d in dims if d in effect.coords}
+    coords.update(pair=effect["pair"].values, layer=effect["layer"].values, slot=[s[0] for s in spec],
+                  slot_role=("slot", [s[1] for s in spec]))
+    return xr.DataArray(out, dims=(*dims, "pair", "layer", "slot"), coords=coords, name="effect")
+
+
+def heatmap_stats(slots: xr.DataArray, keep: xr.DataArray | np.ndarray | None = None) -> xr.Dataset:
+    """Mean, standard deviation and count over pairs of slot-aligned heatmaps; ``keep`` (bool over pair, or
+    over (..., pair)) selects the pairs that count."""
+    x = slots
+    if keep is not None:
+        k = keep if isinstance(keep, xr.DataArray) else xr.DataArray(np.asarray(keep, bool), dims=("pair",))
+        x = x.where(k)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slots stay NaN
+        mean = x.mean("pair", skipna=True)
+        std = x.std("pair", skipna=True, ddof=0)
+    count = x.notnull().sum("pair")
+    return xr.Dataset({"mean": mean, "std": std, "count": count})
+
+
+def _peak_layers(mean: xr.DataArray) -> dict[str, int | None]:
+    out: dict[str, int | None] = {}
+    for role in ROLES:
+        m = mean.where(mean["slot_role"] == role, drop=True)
+        if m.sizes.get("slot", 0) == 0:
+            out[role] = None
+            continue
+        prof = m.mean("slot", skipna=True).values
+        out[role] = int(m["layer"].values[int(np.nanargmax(prof))]) if np.isfinite(prof).any() else None
+    return out
+
+
+def compare_heatmaps(a: xr.DataArray, b: xr.DataArray) -> dict[str, Any]:
+    """Two mean heatmaps (layer x slot): correlation, peak layer per role in each, and ``b - a``."""
+    return {
+        "correlation": pearson(a.values, b.values),
+        "peak_layer_a": _peak_layers(a),
+        "peak_layer_b": _peak_layers(b),
+        "difference": b - a,
+    }
+
+
+# =============================================================================================
+# the study
+
+
+def _pairs_source(pairs: Any) -> tuple[pd.DataFrame, Path | None]:
+    if pairs is None:
+        from mechdiff.zoo.paths import zoo_path
+
+        path = Path(zoo_path("data")) / "patching.csv"
+        return load_pairs(path), path
+    if isinstance(pairs, pd.DataFrame):
+        return load_pairs(pairs), None
+    return load_pairs(pairs), Path(pairs)
+
+
+def _mass_ratio(cross: xr.DataArray, own: xr.DataArray) -> float:
+    """Cross-model effect relative to the target's own, summed over the object and final slots."""
+    sel = cross["slot_role"].isin(["object", "final"])
+    c = float(cross.where(sel).sum(skipna=True))
+    o = float(own.where(sel).sum(skipna=True))
+    return c / o if o != 0 else float("nan")
+
+
+def _heatmap_figure(stats: xr.Dataset, site: str, panels: list[str], diffs: list[tuple[str, str]], path: Path) -> Path:
+    from mechdiff.report.plotting import new_figure, save_figure
+
+    n = len(panels) + len(diffs)
+    fig, axes = new_figure(width=3.6, height=3.2, ncols=n)
+    axes = np.atleast_1d(axes)
+    mean = stats["mean"].sel(site=site)
+    vmax = float(np.nanmax(np.abs(mean.values))) if np.isfinite(mean.values).any() else 1.0
+    labels = list(mean["slot"].values)
+    for ax, run in zip(axes, panels):
+        im = ax.imshow(mean.sel(run=run).values, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+        ax.set_title(run, fontsize=9)
+    for ax, (a, b) in zip(axes[len(panels) :], diffs):
+        d = (mean.sel(run=b) - mean.sel(run=a)).values
+        dm = float(np.nanmax(np.abs(d))) if np.isfinite(d).any() else 1.0
+        ax.imshow(d, aspect="auto", origin="lower", cmap="PuOr_r", vmin=-dm, vmax=dm)
+        ax.set_title(f"{b} − {a}", fontsize=9)
+    for ax in axes:
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=90, fontsize=6)
+        ax.set_yticks(range(mean.sizes["layer"]))
+        ax.set_yticklabels(mean["layer"].values, fontsize=6)
+    axes[0].set_ylabel("layer")
+    fig.colorbar(im, ax=axes[: len(panels)].tolist(), shrink=0.8, label="normalised patching effect")
+    fig.suptitle(f"activation patching, {site} (mean over pairs)", fontsize=10)
+    return save_figure(fig, path)
+
+
+def _attribution_figure(exact: xr.Dataset, attrib: xr.Dataset, runs: list[str], path: Path) -> Path:
+    from mechdiff.report.plotting import MODEL_COLORS, new_figure, save_figure
+
+    fig, ax = new_figure()
+    for i, run in enumerate(runs):
+        x = exact["effect"].sel(run=run).values.ravel()
+        y = attrib["effect"].sel(run=run).values.ravel()
+        ok = np.isfinite(x) & np.isfinite(y)
+        ax.scatter(x[ok], y[ok], s=4, alpha=0.4, color=MODEL_COLORS[i % len(MODEL_COLORS)],
+                   label=f"{run} (r={pearson(x, y):.2f})")
+    ax.set_xlabel("exact patching effect")
+    ax.set_ylabel("attribution patching estimate")
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def run_knowledge(
+    group: ModelGroup,
+    pairs: str | Path | pd.DataFrame | None,
+    out_dir: str | Path,
+    *,
+    shots: str | Path | Mapping[str, Sequence[tuple[str, int]]] | None = "auto",
+    sites: str | Sequence[str] = ("resid_post", "attn_out", "mlp_out"),
+    layers: str | Sequence[int] = "all",
+    cross: bool = True,
+    attribution: bool = True,
+    limit: int | None = None,
+    min_gap: float | None = 0.0,
+    device: str = "cpu",
+    dtype: str = "float32",
+    token_budget: int = 8192,
+    models: Mapping[str, LoadedModel] | None = None,
+    min_correlation: float = 0.8,
+    min_transfer: float = 0.5,
+) -> StudyResult:
+    """The knowledge-storage study for a model group.
+
+    Per model: exact patching heatmaps (and attribution estimates) for every site x layer x position; per
+    (base, post) pair: cross-model patching of the base model's true-prompt activations into the post model's
+    false runs. Statistics over pairs on role slots; between models: heatmap correlation, peak layer per role,
+    difference heatmap. Pairs whose target model does not separate them by more than ``min_gap`` (ld_true -
+    ld_false) are left out of the statistics (None keeps all).
+
+    ``pairs``: a CSV / DataFrame with :data:`PAIR_COLUMNS`, or None for the zoo's ``patching.csv``.
+    ``shots``: "auto" (a ``shots.json`` next to the pairs file, if any), a path, a mapping, or None.
+    ``models``: already loaded models by label (else loaded from ``group``).
+    Writes ``out_dir/knowledge/{results.zarr, summary.json, *.png}``.
+    """
+    t0 = time.perf_counter()
+    df, path = _pairs_source(pairs)
+    df = load_pairs(df, limit=limit)
+    if shots == "auto":
+        cand = path.parent / "shots.json" if path is not None else None
+        shots = load_shots(cand) if cand is not None and cand.is_file() else None
+    elif isinstance(shots, (str, Path)):
+        shots = load_shots(shots)
+    sites = _resolve_sites(sites)
+    labels = list(group.labels)
+    if models is None:
+        from mechdiff.engine.models import load_model
+
+        models = {lab: load_model(p, device=device, dtype=dtype) for lab, p in group.models.items()}
+    missing = [lab for lab in labels if lab not in models]
+    if missing:
+        raise ValueError(f"no loaded model for label(s) {', '.join(missing)}")
+    base = labels[0]
+    if cross:
+        for lab in labels[1:]:
+            _check_patchable(models[base], models[lab])
+    prepared: dict[str, PatchingPairs] = {}
+    by_tok: dict[str, PatchingPairs] = {}
+    for lab in labels:
+        lm = models[lab]
+        if lm.tokenizer_hash not in by_tok:
+            by_tok[lm.tokenizer_hash] = prepare_pairs(lm.tokenizer, df, shots=shots, max_length=lm.adapter.max_positions,
+                                                       tokenizer_hash=lm.tokenizer_hash)
+        prepared[lab] = by_tok[lm.tokenizer_hash]
+    layer_sets = {parse_layers(layers, models[lab].adapter.n_layers) for lab in labels}
+    if len(layer_sets) != 1:
+        raise ModelMismatchError("the models of the group have different layer counts; choose --layers valid for all")
+
+    runs: list[tuple[str, str, str]] = [(lab, lab, lab) for lab in labels]  # (run name, source, target)
+    if cross:
+        runs += [(f"{base}->{lab}", base, lab) for lab in labels[1:]]
+    exact_ds, attr_ds, timing = [], [], {}
+    for name, s, t in runs:
+        src, tgt = models[s], models[t]
+        log.info("knowledge: exact patching %s", name)
+        e = exact_patching(src, tgt, prepared[t], sites=sites, layers=layers, token_budget=token_budget)
+        exact_ds.append(e)
+        timing[name] = {"exact_s": e.attrs["seconds"], "execution": e.attrs["execution"],
+                        "variants_run": e.attrs["variants_run"], "variants_skipped": e.attrs["variants_skipped"]}
+        if attribution:
+            a = attribution_patching(src, tgt, prepared[t], sites=sites, layers=layers, token_budget=token_budget)
+            attr_ds.append(a)
+            timing[name]["attribution_s"] = a.attrs["seconds"]
+    names = [r[0] for r in runs]
+
+    def stack(dss: list[xr.Dataset]) -> xr.Dataset:
+        # roles become a variable: models with different tokenizers have different roles per position
+        out = []
+        for d in dss:
+            role = d["role"].values
+            d = d.drop_vars("role").assign(role=(("pair", "position"), role))
+            d.attrs = {}
+            out.append(d)
+        return xr.concat(out, dim=xr.DataArray(names, dims="run", name="run"), join="outer",
+                         data_vars="all", coords="minimal", compat="override")
+
+    # one slot layout for every run: the longest final span over all tokenizations (at most 8)
+    fin = [int((pp.role_matrix() == ROLES.index("final")).sum(1).max()) for pp in prepared.values()]
+    n_final = max(1, min(8, max(fin)))
+    ex = stack(exact_ds)
+    gap = ex["ld_true"] - ex["ld_false"]
+    keep = gap > min_gap if min_gap is not None else xr.ones_like(gap, dtype=bool)
+    slots = xr.concat([slot_heatmaps(d["effect"], n_final=n_final) for d in exact_ds],
+                      dim=xr.DataArray(names, dims="run", name="run"))
+    stats = heatmap_stats(slots, keep)
+    data = xr.Dataset(
+        {
+            "effect": ex["effect"],
+            "patched": ex["patched"],
+            "ld_true": ex["ld_true"],
+            "ld_false": ex["ld_false"],
+            "role": ex["role"].fillna(_PAD_ROLE).astype(np.int8),
+            "kept": keep,
+            "slot_effect": slots,
+            "mean": stats["mean"],
+            "std": stats["std"],
+            "count": stats["count"],
+        }
+    )
+    summary: dict[str, Any] = {
+        "models": {lab: models[lab].model_id for lab in labels},
+        "n_pairs": len(df),
+        "pairs_kept": {n: int(keep.sel(run=n).sum()) for n in names},
+        "sites": list(sites),
+        "layers": [int(x) for x in ex["layer"].values],
+        "slots": list(slots["slot"].values),
+        "timing": timing,
+        "mean_ld_true": {n: float(ex["ld_true"].sel(run=n).mean()) for n in names},
+        "mean_ld_false": {n: float(ex["ld_false"].sel(run=n).mean()) for n in names},
+        "peak_layer": {n: {s: _peak_layers(stats["mean"].sel(run=n, site=s)) for s in sites} for n in names},
+    }
+    if attribution:
+        at = stack(attr_ds)
+        data["attribution"] = at["effect"]
+        summary["attribution_correlation"] = {
+            n: {s: pearson(ex["effect"].sel(run=n, site=s).where(keep.sel(run=n)).values,
+                           at["effect"].sel(run=n, site=s).where(keep.sel(run=n)).values) for s in sites}
+            for n in names
+        }
+        summary["attribution_speedup"] = {
+            n: timing[n]["exact_s"] / timing[n]["attribution_s"] if timing[n]["attribution_s"] > 0 else None for n in names
+        }
+    comparisons: dict[str, Any] = {}
+    findings: list[Finding] = []
+    diffs = []
+    for a, b in group.pairs:
+        key = f"{a} vs {b}"
+        comp: dict[str, Any] = {}
+        for s in sites:
+            c = compare_heatmaps(stats["mean"].sel(run=a, site=s), stats["mean"].sel(run=b, site=s))
+            data[f"difference_{b}_{a}_{s}"] = c.pop("difference")
+            comp[s] = c
+            if cross:
+                xname = f"{a}->{b}"
+                own = stats["mean"].sel(run=b, site=s)
+                xm = stats["mean"].sel(run=xname, site=s)
+                comp[s]["cross_correlation"] = pearson(xm.values, own.values)
+                comp[s]["cross_transfer"] = _mass_ratio(xm, own)
+        comparisons[key] = comp
+        diffs.append((a, b))
+        main_site = "resid_post" if "resid_post" in sites else sites[0]
+        figs = {"heatmap_correlation": comp[main_site]["correlation"]}
+        if cross:
+            figs["cross_correlation"] = comp[main_site]["cross_correlation"]
+            figs["cross_transfer"] = comp[main_site]["cross_transfer"]
+        agrees = all(np.isfinite(v) for v in figs.values()) and figs["heatmap_correlation"] >= min_correlation and (
+            not cross or (figs["cross_correlation"] >= min_correlation and figs["cross_transfer"] >= min_transfer)
+        )
+        findings.append(Finding(
+            "knowledge storage unchanged", key, figs, bool(agrees),
+            f"{main_site} heatmaps: correlation {figs['heatmap_correlation']:.3f}"
+            + (f"; {a} activations patched into {b}: correlation with {b}'s own {figs['cross_correlation']:.3f}, "
+               f"effect {figs['cross_transfer']:.2f}x of {b}'s own" if cross else "")
+            + f" (agreement: correlations >= {min_correlation}" + (f", effect >= {min_transfer}x)" if cross else ")"),
+        ))
+    summary["comparisons"] = comparisons
+    d = Path(out_dir) / "knowledge"
+    figures: dict[str, Path] = {}
+    for s in sites:
+        figures[f"heatmap_{s}"] = _heatmap_figure(stats, s, names, diffs, d / f"heatmap_{s}.png")
+    if attribution:
+        figures["attribution"] = _attribution_figure(
+            ex.sel(site=sites[0]), at.sel(site=sites[0]), names, d / "attribution_vs_exact.png")
+    summary["seconds"] = time.perf_counter() - t0
+    data.attrs = {"study": "knowledge", "roles": list(ROLES), "models": summary["models"]}
+    result = StudyResult("knowledge", data, summary, figures, findings)
+    result.save(out_dir)
+    return result

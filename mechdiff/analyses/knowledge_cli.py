@@ -1,0 +1,136 @@
+"""``mechdiff analyze knowledge``: registered on the ``analyze`` sub-app by :func:`register`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["register", "knowledge", "group_from_options", "man_help"]
+
+_err = Console(stderr=True)
+_out = Console()
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    _err.print(f"[bold red]error:[/] {msg}", highlight=False)
+    raise typer.Exit(code)
+
+
+def man_help(doc: str | None) -> str:
+    """A docstring as man-page-like help: prose paragraphs re-flowed to the terminal (typer's rich mode keeps
+    every source line break), headings and indented or column-aligned blocks kept as written."""
+    import inspect
+
+    out = []
+    for para in inspect.cleandoc(doc or "").split("\n\n"):
+        lines = para.split("\n")
+        verbatim = any(ln.startswith(" ") or "   " in ln for ln in lines)
+        out.append(para if verbatim or len(lines) == 1 else " ".join(ln.strip() for ln in lines))
+    return "\n\n".join(out)
+
+
+def group_from_options(base: Optional[str], post: Optional[list[str]], labels: Optional[str], name: str):
+    """The model group from --base/--post/--labels; the embedded pair when neither model is given."""
+    from mechdiff.analyses.common import ModelGroup
+
+    if base is None and not post:
+        from mechdiff.zoo.paths import zoo_path
+
+        try:
+            base, post = str(zoo_path("base")), [str(zoo_path("post"))]
+        except FileNotFoundError as e:
+            raise ValueError(f"no --base/--post given and the embedded pair is not available ({e})") from None
+    if base is None or not post:
+        raise ValueError("give both --base and at least one --post (or neither, for the embedded pair)")
+    labs = tuple(x.strip() for x in labels.split(",")) if labels else ()
+    return ModelGroup(name, base, tuple(post), labs)
+
+
+def _findings_table(result) -> Table:
+    t = Table(title=f"{result.study}: findings", title_justify="left")
+    for c in ("finding", "pair", "agrees", "detail"):
+        t.add_column(c, overflow="fold")
+    for f in result.findings:
+        t.add_row(f.finding, f.pair, "yes" if f.agrees else "no", f.detail)
+    return t
+
+
+def knowledge(
+    base: Optional[str] = typer.Option(None, "--base", help="Base model: local directory or hub id (default: the embedded base)."),
+    post: Optional[list[str]] = typer.Option(None, "--post", help="Post-trained model; repeat for several (default: the embedded post)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated short names, base first (default: base,post)."),
+    pairs: Optional[Path] = typer.Option(None, "--pairs", "-p", help="CSV with columns true_statement, false_statement, true_answer, false_answer, topic (default: the embedded patching.csv)."),
+    shots: str = typer.Option("auto", "--shots", help="Few-shot examples: auto (a shots.json next to --pairs), none, or a shots.json path."),
+    out: Path = typer.Option(Path("results"), "--out", "-o", help="Output directory; the study writes OUT/knowledge/."),
+    sites: str = typer.Option("resid_post,attn_out,mlp_out", help="Comma-separated sites to patch: resid_pre, resid_post, attn_out, mlp_out, mlp_act."),
+    layers: str = typer.Option("all", help="all, a list 0,3,5, or a range 2:6 (end exclusive)."),
+    cross: bool = typer.Option(True, "--cross/--no-cross", help="Also patch the base model's activations into each post model."),
+    attribution: bool = typer.Option(True, "--attribution/--no-attribution", help="Also compute attribution-patching estimates."),
+    limit: Optional[int] = typer.Option(None, help="At most this many pairs, spread over topics."),
+    min_gap: float = typer.Option(0.0, help="Leave out of the statistics pairs with logit-diff(true) - logit-diff(false) <= this."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
+    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
+    token_budget: int = typer.Option(8192, help="Rows x tokens per batched pass."),
+    name: str = typer.Option("group", help="Name of the model group in the results."),
+) -> None:
+    """Where are facts stored, and did post-training move them? Activation patching over layer x position.
+
+    DESCRIPTION
+
+    For each pair of a true and a false statement of equal token length, the false prompt ("<shots>
+    <statement> This statement is:") is run with one activation (SITE, layer, token position) replaced by
+    the true prompt's, and the change in logit(TRUE answer) - logit(FALSE answer) at the last token is
+    normalised per pair: 0 = the false run, 1 = the true run. Every model of the group is swept on its
+    own; with --cross, the base model's true-prompt activations are also patched into each post model's
+    false runs. Positions are grouped by role (context, subject, object = the span the pair differs in,
+    final = everything after it) and averaged over pairs.
+
+    The exact sweep resumes each patch from the cached residual stream, recomputes only the suffix a patch
+    can affect, and batches all variants; it equals one full forward per variant to fp32 precision.
+
+    OUTPUTS
+
+    OUT/knowledge/results.zarr   effect per run, site, pair, layer, position; mean / std heatmaps on role
+                                 slots; differences between models; attribution estimates.
+    OUT/knowledge/summary.json   every number: heatmap correlations, cross-model effect, peak layers, timings.
+    OUT/knowledge/*.png          heatmaps side by side with their difference; attribution vs exact.
+
+    EXAMPLES
+
+      mechdiff analyze knowledge --out results
+      mechdiff analyze knowledge --base meta-llama/Llama-3.1-8B --post meta-llama/Llama-3.1-8B-Instruct --pairs pairs.csv --device cuda
+
+    EXIT STATUS
+
+    0 on success, 2 on bad input (pairs of unequal token length, models with different tokenizers, ...).
+    """
+    from mechdiff.analyses.knowledge import ModelMismatchError, PairError, load_pairs, run_knowledge
+    from mechdiff.engine.sites import SiteError, parse_sites
+
+    try:
+        group = group_from_options(base, post, labels, name)
+        parse_sites(sites)
+        shots_arg = None if shots == "none" else shots
+        if pairs is not None:
+            load_pairs(pairs)  # bad files fail before any model loads
+    except (ValueError, OSError) as e:
+        _fail(str(e))
+    try:
+        result = run_knowledge(
+            group, pairs, out, shots=shots_arg, sites=tuple(s.strip() for s in sites.split(",") if s.strip()),
+            layers=layers, cross=cross, attribution=attribution, limit=limit, min_gap=min_gap, device=device,
+            dtype=dtype, token_budget=token_budget,
+        )
+    except (PairError, ModelMismatchError, SiteError, ValueError, OSError) as e:
+        _fail(str(e))
+    _out.print(_findings_table(result))
+    _out.print(f"results: {out / 'knowledge'}")
+
+
+def register(analyze_app: typer.Typer) -> None:
+    """Add ``knowledge`` to the ``analyze`` sub-app."""
+    analyze_app.command("knowledge", help=man_help(knowledge.__doc__))(knowledge)

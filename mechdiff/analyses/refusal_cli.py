@@ -1,0 +1,150 @@
+"""``mechdiff analyze refusal``: the refusal study from the command line (wired in by ``register``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+__all__ = ["register", "read_phrases"]
+
+HELP = """Find each model's refusal direction and test whether base and post-trained models share it.
+
+\b
+WHAT IT DOES
+  1. Extracts (resumable) the BASE and POST models' residual stream at every layer and every
+     post-instruction position for the HARMFUL and HARMLESS instructions, each model in its own
+     template (base: "User: {text}\\nAssistant:"; post: its chat template), into STORE.
+  2. Candidate directions: mean(harmful) - mean(harmless) per (layer, position), train rows.
+  3. Chooses the (layer, position) on validation rows by the drop of the refusal-token log-odds
+     when the direction is ablated (harmful prompts) plus its rise when the direction is added
+     (harmless prompts). The last SKIP-LAST fraction of layers is never chosen.
+  4. Cosine between the models' directions per layer and for the chosen ones.
+  5. Greedy generation on test rows: refusal score = share of completions containing a refusal
+     phrase, with no intervention, with a direction ablated at every layer (harmful prompts) and
+     with it added at its layer (harmless prompts), for each model's own direction and the other
+     model's (transferred): base -> post and post -> base.
+
+\b
+SPLITS
+  A "split" column (train / val / test) is used when present; otherwise N-VAL validation and
+  N-EVAL test rows are drawn from the rows at random (--seed).
+
+\b
+OUTPUT
+  OUT/refusal/summary.json       every number, the findings, sample completions
+  OUT/refusal/results.zarr       directions, selection scores, cosines, refusal scores (xarray)
+  OUT/refusal/*.png              cosine by layer, refusal scores own vs transferred, selection
+  STORE (default OUT/store.zarr) the activations, one group per model
+
+\b
+EXAMPLE
+  mechdiff analyze refusal --base zoo/base --post zoo/post \\
+      --harmful data/instructions_harmful.csv --harmless data/instructions_harmless.csv \\
+      --out results --max-new-tokens 16
+"""
+
+
+def read_phrases(values: List[str]) -> list[str]:
+    """``--phrases`` values: each is one phrase, or ``@FILE`` for a file with one phrase per line."""
+    out: list[str] = []
+    for v in values:
+        if v.startswith("@"):
+            path = Path(v[1:])
+            if not path.is_file():
+                raise ValueError(f"--phrases {v}: no such file {path}")
+            out += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        elif v.strip():
+            out.append(v)
+    if not out:
+        raise ValueError("--phrases: no phrase given")
+    return out
+
+
+def register(analyze_app: typer.Typer) -> None:
+    """Add the ``refusal`` command to the ``analyze`` sub-app."""
+
+    @analyze_app.command("refusal", help=HELP, no_args_is_help=True)
+    def refusal(
+        base: str = typer.Option(..., "--base", "-b", help="Base model: local directory or hub id."),
+        post: List[str] = typer.Option(..., "--post", "-p", help="Post-trained model(s); repeat for several."),
+        harmful: Path = typer.Option(..., "--harmful", help="Harmful instructions: CSV/JSON/JSONL (instruction or goal column, optional split)."),
+        harmless: Path = typer.Option(..., "--harmless", help="Harmless instructions, same format."),
+        out_dir: Path = typer.Option(..., "--out", "-o", help="Results directory (OUT/refusal/ is written)."),
+        store: Optional[str] = typer.Option(None, "--store", help="Activation store root (local path or fsspec URL) [default: OUT/store.zarr]."),
+        max_new_tokens: int = typer.Option(24, "--max-new-tokens", help="Length of each greedy completion."),
+        phrases: Optional[List[str]] = typer.Option(
+            None, "--phrases",
+            help="Refusal phrase (repeat), or @FILE with one per line; replaces the default list "
+                 "(the zoo's phrases plus 'I cannot', 'I'm sorry', 'As an AI', ...).",
+        ),
+        n_val: int = typer.Option(32, "--n-val", help="Validation prompts per class for choosing the direction."),
+        n_eval: int = typer.Option(64, "--n-eval", help="Test prompts per class for the refusal scores."),
+        skip_last: float = typer.Option(0.2, "--skip-last", help="Fraction of last layers never chosen."),
+        site: str = typer.Option("resid_post", "--site", help="resid_post or resid_pre: where directions are read and added."),
+        base_template: Optional[str] = typer.Option(None, "--base-template", help="Base template with {text} [default: 'User: {text}\\nAssistant:']."),
+        post_template: Optional[str] = typer.Option(None, "--post-template", help="Post template: chat or a string with {text} [default: chat]."),
+        name: str = typer.Option("group", "--name", help="Model group name (names the store groups)."),
+        generator: str = typer.Option("hf", "--generator", help="hf (transformers generate) or vllm (GPU only)."),
+        batch_size: int = typer.Option(32, "--batch-size", help="Prompts per forward / generate batch."),
+        text_column: Optional[str] = typer.Option(None, "--text-column", help="Column holding the instruction, if not a usual name."),
+        device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
+        model_dtype: str = typer.Option("float32", "--model-dtype", help="float32, bfloat16 or float16."),
+        store_dtype: str = typer.Option("float16", "--store-dtype", help="Stored activations: float16 or float32."),
+        seed: int = typer.Option(0, "--seed", help="Seed for drawing missing splits."),
+    ) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        from mechdiff.analyses.common import ModelGroup
+        from mechdiff.analyses.refusal import run_refusal
+
+        err, out = Console(stderr=True), Console()
+
+        def fail(msg: str) -> None:
+            err.print(f"[bold red]error:[/] {msg}", highlight=False)
+            raise typer.Exit(2)
+
+        try:
+            group = ModelGroup(name, base, tuple(post))
+            templates = {}
+            if base_template:
+                templates[group.labels[0]] = base_template
+            if post_template:
+                templates.update({l: post_template for l in group.labels[1:]})
+            ph = read_phrases(phrases) if phrases else None
+            for p in (harmful, harmless):
+                if not p.is_file():
+                    raise ValueError(f"{p}: no such file")
+            res = run_refusal(
+                group, harmful, harmless, out_dir, store=store, site=site, templates=templates or None,
+                phrases=ph, max_new_tokens=max_new_tokens, n_val=n_val, n_eval=n_eval, skip_last=skip_last,
+                generator=generator, batch_size=batch_size, text_column=text_column, store_dtype=store_dtype,
+                model_dtype=model_dtype, device=device, seed=seed, progress=True,
+            )
+        except (ValueError, OSError, RuntimeError) as e:
+            fail(str(e))
+        s = res.summary
+        t = Table(title="chosen refusal direction", title_justify="left")
+        for c in ("model", "layer", "position", "norm", "val score"):
+            t.add_column(c)
+        for m, c in s["chosen"].items():
+            t.add_row(m, str(c["layer"]), str(c["position"]), f"{c['norm']:.3g}", f"{c['score']:.2f}")
+        out.print(t)
+        for pair, c in s["cosine"].items():
+            by_layer = " ".join("nan" if v is None or v != v else f"{v:+.2f}" for v in c["at_chosen_positions_by_layer"])
+            out.print(f"cosine {pair}: chosen {c['chosen']:+.3f}; by layer (chosen positions): {by_layer}")
+        t = Table(title="refusal score (%): harmful with direction ablated / harmless with direction added",
+                  title_justify="left")
+        for c in ("model", "direction", "harmful", "harmless"):
+            t.add_column(c)
+        for m, r in s["refusal_scores"].items():
+            t.add_row(m, "none", f"{100 * r['baseline']['harmful']:.0f}", f"{100 * r['baseline']['harmless']:.0f}")
+            for src in r["ablation"]:
+                kind = "own" if src == m else "transferred"
+                t.add_row(m, f"{src} ({kind})", f"{100 * r['ablation'][src]:.0f}", f"{100 * r['addition'][src]:.0f}")
+        out.print(t)
+        for f in res.findings:
+            out.print(f"{f.finding} [{f.pair}]: {'agrees' if f.agrees else 'disagrees'} with the paper ({f.detail})")
+        out.print(f"results: {Path(out_dir) / 'refusal'}")

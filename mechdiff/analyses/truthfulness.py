@@ -1,0 +1,981 @@
+"""Truthfulness: is there a linear truth direction, and do base and post-trained models share it?
+
+Following Marks & Tegmark ("The Geometry of Truth") as used by Du et al. (COLM 2025, section 4):
+
+* activations of true / false statements at the statement's final tokens (the token before the period and
+  the period: store positions ``last:2``), ``resid_post`` at every layer, read from the store;
+* per model and layer the difference-of-means direction (true minus false), fitted on the ``train`` split of
+  every topic but a held-out one; a 1-D probe (projection + threshold) tested on the held-out topic. With no
+  ``heldout_topics`` given every topic is held out in turn (leave one topic out) and accuracies are averaged;
+* the best layer of each model is chosen by the probe's accuracy on validation rows (the ``test`` split of the
+  training topics: held-out subjects), never hard-coded;
+* across models: cosine of the directions per layer, and probe transfer (model A's direction on model B's
+  activations, with A's threshold as it is and refitted on B's training rows);
+* intervention on few-shot prompts ending in "This statement is:": the direction, scaled by the mean
+  difference times ``coef``, is added at the statement's final tokens of false statements and subtracted from
+  true ones over a layer range; effect on P(TRUE) - P(FALSE) and the normalised intervention effect NIE
+  (1 = each statement moved all the way to the other label's mean, 0 = no change), own vs transferred direction.
+
+Everything that needs only activations is a dask reduction over the stores; only the intervention runs the
+models (through the engine's ``Intervention`` + ``hooks``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import xarray as xr
+
+from mechdiff.analyses.common import Finding, ModelGroup, StoreRequirementError, StudyResult, require
+from mechdiff.analyses.directions import best_threshold, cosine_by_layer, cosine_matrix, mean_diff_sums
+
+__all__ = [
+    "STUDY",
+    "TruthSettings",
+    "TruthData",
+    "load_statements",
+    "check_truth_store",
+    "probe_analysis",
+    "truth_prompts",
+    "statement_end_positions",
+    "truth_logits",
+    "truth_margins",
+    "intervention_analysis",
+    "truthfulness_study",
+    "run_truthfulness",
+]
+
+STUDY = "truthfulness"
+POSITIONS = "last:2"
+
+
+@dataclass(frozen=True)
+class TruthSettings:
+    """Knobs of the truthfulness study (defaults follow the paper's protocol)."""
+
+    site: str = "resid_post"
+    probe_position: int = -1  # the period; -2 = the token before it
+    heldout_topics: tuple[str, ...] | None = None  # None: every topic in turn
+    center_by_topic: bool = False  # centre each topic's activations before the difference of means
+    val_fraction: float = 0.25  # validation share of each topic when the data has no split column
+    seed: int = 0
+    # intervention
+    intervene: bool = True
+    iv_layers: tuple[int, ...] | None = None  # None: a window ending at the target model's best layer
+    iv_window: int | None = None  # window length for the automatic range (default: a quarter of the layers)
+    coef: float = 1.0
+    direction_layer: str = "each"  # "each": layer l gets the layer-l direction; "best": the direction at the target model's best layer, at every layer
+    transfer_scale: str = "target"  # a transferred direction is scaled by the target's mean difference ("source": its own)
+    n_intervene: int = 100  # statements per held-out topic (balanced)
+    n_shots: int = 4
+    suffix: str = " This statement is:"
+    label_words: tuple[str, str] = ("FALSE", "TRUE")  # index = label
+    token_budget: int = 8192
+    # verdict thresholds: below these there is nothing to transfer, and the finding is inconclusive
+    min_probe_acc: float = 0.6  # own probe accuracy on the held-out topic at the best layer
+    min_gap: float = 0.05  # clean mean P(TRUE)-P(FALSE) of true minus false statements: NIE's denominator
+
+    def __post_init__(self) -> None:
+        if self.direction_layer not in ("each", "best"):
+            raise ValueError(f"direction_layer {self.direction_layer!r}: each or best")
+        if self.transfer_scale not in ("target", "source"):
+            raise ValueError(f"transfer_scale {self.transfer_scale!r}: target or source")
+        if self.probe_position not in (-1, -2):
+            raise ValueError("probe_position must be -1 (the period) or -2 (the token before it)")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError("val_fraction must be in (0, 1)")
+        if self.n_shots < 0 or self.n_intervene < 2:
+            raise ValueError("n_shots must be >= 0 and n_intervene >= 2")
+        if not math.isfinite(self.coef):
+            raise ValueError("coef must be finite")
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class TruthData:
+    """The statements (one row per store example), few-shot examples per topic, and each row's role."""
+
+    texts: list[str]
+    labels: np.ndarray  # int 0/1
+    topics: np.ndarray  # str
+    split: np.ndarray | None  # "train"/"test" or None
+    shots: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+
+    @property
+    def topic_names(self) -> list[str]:
+        return list(dict.fromkeys(self.topics.tolist()))
+
+    def fit_mask(self, settings: TruthSettings) -> np.ndarray:
+        """Rows directions and thresholds are fitted on: the train split (else a seeded share per topic)."""
+        if self.split is not None:
+            return self.split == "train"
+        rng = np.random.default_rng(settings.seed)
+        fit = np.ones(len(self.texts), dtype=bool)
+        for t in self.topic_names:
+            idx = np.flatnonzero(self.topics == t)
+            k = max(1, int(round(settings.val_fraction * idx.size)))
+            fit[rng.choice(idx, size=k, replace=False)] = False
+        return fit
+
+
+def load_statements(data: Any, *, shots: Mapping[str, Sequence[tuple[str, int]]] | str | Path | None = None):
+    """Statements from a PromptSet, a CSV, a directory of ``truth_*.csv`` (plus ``shots.json`` if present) or a
+    list of CSVs. Returns a :class:`mechdiff.engine.data.PromptSet` with ``label`` and ``topic`` columns (topic
+    from the file name when a file has none) and the few-shot examples found (``{}`` if none)."""
+    from mechdiff.engine.data import DataError, PromptSet, load_prompts
+
+    shot_map: dict[str, list[tuple[str, int]]] = {}
+    if isinstance(data, PromptSet):
+        ps = data
+    else:
+        paths: list[Path] = []
+        items = [data] if isinstance(data, (str, Path)) else list(data)
+        for item in items:
+            p = Path(item)
+            if p.is_dir():
+                found = sorted(p.glob("truth_*.csv"))
+                if not found:
+                    raise DataError(f"{p}: no truth_*.csv statement files in this directory")
+                paths += found
+                if shots is None and (p / "shots.json").exists():
+                    shots = p / "shots.json"
+            else:
+                paths.append(p)
+        if not paths:
+            raise DataError("no statement files given")
+        parts = []
+        for p in paths:
+            ps_i = load_prompts(p, text_column="statement" if _has_column(p, "statement") else None)
+            if "label" not in ps_i.columns:
+                raise DataError(f"{p}: no label column (true = 1, false = 0)")
+            if "topic" not in ps_i.columns:
+                stem = p.stem.removeprefix("truth_")
+                ps_i.columns["topic"] = np.asarray([stem] * len(ps_i), dtype=object)
+            parts.append(ps_i)
+        common = set(parts[0].columns)
+        for part in parts[1:]:
+            common &= set(part.columns)
+        texts = [t for part in parts for t in part.texts]
+        cols = {}
+        for c in sorted(common):
+            vals = [np.asarray(part.columns[c]) for part in parts]
+            kinds = {v.dtype.kind for v in vals}
+            cols[c] = np.concatenate(vals) if len(kinds) == 1 and kinds <= set("iufb") else np.asarray(
+                [str(x) for v in vals for x in v.tolist()], dtype=object
+            )
+        source = paths[0].parent.name + "/truth" if len(paths) > 1 else str(paths[0])
+        ps = PromptSet(texts=texts, columns=cols, source=source, text_column="statement")
+    if isinstance(shots, (str, Path)):
+        raw = json.loads(Path(shots).read_text())
+        shot_map = {str(t): [(str(s), int(l)) for s, l in v] for t, v in raw.items()}
+    elif shots is not None:
+        shot_map = {str(t): [(str(s), int(l)) for s, l in v] for t, v in shots.items()}
+    return ps, shot_map
+
+
+def _has_column(path: Path, name: str) -> bool:
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return name in [h.strip() for h in f.readline().strip().split(",")]
+    except OSError:
+        return False
+
+
+def check_truth_store(ds: xr.Dataset, settings: TruthSettings = TruthSettings()) -> None:
+    """Raise :class:`StoreRequirementError` naming what to extract when ``ds`` cannot serve the study."""
+    require(ds, site=settings.site, study=STUDY, positions=None, min_positions=2, coords=("label", "topic"))
+    where = ds.attrs.get("group") or ds.attrs.get("dataset") or "store"
+    hint = f"extract the statements with --sites {settings.site} --positions {POSITIONS} --template none"
+    if "position" not in ds[settings.site].dims:
+        raise StoreRequirementError(f"{STUDY}: {where} keeps no position dim; {hint}")
+    pos = set(int(p) for p in ds["position"].values)
+    if not {-1, -2} <= pos:
+        raise StoreRequirementError(f"{STUDY}: {where} lacks positions -2/-1 (has {sorted(pos)}); {hint}")
+    tmpl = ds.attrs.get("template", "none")
+    if tmpl not in (None, "none"):
+        raise StoreRequirementError(
+            f"{STUDY}: {where} was extracted with template {tmpl!r}, so its last tokens are the template's, not "
+            f"the statement's; {hint}"
+        )
+    lab = np.asarray(ds["label"].values)
+    if lab.dtype.kind not in "iub" or not set(np.unique(lab).tolist()) <= {0, 1}:
+        raise StoreRequirementError(f"{STUDY}: {where} 'label' column must be 0/1 (true = 1); re-extract from statement CSVs")
+    if "split" in ds.coords or "split" in ds.data_vars:
+        bad = set(_strs(ds["split"].values).tolist()) - {"train", "test"}
+        if bad:
+            raise StoreRequirementError(f"{STUDY}: {where} 'split' column has values {sorted(bad)}; expected train/test")
+
+
+def _strs(values: Any) -> np.ndarray:
+    """Any string-like column (zarr's StringDType, object, unicode) as an object array of str."""
+    return np.asarray([str(v) for v in np.asarray(values).tolist()], dtype=object)
+
+
+def _data_from_store(ds: xr.Dataset, shots: Mapping[str, Sequence[tuple[str, int]]] | None) -> TruthData:
+    split = _strs(ds["split"].values) if ("split" in ds.coords or "split" in ds.data_vars) else None
+    return TruthData(
+        texts=[str(t) for t in np.asarray(ds["text"].values).tolist()],
+        labels=np.asarray(ds["label"].values).astype(np.int64),
+        topics=_strs(ds["topic"].values),
+        split=split,
+        shots={k: list(v) for k, v in (shots or {}).items()},
+    )
+
+
+def _same_statements(stores: Mapping[str, xr.Dataset], data: TruthData) -> None:
+    for name, ds in stores.items():
+        d = _data_from_store(ds, None)
+        if d.texts != data.texts or not np.array_equal(d.labels, data.labels) or not np.array_equal(d.topics, data.topics):
+            raise StoreRequirementError(
+                f"{STUDY}: the store of {name} holds other statements than the first model's; extract the same "
+                "statement files for every model of the group"
+            )
+
+
+def _folds(data: TruthData, settings: TruthSettings) -> list[str]:
+    topics = data.topic_names
+    if settings.heldout_topics is None:
+        if len(topics) < 2:
+            raise ValueError(
+                f"{STUDY}: statements of at least 2 topics are needed to test on a held-out topic (found {topics})"
+            )
+        return topics
+    miss = [t for t in settings.heldout_topics if t not in topics]
+    if miss:
+        raise ValueError(f"{STUDY}: held-out topics {miss} not among the statements' topics {topics}")
+    if len(set(topics) - set(settings.heldout_topics)) < 1:
+        raise ValueError(f"{STUDY}: holding out {list(settings.heldout_topics)} leaves no topic to train on")
+    return list(settings.heldout_topics)
+
+
+# ---------------------------------------------------------------------------------------------
+# probes and cosines (stores only)
+
+
+def probe_analysis(
+    stores: Mapping[str, xr.Dataset],
+    settings: TruthSettings = TruthSettings(),
+    *,
+    pairs: Sequence[tuple[str, str]] | None = None,
+    shots: Mapping[str, Sequence[tuple[str, int]]] | None = None,
+) -> tuple[xr.Dataset, TruthData]:
+    """Directions, probe accuracies, transfer accuracies and cosines from the stores alone.
+
+    ``stores``: model label -> opened store (same statements in each). Returns the results Dataset and the
+    statements' :class:`TruthData`. One dask pass per store for the class sums and one for the projections.
+    """
+    import dask
+
+    if not stores:
+        raise ValueError("no stores given")
+    for ds in stores.values():
+        check_truth_store(ds, settings)
+    names = list(stores)
+    first = stores[names[0]]
+    data = _data_from_store(first, shots)
+    _same_statements(stores, data)
+    widths = {n: stores[n].sizes[[d for d in stores[n][settings.site].dims if d in ("hidden", "neuron")][0]] for n in names}
+    layers_of = {n: tuple(int(l) for l in stores[n]["layer"].values) for n in names}
+    if len(set(widths.values())) != 1 or len(set(layers_of.values())) != 1:
+        raise ValueError(f"{STUDY}: models differ in width {widths} or layers; directions cannot be compared")
+    layers = np.asarray(layers_of[names[0]])
+    pairs = list(pairs) if pairs is not None else [(names[0], n) for n in names[1:]]
+
+    folds = _folds(data, settings)
+    fit = data.fit_mask(settings)
+    topics = data.topics
+    y = data.labels.astype(bool)
+
+    # 1) class sums per topic over the fit rows: every fold's direction derives from them.
+    # And the same with labels shuffled within each topic: the cosine two models' "directions" have when there is
+    # no truth signal at all (shared sampling noise of the same statements; high when post ~ base).
+    shuffled = data.labels.copy()
+    rng = np.random.default_rng(settings.seed + 7)
+    for t in data.topic_names:
+        idx = np.flatnonzero(topics == t)
+        shuffled[idx] = rng.permutation(shuffled[idx])
+    lazy = {n: mean_diff_sums(stores[n], settings.site, data.labels, rows=fit, center_by=topics, compute=False) for n in names}
+    lazy_null = {n: mean_diff_sums(stores[n], settings.site, shuffled, rows=fit, center_by=topics, compute=False) for n in names}
+    totals = dask.compute(*[lazy[n].total for n in names], *[lazy_null[n].total for n in names])
+    sums = {n: lazy[n].finish(t) for n, t in zip(names, totals[: len(names)])}
+    null_sums = {n: lazy_null[n].finish(t) for n, t in zip(names, totals[len(names):])}
+    centred = settings.center_by_topic
+    topic_keys = [t for t in data.topic_names if t in sums[names[0]].groups]
+
+    def direction(n: str, keep: Sequence[str]) -> np.ndarray:  # [layer, position, width]
+        return sums[n].select_groups(list(keep), centred=centred).diff
+
+    full = {n: direction(n, topic_keys) for n in names}
+    fold_dirs = {n: np.stack([direction(n, [t for t in topic_keys if t != h]) for h in folds]) for n in names}
+    pos_coord = np.asarray(stores[names[0]]["position"].values)
+    p_idx = int(np.flatnonzero(pos_coord == settings.probe_position)[0])
+
+    # 2) projections of every store's probe-position activations on every model's fold directions.
+    D = np.stack([fold_dirs[n][:, :, p_idx, :] for n in names])  # [source, fold, layer, width]
+    Dx = xr.DataArray(D, dims=("source", "fold", "layer", "width"), coords={"source": names, "fold": folds, "layer": layers})
+    projs = {}
+    lazy_p = []
+    for n in names:
+        x = stores[n][settings.site].sel(position=settings.probe_position)
+        wdim = [d for d in x.dims if d in ("hidden", "neuron")][0]
+        x = x.rename({wdim: "width"}).drop_vars(["width"], errors="ignore")
+        lazy_p.append(xr.dot(x.astype(np.float64), Dx, dim="width").transpose("example", "source", "fold", "layer"))
+    computed = dask.compute(*[p.data for p in lazy_p])
+    for n, arr in zip(names, computed):
+        projs[n] = np.asarray(arr)  # [example, source, fold, layer]
+
+    # 3) probes: own (validation + held-out test) and transferred (unrefitted / refitted threshold).
+    S, F, L = len(names), len(folds), len(layers)
+    val_acc = np.full((S, F, L), np.nan)
+    test_acc = np.full((S, S, F, L, 2), np.nan)  # source, target, fold, layer, (unrefit, refit)
+    thresholds = np.full((S, F, L), np.nan)
+    for f, h in enumerate(folds):
+        train_rows = fit & (topics != h)
+        val_rows = ~fit & (topics != h)
+        test_rows = topics == h
+        for si, s in enumerate(names):
+            for l in range(L):
+                own = projs[s][:, si, f, l]
+                t, _ = best_threshold(own[train_rows], y[train_rows])
+                thresholds[si, f, l] = t
+                if val_rows.any():
+                    val_acc[si, f, l] = np.mean((own[val_rows] > t) == y[val_rows])
+                for ti, tname in enumerate(names):
+                    sc = projs[tname][:, si, f, l]
+                    test_acc[si, ti, f, l, 0] = np.mean((sc[test_rows] > t) == y[test_rows])
+                    if ti == si:
+                        test_acc[si, ti, f, l, 1] = test_acc[si, ti, f, l, 0]
+                    else:
+                        t2, _ = best_threshold(sc[train_rows], y[train_rows])
+                        test_acc[si, ti, f, l, 1] = np.mean((sc[test_rows] > t2) == y[test_rows])
+    if np.isnan(val_acc).all():
+        # no validation rows (every row is in the fit split): choose on the fit rows' own accuracy instead
+        for f, h in enumerate(folds):
+            rows = fit & (topics != h)
+            for si in range(S):
+                for l in range(L):
+                    own = projs[names[si]][:, si, f, l]
+                    val_acc[si, f, l] = np.mean((own[rows] > thresholds[si, f, l]) == y[rows])
+    mean_val = np.nanmean(val_acc, axis=1)  # [source, layer]
+    best = np.asarray([int(np.nanargmax(mean_val[si])) for si in range(S)])  # first of the maxima
+
+    # 4) cosines between models per layer / position, and layer x layer at the probe position.
+    dirs = xr.DataArray(
+        np.stack([full[n] for n in names]),
+        dims=("model", "layer", "position", "hidden"),
+        coords={"model": names, "layer": layers, "position": pos_coord},
+    )
+    pair_names = [f"{a}_vs_{b}" for a, b in pairs]
+    cos = xr.concat([cosine_by_layer(dirs.sel(model=a), dirs.sel(model=b)) for a, b in pairs], dim="pair")
+    cos = cos.assign_coords(pair=pair_names)
+    cmat = xr.concat(
+        [cosine_matrix(dirs.sel(model=a, position=settings.probe_position), dirs.sel(model=b, position=settings.probe_position)) for a, b in pairs],
+        dim="pair",
+    ).assign_coords(pair=pair_names)
+    null = {n: _unitv(null_sums[n].select_groups(topic_keys, centred=centred).diff[:, p_idx]) for n in names}
+    null_cos = np.stack([np.einsum("lw,lw->l", null[a], null[b]) for a, b in pairs])
+    # cosines of the fold directions too (the ones probes and interventions use)
+    fold_cos = np.stack(
+        [
+            np.einsum("flw,flw->fl", _unitv(fold_dirs[a][:, :, p_idx]), _unitv(fold_dirs[b][:, :, p_idx]))
+            for a, b in pairs
+        ]
+    )
+
+    res = xr.Dataset(
+        {
+            "direction": dirs,
+            "scale": np.sqrt((dirs**2).sum("hidden")),
+            "fold_direction": (("model", "fold", "layer", "hidden"), np.stack([fold_dirs[n][:, :, p_idx] for n in names])),
+            "cosine": cos.drop_vars([c for c in cos.coords if c not in ("pair", "layer", "position")]),
+            "cosine_matrix": cmat.drop_vars([c for c in cmat.coords if c not in ("pair", "layer_a", "layer_b")]),
+            "fold_cosine": (("pair", "fold", "layer"), fold_cos),
+            "null_cosine": (("pair", "layer"), null_cos),
+            "val_acc": (("model", "fold", "layer"), val_acc),
+            "threshold": (("model", "fold", "layer"), thresholds),
+            "transfer_acc": (("source", "target", "fold", "layer", "mode"), test_acc),
+            "best_layer": (("model",), layers[best]),
+        },
+        coords={
+            "model": names,
+            "source": names,
+            "target": names,
+            "fold": folds,
+            "layer": layers,
+            "layer_a": layers,
+            "layer_b": layers,
+            "position": pos_coord,
+            "pair": pair_names,
+            "pair_a": ("pair", [a for a, _ in pairs]),
+            "pair_b": ("pair", [b for _, b in pairs]),
+            "mode": ["unrefit", "refit"],
+        },
+        attrs={
+            "study": STUDY,
+            "site": settings.site,
+            "probe_position": settings.probe_position,
+            "center_by_topic": int(settings.center_by_topic),
+            "n_fit": int(fit.sum()),
+            "n_examples": len(data.texts),
+        },
+    )
+    return res, data
+
+
+def _unitv(x: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.where(n > 0, n, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# intervention (runs the models)
+
+
+def truth_prompts(statements: Sequence[str], shots: Sequence[tuple[str, int]], settings: TruthSettings = TruthSettings()) -> list[tuple[str, str]]:
+    """(prompt, prefix) per statement: the few-shot prompt ending in the suffix, and its text up to the end of
+    the statement (whose last two tokens the intervention targets)."""
+    head = "".join(f"{s}{settings.suffix} {settings.label_words[int(l)]}\n" for s, l in shots)
+    return [(head + s + settings.suffix, head + s) for s in statements]
+
+
+def statement_end_positions(tokenizer: Any, prompts: Sequence[tuple[str, str]], k: int = 2) -> tuple[list[list[int]], np.ndarray]:
+    """Token ids of each prompt (with the tokenizer's special tokens, as in extraction) and the indices of the
+    statement's last ``k`` tokens, [n, k]. The prefix's tokens must be a prefix of the prompt's tokens (true for
+    tokenizers that split at the space before the suffix); otherwise character offsets decide."""
+    full = tokenizer([p for p, _ in prompts], add_special_tokens=True)["input_ids"]
+    pref = tokenizer([q for _, q in prompts], add_special_tokens=True)["input_ids"]
+    out = np.zeros((len(prompts), k), dtype=np.int64)
+    for i, (f, q) in enumerate(zip(full, pref)):
+        if len(q) < k + 0 or list(f[: len(q)]) != list(q):
+            end = _end_by_offsets(tokenizer, prompts[i])
+        else:
+            end = len(q)
+        if end < k:
+            raise ValueError(f"statement {i} has fewer than {k} tokens in its prompt")
+        out[i] = np.arange(end - k, end)
+    return [list(x) for x in full], out
+
+
+def _end_by_offsets(tokenizer: Any, pq: tuple[str, str]) -> int:
+    prompt, prefix = pq
+    try:
+        enc = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError):
+        raise ValueError(
+            "cannot locate the statement's last tokens: the statement's tokens change when the suffix follows and "
+            "the tokenizer gives no character offsets"
+        ) from None
+    end = 0
+    for j, (a, b) in enumerate(enc["offset_mapping"]):
+        if b > a and b <= len(prefix):
+            end = j + 1
+    return end
+
+
+def _label_token_ids(tokenizer: Any, prompt: str, words: tuple[str, str]) -> tuple[int, int]:
+    """The first token the model would emit for " FALSE" / " TRUE" after ``prompt``."""
+    base = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    ids = []
+    for w in words:
+        ext = tokenizer(prompt + " " + w, add_special_tokens=True)["input_ids"]
+        j = 0
+        while j < min(len(base), len(ext)) and base[j] == ext[j]:
+            j += 1
+        if j >= len(ext):
+            raise ValueError(f"label word {w!r} adds no token after the prompt")
+        ids.append(int(ext[j]))
+    if ids[0] == ids[1]:
+        raise ValueError(f"label words {words} start with the same token; choose distinguishable words")
+    return ids[0], ids[1]
+
+
+def truth_logits(
+    lm: Any,
+    prompts: Sequence[tuple[str, str]],
+    *,
+    settings: TruthSettings = TruthSettings(),
+    vectors: Mapping[int, np.ndarray] | None = None,
+    signs: np.ndarray | None = None,
+    coef: float = 1.0,
+) -> np.ndarray:
+    """Next-token logits at the end of each prompt, [n, vocab] float32, optionally with an intervention.
+
+    ``vectors``: layer -> vector (already scaled); at ``settings.site`` of each such layer, ``coef * signs[i] *
+    vector`` is added at prompt i's statement's last two tokens (``signs``: +1 = add, -1 = subtract, 0 = none).
+    Runs through the engine's ``Intervention`` / ``hooks`` in left-padded batches (positions shifted by the padding).
+    """
+    import torch
+
+    from mechdiff.engine.batching import length_batches, pad_batch
+    from mechdiff.engine.sites import Intervention, hooks
+
+    tok = lm.tokenizer
+    ids, ends = statement_end_positions(tok, prompts)
+    signs = np.zeros(len(prompts)) if signs is None else np.asarray(signs, dtype=np.float64)
+    if vectors and signs.shape != (len(prompts),):
+        raise ValueError(f"signs has shape {signs.shape}, expected ({len(prompts)},)")
+    lengths = [len(x) for x in ids]
+    out: np.ndarray | None = None
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    for batch in length_batches(lengths, list(range(len(prompts))), settings.token_budget):
+        inputs = pad_batch([ids[i] for i in batch], pad_id, side="left", device=lm.device)
+        T = inputs["input_ids"].shape[1]
+        shift = torch.as_tensor([T - lengths[i] for i in batch])[:, None]
+        pos = torch.as_tensor(ends[batch]) + shift  # [B, 2] indices in the padded batch
+        ivs = []
+        if vectors:
+            sg = torch.as_tensor(signs[batch])
+            # one intervention per sign and layer; rows of the other sign get index -1 (left alone)
+            for s in (1.0, -1.0):
+                rows = (sg == s)[:, None]
+                if not bool(rows.any()):
+                    continue
+                index = torch.where(rows, pos, torch.full_like(pos, -1)).to(lm.device)
+                for layer, v in vectors.items():
+                    vec = torch.as_tensor(np.asarray(v, dtype=np.float64))
+                    ivs.append(Intervention(settings.site, int(layer), "add", vector=vec, coef=s * coef, index=index))
+        with torch.inference_mode(), hooks(lm.adapter, None, ivs):
+            logits = _last_logits(lm.model, inputs)
+        if out is None:
+            out = np.zeros((len(prompts), logits.shape[-1]), dtype=np.float32)
+        out[batch] = logits
+    assert out is not None
+    return out
+
+
+def _last_logits(model: Any, inputs: dict) -> np.ndarray:
+    """Logits at the last position only: ``logits_to_keep=1`` skips the unembedding of every other position
+    (most of the cost for a small model with a large vocabulary); models without the argument get the full pass."""
+    try:
+        out = model(**inputs, use_cache=False, logits_to_keep=1)
+    except TypeError:
+        out = model(**inputs, use_cache=False)
+    return out.logits[:, -1].float().cpu().numpy()
+
+
+def truth_margins(
+    lm: Any,
+    prompts: Sequence[tuple[str, str]],
+    *,
+    settings: TruthSettings = TruthSettings(),
+    vectors: Mapping[int, np.ndarray] | None = None,
+    signs: np.ndarray | None = None,
+    coef: float = 1.0,
+) -> np.ndarray:
+    """P(TRUE) - P(FALSE) for the next token after each prompt (softmax over the whole vocabulary), with the
+    optional intervention of :func:`truth_logits`."""
+    f_id, t_id = _label_token_ids(lm.tokenizer, prompts[0][0], settings.label_words)
+    logits = truth_logits(lm, prompts, settings=settings, vectors=vectors, signs=signs, coef=coef).astype(np.float64)
+    logits -= logits.max(axis=-1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(axis=-1, keepdims=True)
+    return p[:, t_id] - p[:, f_id]
+
+
+def _auto_layers(best: int, n_layers: int, settings: TruthSettings) -> tuple[int, ...]:
+    if settings.iv_layers is not None:
+        bad = [l for l in settings.iv_layers if not 0 <= l < n_layers]
+        if bad:
+            raise ValueError(f"intervention layers {bad} out of range 0..{n_layers - 1}")
+        return tuple(settings.iv_layers)
+    w = settings.iv_window or max(1, n_layers // 4)
+    # The last layer's resid_post at the statement's tokens cannot reach the final position's logits (no
+    # attention follows it), so the window ends at the second-to-last layer at the latest.
+    end = min(best, n_layers - 2)
+    if end < 0:
+        raise ValueError("a one-layer model leaves no layer whose change could reach the answer token")
+    return tuple(range(max(0, end - w + 1), end + 1))
+
+
+def _pick_statements(data: TruthData, topic: str, fit: np.ndarray, n: int, seed: int, exclude: set[str] = frozenset()) -> np.ndarray:
+    """Up to ``n`` rows of ``topic``, half true and half false, in a seeded draw: held-out subjects (outside the
+    fit rows) first, then other rows of the topic when a label has too few; never a few-shot example."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    in_topic = (data.topics == topic) & ~np.isin(np.asarray(data.texts, dtype=object), list(exclude))
+    for label in (0, 1):
+        cand = in_topic & (data.labels == label)
+        held, rest = np.flatnonzero(cand & ~fit), np.flatnonzero(cand & fit)
+        pick = np.concatenate([rng.permutation(held), rng.permutation(rest)])[: n // 2]
+        if pick.size == 0:
+            raise ValueError(f"{STUDY}: topic {topic!r} has no {'true' if label else 'false'} statement to intervene on")
+        rows.append(pick)
+    return np.sort(np.concatenate(rows))
+
+
+def _shots_for(data: TruthData, topic: str, fit: np.ndarray, settings: TruthSettings) -> list[tuple[str, int]]:
+    if topic in data.shots:
+        return list(data.shots[topic])[: settings.n_shots] if settings.n_shots else []
+    rng = np.random.default_rng(settings.seed + 1)
+    out: list[tuple[str, int]] = []
+    for i in range(settings.n_shots):
+        label = (i + 1) % 2  # alternate TRUE, FALSE
+        pool = np.flatnonzero((data.topics == topic) & fit & (data.labels == label))
+        pool = [j for j in pool if data.texts[j] not in {s for s, _ in out}]
+        if pool:
+            j = pool[int(rng.integers(len(pool)))]
+            out.append((data.texts[j], label))
+    return out
+
+
+def intervention_analysis(
+    models: Mapping[str, Any],
+    res: xr.Dataset,
+    data: TruthData,
+    settings: TruthSettings = TruthSettings(),
+) -> xr.Dataset:
+    """NIE of own and transferred directions for every target model and held-out topic.
+
+    For target model B and held-out topic h: prompts from h's held-out statements; the direction of source model S
+    fitted without h (``res.fold_direction``), unit-normalised and scaled by B's (``transfer_scale="target"``) or
+    S's mean-difference norm at that layer, times ``coef``; added to false and subtracted from true statements at
+    their last two tokens over B's layer range.
+    """
+    names = [str(n) for n in res["model"].values]
+    missing = [n for n in names if n not in models]
+    if missing:
+        raise ValueError(f"no loaded model for {missing}")
+    folds = [str(f) for f in res["fold"].values]
+    layers = [int(l) for l in res["layer"].values]
+    fit = data.fit_mask(settings)
+    FD = res["fold_direction"].values  # [model, fold, layer, width]
+    norms = np.linalg.norm(FD, axis=-1)  # [model, fold, layer]
+    best_idx = {n: layers.index(int(res["best_layer"].sel(model=n))) for n in names}
+
+    S, F = len(names), len(folds)
+    kinds = ["false_to_true", "true_to_false", "mean"]
+    pd_clean = np.full((S, F, 2), np.nan)  # target, fold, label
+    pd_int = np.full((S, S, F, 2), np.nan)  # target, source, fold, label
+    nie = np.full((S, S, F, 3), np.nan)
+    clean_acc = np.full((S, F), np.nan)
+    iv_layers = {}
+    for ti, tname in enumerate(names):
+        lm = models[tname]
+        lay = _auto_layers(layers[best_idx[tname]], lm.adapter.n_layers, settings)
+        iv_layers[tname] = list(lay)
+        for f, h in enumerate(folds):
+            shots = _shots_for(data, h, fit, settings)
+            rows = _pick_statements(data, h, fit, settings.n_intervene, settings.seed, {s for s, _ in shots})
+            y = data.labels[rows]
+            prompts = truth_prompts([data.texts[i] for i in rows], shots, settings)
+            clean = truth_margins(lm, prompts, settings=settings)
+            pd_clean[ti, f] = [clean[y == 0].mean(), clean[y == 1].mean()]
+            clean_acc[ti, f] = np.mean((clean > 0) == (y == 1))
+            gap = pd_clean[ti, f, 1] - pd_clean[ti, f, 0]
+            signs = np.where(y == 0, 1.0, -1.0)  # add to false, subtract from true
+            for si, sname in enumerate(names):
+                vecs = {}
+                for l in lay:
+                    # "best": every layer of the range gets the direction at the target's best layer, so own
+                    # and transferred runs differ only in whose direction it is.
+                    li = layers.index(l) if settings.direction_layer == "each" else best_idx[tname]
+                    d = FD[si, f, li]
+                    scale = norms[ti if settings.transfer_scale == "target" else si, f, li]
+                    vecs[l] = d / max(float(np.linalg.norm(d)), 1e-30) * scale
+                moved = truth_margins(lm, prompts, settings=settings, vectors=vecs, signs=signs, coef=settings.coef)
+                pd_int[ti, si, f] = [moved[y == 0].mean(), moved[y == 1].mean()]
+                if abs(gap) > 1e-9:
+                    nie[ti, si, f, 0] = (pd_int[ti, si, f, 0] - pd_clean[ti, f, 0]) / gap
+                    nie[ti, si, f, 1] = (pd_int[ti, si, f, 1] - pd_clean[ti, f, 1]) / -gap
+                    nie[ti, si, f, 2] = nie[ti, si, f, :2].mean()
+    out = xr.Dataset(
+        {
+            "pd_clean": (("target", "fold", "label"), pd_clean),
+            "pd_intervened": (("target", "source", "fold", "label"), pd_int),
+            "nie": (("target", "source", "fold", "kind"), nie),
+            "clean_accuracy": (("target", "fold"), clean_acc),
+            "gap": (("target", "fold"), pd_clean[..., 1] - pd_clean[..., 0]),
+        },
+        coords={"target": names, "source": names, "fold": folds, "label": [0, 1], "kind": kinds},
+        attrs={
+            "iv_layers": json.dumps(iv_layers),
+            "coef": settings.coef,
+            "direction_layer": settings.direction_layer,
+            "transfer_scale": settings.transfer_scale,
+        },
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the study
+
+
+def _summary(res: xr.Dataset, iv: xr.Dataset | None, settings: TruthSettings) -> dict[str, Any]:
+    names = [str(n) for n in res["model"].values]
+    layers = [int(l) for l in res["layer"].values]
+    best = {n: int(res["best_layer"].sel(model=n)) for n in names}
+    acc = res["transfer_acc"].mean("fold")  # source, target, layer, mode
+    summ: dict[str, Any] = {
+        "settings": asdict(settings),
+        "layers": layers,
+        "folds": [str(f) for f in res["fold"].values],
+        "best_layer": best,
+        "val_acc_by_layer": {n: res["val_acc"].sel(model=n).mean("fold").values for n in names},
+        "probe_acc_by_layer": {n: acc.sel(source=n, target=n, mode="unrefit").values for n in names},
+        "probe_acc_best": {n: float(acc.sel(source=n, target=n, mode="unrefit", layer=best[n])) for n in names},
+        "probe_acc_by_fold_best": {
+            n: dict(zip(res["fold"].values.tolist(), res["transfer_acc"].sel(source=n, target=n, mode="unrefit", layer=best[n]).values))
+            for n in names
+        },
+        "transfer_acc_best": {
+            s: {t: {m: float(acc.sel(source=s, target=t, mode=m, layer=best[s])) for m in ("unrefit", "refit")} for t in names}
+            for s in names
+        },
+        "cosine_by_layer": {
+            str(p): {int(pos): res["cosine"].sel(pair=p, position=pos).values for pos in res["position"].values}
+            for p in res["pair"].values
+        },
+        "null_cosine_by_layer": {str(p): res["null_cosine"].sel(pair=p).values for p in res["pair"].values},
+        "fold_cosine_by_layer": {str(p): res["fold_cosine"].sel(pair=p).mean("fold").values for p in res["pair"].values},
+        "cosine_best": {},
+        "direction_norm_by_layer": {n: res["scale"].sel(model=n, position=settings.probe_position).values for n in names},
+    }
+    for p, a, b in zip(res["pair"].values, res["pair_a"].values, res["pair_b"].values):
+        summ["cosine_best"][str(p)] = {
+            f"at_{a}_best": float(res["cosine"].sel(pair=p, position=settings.probe_position, layer=best[str(a)])),
+            f"at_{b}_best": float(res["cosine"].sel(pair=p, position=settings.probe_position, layer=best[str(b)])),
+        }
+    if iv is not None:
+        summ["intervention"] = {
+            "layers": json.loads(iv.attrs["iv_layers"]),
+            "coef": settings.coef,
+            "nie_mean": {
+                t: {s: float(iv["nie"].sel(target=t, source=s, kind="mean").mean("fold")) for s in names} for t in names
+            },
+            "nie": {
+                t: {
+                    s: {k: float(iv["nie"].sel(target=t, source=s, kind=k).mean("fold")) for k in ("false_to_true", "true_to_false")}
+                    for s in names
+                }
+                for t in names
+            },
+            "nie_by_fold": {
+                t: {s: dict(zip(iv["fold"].values.tolist(), iv["nie"].sel(target=t, source=s, kind="mean").values)) for s in names}
+                for t in names
+            },
+            "pd_clean": {t: {"false": float(iv["pd_clean"].sel(target=t, label=0).mean()), "true": float(iv["pd_clean"].sel(target=t, label=1).mean())} for t in names},
+            "clean_accuracy": {t: float(iv["clean_accuracy"].sel(target=t).mean()) for t in names},
+            "gap": {t: float(iv["gap"].sel(target=t).mean()) for t in names},
+        }
+    return summ
+
+
+def _findings(res: xr.Dataset, iv: xr.Dataset | None, summ: dict[str, Any], settings: TruthSettings) -> list[Finding]:
+    out = []
+    best = summ["best_layer"]
+    ta = summ["transfer_acc_best"]
+    for p, a, b in zip(res["pair"].values, res["pair_a"].values, res["pair_b"].values):
+        a, b = str(a), str(b)
+        cos = float(res["cosine"].sel(pair=p, position=settings.probe_position, layer=best[a]))
+        fig: dict[str, float] = {
+            "cosine_at_best_layer": cos,
+            "best_layer_" + a: best[a],
+            "best_layer_" + b: best[b],
+            f"acc_{a}_own": ta[a][a]["unrefit"],
+            f"acc_{b}_own": ta[b][b]["unrefit"],
+            f"acc_{a}_dir_on_{b}_refit": ta[a][b]["refit"],
+            f"acc_{a}_dir_on_{b}_unrefit": ta[a][b]["unrefit"],
+            f"acc_{b}_dir_on_{a}_refit": ta[b][a]["refit"],
+            f"acc_{b}_dir_on_{a}_unrefit": ta[b][a]["unrefit"],
+        }
+        # "about as well": transferred probes within 5 points of the target's own probe
+        acc_ok = ta[a][b]["refit"] >= ta[b][b]["unrefit"] - 0.05 and ta[b][a]["refit"] >= ta[a][a]["unrefit"] - 0.05
+        ok = acc_ok and cos >= 0.5
+        null = float(res["null_cosine"].sel(pair=p, layer=best[a]))
+        fig["null_cosine_at_best_layer"] = null
+        detail = [
+            f"cosine {cos:.2f} at {a}'s best layer {best[a]} (shuffled-label null {null:.2f})",
+            f"probe {a}->{b} {ta[a][b]['refit']:.2f} (refit) vs {b} own {ta[b][b]['unrefit']:.2f}; "
+            f"{b}->{a} {ta[b][a]['refit']:.2f} vs {a} own {ta[a][a]['unrefit']:.2f}",
+        ]
+        weak = [m for m in (a, b) if ta[m][m]["unrefit"] < settings.min_probe_acc]
+        if weak:
+            ok = False  # nothing to share: the cosine of two noise directions says nothing
+            detail.append(
+                f"inconclusive: no truth direction in {', '.join(weak)} (own held-out probe accuracy < {settings.min_probe_acc:g})"
+            )
+        if iv is not None:
+            nm = summ["intervention"]["nie_mean"]
+            gaps = summ["intervention"]["gap"]
+            fig.update({
+                f"nie_{b}_own": nm[b][b], f"nie_{b}_with_{a}_dir": nm[b][a],
+                f"nie_{a}_own": nm[a][a], f"nie_{a}_with_{b}_dir": nm[a][b],
+                f"gap_{a}": gaps[a], f"gap_{b}": gaps[b],
+            })
+            iv_ok = True
+            for tgt, src in ((b, a), (a, b)):
+                own, tr = nm[tgt][tgt], nm[tgt][src]
+                if not gaps[tgt] >= settings.min_gap:
+                    iv_ok = False
+                    detail.append(
+                        f"inconclusive: {tgt} does not tell true from false in the prompt (P(TRUE)-P(FALSE) gap "
+                        f"{gaps[tgt]:.3f} < {settings.min_gap:g}), so NIE has no scale"
+                    )
+                elif not (math.isfinite(own) and own > 0.1):
+                    iv_ok = False
+                    detail.append(f"{tgt}'s own direction barely moves it (NIE {own:.2f}): intervention inconclusive")
+                elif not tr >= 0.75 * own:
+                    iv_ok = False
+            detail.append(
+                f"NIE on {b}: own {nm[b][b]:.2f}, {a}'s {nm[b][a]:.2f}; on {a}: own {nm[a][a]:.2f}, {b}'s {nm[a][b]:.2f}"
+            )
+            ok = ok and iv_ok
+        detail.append(
+            f"criteria: own probes >= {settings.min_probe_acc:g}, cosine >= 0.5, transferred probe within 0.05 of own, "
+            f"clean gap >= {settings.min_gap:g}, transferred NIE >= 0.75 x own"
+        )
+        out.append(Finding("truth direction shared across models", f"{a} vs {b}", fig, bool(ok), "; ".join(detail)))
+    return out
+
+
+def _figures(res: xr.Dataset, iv: xr.Dataset | None, out_dir: Path, settings: TruthSettings) -> dict[str, Path]:
+    from mechdiff.report.plotting import MODEL_COLORS, new_figure, save_figure
+
+    figs: dict[str, Path] = {}
+    names = [str(n) for n in res["model"].values]
+    layers = res["layer"].values
+    color = {n: MODEL_COLORS[i % len(MODEL_COLORS)] for i, n in enumerate(names)}
+
+    fig, ax = new_figure()
+    for i, p in enumerate(res["pair"].values):
+        for pos, ls in ((settings.probe_position, "-"), (-3 - settings.probe_position, ":")):
+            if pos in res["position"].values:
+                ax.plot(layers, res["cosine"].sel(pair=p, position=pos), ls, color=MODEL_COLORS[(i + 1) % len(MODEL_COLORS)],
+                        marker="o" if ls == "-" else None, label=f"{p} (position {pos})")
+        ax.plot(layers, res["null_cosine"].sel(pair=p), "--", color="grey", label=f"{p} (labels shuffled)")
+    ax.set_xticks(layers)
+    ax.set_xlabel("layer"); ax.set_ylabel("cosine"); ax.set_ylim(-0.05, 1.05)
+    ax.set_title("truth direction: cosine between models"); ax.legend(fontsize=7)
+    figs["cosine_by_layer"] = save_figure(fig, out_dir / "cosine_by_layer.png")
+
+    fig, ax = new_figure()
+    acc = res["transfer_acc"].mean("fold")
+    for n in names:
+        ax.plot(layers, acc.sel(source=n, target=n, mode="unrefit"), "-o", color=color[n], label=f"{n}: held-out topic")
+        ax.plot(layers, res["val_acc"].sel(model=n).mean("fold"), "--", color=color[n], alpha=0.6, label=f"{n}: validation")
+        for m in names:
+            if m != n:
+                ax.plot(layers, acc.sel(source=m, target=n, mode="refit"), ":", color=color[m], label=f"{m} dir on {n} (refit)")
+    ax.axhline(0.5, color="grey", lw=0.5)
+    ax.set_xticks(layers)
+    ax.set_xlabel("layer"); ax.set_ylabel("accuracy"); ax.set_ylim(0.4, 1.02)
+    ax.set_title("truth probe accuracy"); ax.legend(fontsize=6)
+    figs["probe_accuracy"] = save_figure(fig, out_dir / "probe_accuracy_by_layer.png")
+
+    best = {n: int(res["best_layer"].sel(model=n)) for n in names}
+    fig, axes = new_figure(width=3.6, ncols=2)
+    for ax, mode in zip(axes, ("unrefit", "refit")):
+        m = np.array([[float(acc.sel(source=s, target=t, mode=mode, layer=best[s])) for t in names] for s in names])
+        _heatmap(ax, m, names, names, vmin=0.5, vmax=1.0)
+        ax.set_xlabel("activations of"); ax.set_ylabel("direction of (its best layer)")
+        ax.set_title(f"probe transfer ({mode} threshold)", fontsize=9)
+    figs["transfer_table"] = save_figure(fig, out_dir / "transfer_table.png")
+
+    if iv is not None:
+        fig, ax = new_figure(width=4.0)
+        m = iv["nie"].sel(kind="mean").mean("fold").values  # target, source
+        _heatmap(ax, m, names, names, vmin=min(0.0, float(np.nanmin(m))), vmax=max(1.0, float(np.nanmax(m))))
+        ax.set_xlabel("direction of"); ax.set_ylabel("intervened model")
+        ax.set_title(f"NIE (coef {settings.coef:g})", fontsize=9)
+        figs["nie_table"] = save_figure(fig, out_dir / "nie_table.png")
+    return figs
+
+
+def _heatmap(ax, m: np.ndarray, rows: list[str], cols: list[str], *, vmin: float, vmax: float) -> None:
+    im = ax.imshow(m, vmin=vmin, vmax=vmax, cmap="viridis")
+    ax.set_xticks(range(len(cols)), cols); ax.set_yticks(range(len(rows)), rows)
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", color="white" if m[i, j] < (vmin + vmax) / 2 else "black", fontsize=8)
+    ax.figure.colorbar(im, ax=ax, shrink=0.8)
+
+
+def truthfulness_study(
+    stores: Mapping[str, xr.Dataset],
+    models: Mapping[str, Any] | None,
+    out_dir: str | Path,
+    *,
+    pairs: Sequence[tuple[str, str]] | None = None,
+    shots: Mapping[str, Sequence[tuple[str, int]]] | None = None,
+    settings: TruthSettings = TruthSettings(),
+) -> StudyResult:
+    """The whole study from opened stores (label -> Dataset) and loaded models (label -> LoadedModel; None or
+    ``settings.intervene=False`` skips the intervention). Writes ``out_dir/truthfulness/``: results.zarr,
+    summary.json and figures; returns the :class:`StudyResult`."""
+    res, data = probe_analysis(stores, settings, pairs=pairs, shots=shots)
+    iv = None
+    if settings.intervene and models:
+        iv = intervention_analysis(models, res, data, settings)
+    summ = _summary(res, iv, settings)
+    d = Path(out_dir) / STUDY
+    d.mkdir(parents=True, exist_ok=True)
+    figs = _figures(res, iv, d, settings)
+    data_ds = res if iv is None else xr.merge([res, iv.rename({"label": "statement_label"})], combine_attrs="no_conflicts")
+    data_ds.attrs.update(res.attrs)
+    if iv is not None:
+        data_ds.attrs.update(iv.attrs)
+    # unicode coords as object arrays: zarr v3 stores those with its stable variable-length string dtype
+    data_ds = data_ds.assign_coords({k: data_ds[k].astype(object) for k in data_ds.coords if data_ds[k].dtype.kind == "U"})
+    notes = {
+        "cosine_by_layer": "Cosine between the models' truth directions per layer (solid: the period, dotted: the token "
+        "before it); the grey dashed line is the same with labels shuffled, the similarity shared noise alone gives.",
+        "probe_accuracy": "Accuracy of a 1-D probe on the held-out topic per layer (solid), on held-out subjects of the "
+        "training topics (dashed, chooses the best layer), and of the other model's direction with a refitted "
+        "threshold (dotted); 0.5 is chance.",
+        "transfer_table": "Held-out-topic accuracy of each model's direction (rows, at its best layer) on each model's "
+        "activations (columns), with the source's threshold (left) and a threshold refitted on the target (right).",
+        "nie_table": "Normalised intervention effect on P(TRUE)-P(FALSE) when the row model is steered with the column "
+        "model's direction: 1 = statements moved to the other label's mean, 0 = no change.",
+    }
+    result = StudyResult(STUDY, data_ds, summ, figs, _findings(res, iv, summ, settings),
+                         notes={k: v for k, v in notes.items() if k in figs})
+    result.save(out_dir)
+    return result
+
+
+def run_truthfulness(
+    group: ModelGroup,
+    statements: Any,
+    out_dir: str | Path,
+    *,
+    store: str | Path | None = None,
+    shots: Mapping[str, Sequence[tuple[str, int]]] | str | Path | None = None,
+    settings: TruthSettings = TruthSettings(),
+    device: str = "cpu",
+    model_dtype: str = "float32",
+    store_dtype: str = "float32",
+    shard_size: int = 256,
+    token_budget: int = 16384,
+    progress: bool = False,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> StudyResult:
+    """Extract what the study needs (resumable: finished shards are kept) into ``store`` (default
+    ``out_dir/store.zarr``, groups ``<label>/truth``), then run :func:`truthfulness_study`."""
+    from mechdiff.engine.extract import CaptureSpec, extract
+    from mechdiff.engine.models import load_model
+    from mechdiff.engine.store import open_store
+
+    prompts, shot_map = load_statements(statements, shots=shots)
+    if "label" not in prompts.columns or "topic" not in prompts.columns:
+        raise ValueError(f"{STUDY}: statements need label and topic columns (have {sorted(prompts.columns)})")
+    store_url = str(store) if store is not None else str(Path(out_dir) / "store.zarr")
+    spec = CaptureSpec(sites=(settings.site,), layers="all", positions=POSITIONS, template="none", dtype=store_dtype)
+    models, stores = {}, {}
+    for label, path in group.models.items():
+        # a local directory by its absolute path, so that "pair/base" and "/abs/pair/base" resume the same group
+        path = str(Path(path).resolve()) if Path(path).is_dir() else path
+        lm = load_model(path, dtype=model_dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        rep = extract(lm, prompts, spec, store_url, f"{label}/truth", shard_size=shard_size, token_budget=token_budget, progress=progress)
+        models[label] = lm
+        stores[label] = open_store(rep.url, rep.group)
+    return truthfulness_study(stores, models, out_dir, pairs=group.pairs, shots=shot_map, settings=replace(settings))

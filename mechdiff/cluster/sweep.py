@@ -1,0 +1,757 @@
+"""Sweep files: model groups x datasets x capture specs (x studies), planned into work units.
+
+A sweep file is YAML::
+
+    name: llama31-8b-post-training
+    output: s3://bucket/mechdiff/llama31      # store root; one Zarr store per capture: <output>/<capture>.zarr
+    storage_options: {endpoint_url: ...}      # fsspec options for s3:// / gs:// outputs (optional)
+    shard_size: 256                           # examples per shard = per work unit (optional)
+    token_budget: 16384                       # padded tokens per batch (optional)
+    models:
+      llama31-8b:                             # a model group: a base and its post-trained versions
+        base: meta-llama/Llama-3.1-8B
+        post:
+          instruct: meta-llama/Llama-3.1-8B-Instruct
+          tulu-sft: {path: allenai/Llama-3.1-Tulu-3-8B-SFT, revision: main}
+        dtype: bfloat16
+    datasets:
+      cities: data/cities.csv                 # or {path: ..., text_column: ..., limit: ...}
+    captures:
+      resid:
+        sites: [resid_post]
+        layers: all
+        positions: last
+        datasets: [cities]                    # optional: default every dataset
+    studies:
+      truthfulness: {capture: resid, datasets: [cities]}
+    resources:                                # per model replica (= per actor)
+      num_cpus: 1
+      num_gpus: 1                             # 0 on CPU clusters; >1 loads with device_map="auto"
+      torch_threads: 1
+      actors: 8                               # at most this many replicas (default: as many as fit)
+      max_retries: 2
+
+Every problem is reported as ``file:line: key.path: what is wrong`` (line numbers come from the YAML
+node marks) before any model loads or any store is touched. Relative paths (datasets, local model
+directories, a local output) are resolved against the sweep file's directory.
+
+Planning turns the sweep into targets (model x capture x dataset), each one store group
+``<output>/<capture>.zarr`` group ``<model group>/<label>/<dataset>``, split into work units of
+``shard_size`` examples that are exactly the store's shards.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from mechdiff.engine.data import DataError, PromptSet, load_prompts
+from mechdiff.engine.extract import CaptureSpec
+
+__all__ = [
+    "SweepError",
+    "ModelSpec",
+    "DatasetSpec",
+    "CaptureEntry",
+    "StudyEntry",
+    "Resources",
+    "Sweep",
+    "Target",
+    "TargetPlan",
+    "SweepPlan",
+    "StatusRow",
+    "load_sweep",
+    "parse_sweep",
+    "plan_sweep",
+    "sweep_status",
+    "STUDIES",
+]
+
+#: Studies a sweep may name (the four questions of mechdiff).
+STUDIES: tuple[str, ...] = ("knowledge", "truthfulness", "refusal", "confidence")
+# Study options that name one of the sweep's datasets (checked like ``datasets``).
+_DATASET_OPTIONS: dict[str, tuple[str, ...]] = {"refusal": ("harmful", "harmless")}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class SweepError(ValueError):
+    """A sweep file that cannot be run; the message names the file, the line and the key."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the parsed sweep
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of a group, as a replica loads it."""
+
+    group: str
+    label: str
+    path: str  # local directory (absolute) or hub id
+    revision: str | None = None
+    dtype: str = "float32"
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.group}/{self.label}"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    path: str
+    text_column: str | None = None
+    limit: int | None = None
+    line: int = field(default=0, compare=False)  # where the sweep file names it, for load errors
+
+    def load(self) -> PromptSet:
+        return load_prompts(self.path, text_column=self.text_column, limit=self.limit)
+
+
+@dataclass(frozen=True)
+class CaptureEntry:
+    """A named capture spec and the datasets / model groups it applies to."""
+
+    name: str
+    spec: CaptureSpec
+    datasets: tuple[str, ...]
+    groups: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StudyEntry:
+    """A study to run on the sweep's stores; options other than capture / datasets / models are the study's own."""
+
+    name: str
+    capture: str | None
+    datasets: tuple[str, ...]
+    groups: tuple[str, ...]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one model replica (one actor) reserves, and the pool's limits."""
+
+    num_cpus: float = 1.0
+    num_gpus: float | None = None  # None: 1 if the cluster has GPUs, else 0
+    torch_threads: int | None = None  # None: max(1, int(num_cpus))
+    actors: int | None = None  # None: as many replicas as the cluster fits
+    max_retries: int = 2
+
+    def threads(self) -> int:
+        return self.torch_threads or max(1, int(self.num_cpus))
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    file: str
+    output: str
+    models: tuple[ModelSpec, ...]
+    datasets: dict[str, DatasetSpec]
+    captures: dict[str, CaptureEntry]
+    studies: dict[str, StudyEntry] = field(default_factory=dict)
+    storage_options: dict[str, Any] | None = None
+    shard_size: int = 256
+    token_budget: int = 16384
+    max_length: int | None = None
+    truncate: bool = False
+    resources: Resources = Resources()
+
+    @property
+    def groups(self) -> dict[str, tuple[ModelSpec, ...]]:
+        """Model group name -> its models, base first."""
+        out: dict[str, list[ModelSpec]] = {}
+        for m in self.models:
+            out.setdefault(m.group, []).append(m)
+        return {k: tuple(v) for k, v in out.items()}
+
+    def store_url(self, capture: str) -> str:
+        return f"{self.output.rstrip('/')}/{capture}.zarr"
+
+    def targets(self) -> list[Target]:
+        """Every (model, capture, dataset) store group, grouped by model (the order units are scheduled in)."""
+        out = []
+        for m in self.models:
+            for c in self.captures.values():
+                if m.group not in c.groups:
+                    continue
+                for d in c.datasets:
+                    out.append(Target(m, self.datasets[d], c, self.store_url(c.name), f"{m.group}/{m.label}/{d}"))
+        return out
+
+    def study_inputs(self, study: str) -> dict[str, dict[str, tuple[str, str]]]:
+        """For a configured study: model key -> dataset -> (store url, group), to open with ``open_store``."""
+        s = self.studies[study]
+        out: dict[str, dict[str, tuple[str, str]]] = {}
+        for t in self.targets():
+            if t.capture.name == s.capture and t.dataset.name in s.datasets and t.model.group in s.groups:
+                out.setdefault(t.model.key, {})[t.dataset.name] = (t.url, t.group)
+        return out
+
+
+@dataclass(frozen=True)
+class Target:
+    """One store group: a model's capture of one dataset."""
+
+    model: ModelSpec
+    dataset: DatasetSpec
+    capture: CaptureEntry
+    url: str
+    group: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.model.key} {self.dataset.name} {self.capture.name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML with line numbers
+
+
+class _N:
+    """A YAML node with its key path, for errors that name the key and the line."""
+
+    def __init__(self, node: yaml.Node, path: str, file: str, key_mark: yaml.Mark | None = None) -> None:
+        self.node = node
+        self.path = path
+        self.file = file
+        self.key_mark = key_mark
+
+    @property
+    def line(self) -> int:
+        # the key's line: a block mapping's own node starts at its first child
+        return (self.key_mark or self.node.start_mark).line + 1
+
+    def error(self, problem: str) -> SweepError:
+        where = f"{self.path}: " if self.path else ""
+        return SweepError(f"{self.file}:{self.line}: {where}{problem}")
+
+    def child(self, node: yaml.Node, key: str, key_mark: yaml.Mark | None = None) -> _N:
+        return _N(node, f"{self.path}.{key}" if self.path else key, self.file, key_mark)
+
+    @property
+    def is_null(self) -> bool:
+        return isinstance(self.node, yaml.ScalarNode) and self.node.tag == "tag:yaml.org,2002:null"
+
+    def mapping(self, allowed: Iterable[str] | None = None, required: Iterable[str] = ()) -> dict[str, _N]:
+        if not isinstance(self.node, yaml.MappingNode):
+            raise self.error(f"expected a mapping (key: value), got {self._kind()}")
+        out: dict[str, _N] = {}
+        allowed = None if allowed is None else tuple(allowed)
+        for knode, vnode in self.node.value:
+            if not isinstance(knode, yaml.ScalarNode):
+                raise _N(knode, self.path, self.file).error("keys must be plain names")
+            key = str(knode.value)
+            kn = _N(knode, f"{self.path}.{key}" if self.path else key, self.file)
+            if key in out:
+                raise kn.error(f"duplicate key (first at line {out[key].line})")
+            if allowed is not None and key not in allowed:
+                hint = difflib.get_close_matches(key, allowed, n=1)
+                raise kn.error(
+                    "unknown key" + (f"; did you mean {hint[0]!r}?" if hint else f"; allowed: {', '.join(allowed)}")
+                )
+            out[key] = self.child(vnode, key, knode.start_mark)
+        missing = [k for k in required if k not in out]
+        if missing:
+            raise self.error(f"missing key {missing[0]!r}")
+        return out
+
+    def _kind(self) -> str:
+        if isinstance(self.node, yaml.MappingNode):
+            return "a mapping"
+        if isinstance(self.node, yaml.SequenceNode):
+            return "a list"
+        return f"{self.value()!r}"
+
+    def value(self) -> Any:
+        loader = yaml.SafeLoader("")
+        try:
+            return loader.construct_document(self.node)
+        except yaml.YAMLError as e:
+            raise self.error(str(e).splitlines()[0]) from None
+        finally:
+            loader.dispose()
+
+    def str(self) -> str:
+        v = self.value()
+        if not isinstance(v, str) or not v.strip():
+            raise self.error(f"expected a non-empty string, got {self._kind()}")
+        return v
+
+    def name(self) -> str:
+        v = self.str()
+        if not _NAME.match(v):
+            raise self.error(f"{v!r} is not a valid name (letters, digits, '_', '-', '.'; no '/')")
+        return v
+
+    def int(self, minimum: int | None = None) -> int:
+        v = self.value()
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self.error(f"expected an integer, got {self._kind()}")
+        if minimum is not None and v < minimum:
+            raise self.error(f"must be >= {minimum}, got {v}")
+        return v
+
+    def number(self, minimum: float = 0.0, strict: bool = False) -> float:
+        v = self.value()
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise self.error(f"expected a number, got {self._kind()}")
+        if v < minimum or (strict and v == minimum):
+            raise self.error(f"must be {'>' if strict else '>='} {minimum:g}, got {v}")
+        return float(v)
+
+    def bool(self) -> bool:
+        v = self.value()
+        if not isinstance(v, bool):
+            raise self.error(f"expected true or false, got {self._kind()}")
+        return v
+
+    def str_list(self) -> list[_N]:
+        """A list of strings, or one string (a one-element list)."""
+        if isinstance(self.node, yaml.ScalarNode):
+            self.str()
+            return [self]
+        if not isinstance(self.node, yaml.SequenceNode):
+            raise self.error(f"expected a list of names, got {self._kind()}")
+        items = [self.child(n, f"[{i}]") for i, n in enumerate(self.node.value)]
+        for it in items:
+            it.str()
+        if not items:
+            raise self.error("empty list")
+        return items
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and validate a sweep file (raises :class:`SweepError` naming the line and key)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SweepError(f"sweep file {p} does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SweepError(f"sweep file {p}: cannot read it ({e})") from None
+    return parse_sweep(text, file=str(p), base_dir=p.resolve().parent)
+
+
+def parse_sweep(text: str, *, file: str = "<sweep>", base_dir: str | Path = ".") -> Sweep:
+    """Validate a sweep given as YAML text; relative paths resolve against ``base_dir``."""
+    base = Path(base_dir)
+    try:
+        # compose, not load: the nodes keep their line numbers for every later error
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise SweepError(f"{file}{line}: not valid YAML: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise SweepError(f"{file}: not valid YAML: {e}") from None
+    if root is None:
+        raise SweepError(f"{file}: the sweep file is empty")
+    top = _N(root, "", file).mapping(
+        allowed=(
+            "name", "output", "storage_options", "shard_size", "token_budget", "max_length", "truncate",
+            "models", "datasets", "captures", "studies", "resources",
+        ),
+        required=("output", "models", "datasets", "captures"),
+    )
+    name = top["name"].name() if "name" in top else Path(file).stem
+    storage_options = None
+    if "storage_options" in top and not top["storage_options"].is_null:
+        top["storage_options"].mapping()
+        storage_options = top["storage_options"].value()
+    output = _output(top["output"], base, storage_options)
+
+    models = _models(top["models"], base)
+    datasets = _datasets(top["datasets"], base)
+    groups = sorted({m.group for m in models})
+    captures = _captures(top["captures"], datasets, groups)
+    studies = _studies(top["studies"], datasets, groups, captures) if "studies" in top else {}
+    resources = _resources(top["resources"]) if "resources" in top else Resources()
+    return Sweep(
+        name=name,
+        file=file,
+        output=output,
+        models=tuple(models),
+        datasets=datasets,
+        captures=captures,
+        studies=studies,
+        storage_options=storage_options,
+        shard_size=top["shard_size"].int(1) if "shard_size" in top else 256,
+        token_budget=top["token_budget"].int(1) if "token_budget" in top else 16384,
+        max_length=top["max_length"].int(1) if "max_length" in top and not top["max_length"].is_null else None,
+        truncate=top["truncate"].bool() if "truncate" in top else False,
+        resources=resources,
+    )
+
+
+def _output(n: _N, base: Path, storage_options: dict | None) -> str:
+    out = n.str()
+    if "://" in out and not out.startswith("file://"):
+        return out.rstrip("/")
+    if storage_options:
+        raise n.error("storage_options are for fsspec URLs (s3://, gs://); this output is a local path")
+    p = Path(out.removeprefix("file://")).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _model_ref(n: _N, base: Path) -> tuple[str, str | None]:
+    """``id`` or ``{path: id, revision: r}``; local-looking paths are resolved and must exist."""
+    if isinstance(n.node, yaml.MappingNode):
+        m = n.mapping(allowed=("path", "revision"), required=("path",))
+        path_n = m["path"]
+        revision = m["revision"].str() if "revision" in m and not m["revision"].is_null else None
+    else:
+        path_n, revision = n, None
+    raw = path_n.str()
+    p = Path(raw).expanduser()
+    looks_local = raw.startswith(("/", "./", "../", "~")) or raw.count("/") > 1 or (base / p).exists()
+    if looks_local:
+        p = p if p.is_absolute() else (base / p).resolve()
+        if not p.is_dir():
+            raise path_n.error(f"model directory {p} does not exist")
+        if not (p / "config.json").is_file():
+            raise path_n.error(f"model directory {p} has no config.json")
+        return str(p), revision
+    return raw, revision
+
+
+def _models(n: _N, base: Path) -> list[ModelSpec]:
+    groups = n.mapping()
+    if not groups:
+        raise n.error("no model group given")
+    out: list[ModelSpec] = []
+    for gname, gn in groups.items():
+        if not _NAME.match(gname):
+            raise gn.error(f"{gname!r} is not a valid group name (letters, digits, '_', '-', '.')")
+        g = gn.mapping(allowed=("base", "post", "dtype", "allow_pickle", "trust_remote_code"), required=("base", "post"))
+        dtype = g["dtype"].str() if "dtype" in g else "float32"
+        if dtype not in _MODEL_DTYPES:
+            raise g["dtype"].error(f"unknown dtype {dtype!r}; use {', '.join(_MODEL_DTYPES)}")
+        flags = {k: g[k].bool() for k in ("allow_pickle", "trust_remote_code") if k in g}
+        path, rev = _model_ref(g["base"], base)
+        out.append(ModelSpec(gname, "base", path, rev, dtype, **flags))
+        post = g["post"]
+        if isinstance(post.node, yaml.SequenceNode):
+            items = [(f"post{i}" if len(post.node.value) > 1 else "post", post.child(x, f"[{i}]")) for i, x in enumerate(post.node.value)]
+        elif isinstance(post.node, yaml.MappingNode):
+            items = list(post.mapping().items())
+        else:
+            items = [("post", post)]
+        if not items:
+            raise post.error("no post-trained model given")
+        for label, pn in items:
+            if label == "base" or not _NAME.match(label):
+                raise pn.error(f"{label!r} is not a valid model label (letters, digits, '_', '-', '.'; not 'base')")
+            path, rev = _model_ref(pn, base)
+            out.append(ModelSpec(gname, label, path, rev, dtype, **flags))
+    return out
+
+
+def _datasets(n: _N, base: Path) -> dict[str, DatasetSpec]:
+    entries = n.mapping()
+    if not entries:
+        raise n.error("no dataset given")
+    out: dict[str, DatasetSpec] = {}
+    for name, dn in entries.items():
+        if not _NAME.match(name):
+            raise dn.error(f"{name!r} is not a valid dataset name (letters, digits, '_', '-', '.')")
+        if isinstance(dn.node, yaml.MappingNode):
+            d = dn.mapping(allowed=("path", "text_column", "limit"), required=("path",))
+            path_n = d["path"]
+            text_column = d["text_column"].str() if "text_column" in d else None
+            limit = d["limit"].int(1) if "limit" in d else None
+        else:
+            path_n, text_column, limit = dn, None, None
+        p = Path(path_n.str()).expanduser()
+        p = p if p.is_absolute() else (base / p).resolve()
+        if not p.is_file():
+            raise path_n.error(f"dataset file {p} does not exist")
+        out[name] = DatasetSpec(name, str(p), text_column, limit, line=path_n.line)
+    return out
+
+
+def _names_in(n: _N, known: Iterable[str], what: str) -> tuple[str, ...]:
+    known = tuple(known)
+    names = []
+    for it in n.str_list():
+        v = it.str()
+        if v not in known:
+            hint = difflib.get_close_matches(v, known, n=1)
+            raise it.error(f"unknown {what} {v!r}" + (f"; did you mean {hint[0]!r}?" if hint else f"; known: {', '.join(known)}"))
+        names.append(v)
+    return tuple(dict.fromkeys(names))
+
+
+def _captures(n: _N, datasets: Mapping[str, DatasetSpec], groups: list[str]) -> dict[str, CaptureEntry]:
+    entries = n.mapping()
+    if not entries:
+        raise n.error("no capture given")
+    out: dict[str, CaptureEntry] = {}
+    for name, cn in entries.items():
+        if not _NAME.match(name):
+            raise cn.error(f"{name!r} is not a valid capture name (letters, digits, '_', '-', '.')")
+        c = cn.mapping(allowed=("sites", "layers", "positions", "template", "dtype", "compression", "datasets", "models"))
+        kw: dict[str, Any] = {}
+        if "sites" in c:
+            kw["sites"] = tuple(x.str() for x in c["sites"].str_list())
+        if "layers" in c:
+            v = c["layers"].value()
+            if isinstance(v, list):
+                if not v or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+                    raise c["layers"].error("expected 'all', 'a:b', '0,3,5' or a list of integers")
+                kw["layers"] = tuple(v)
+            elif isinstance(v, int) and not isinstance(v, bool):
+                kw["layers"] = (v,)
+            elif isinstance(v, str):
+                kw["layers"] = v
+            else:
+                raise c["layers"].error("expected 'all', 'a:b', '0,3,5' or a list of integers")
+        for key in ("positions", "template", "dtype"):
+            if key in c:
+                kw[key] = c[key].str()
+        if "compression" in c:
+            kw["compression"] = None if c["compression"].is_null or c["compression"].value() == "none" else c["compression"].str()
+        # each field through the engine's own parser first, so an error names its key
+        from mechdiff.engine.batching import PromptTemplate
+        from mechdiff.engine.positions import Positions
+        from mechdiff.engine.sites import parse_sites
+
+        for key, check in (("sites", parse_sites), ("positions", Positions.parse), ("template", PromptTemplate)):
+            if key in kw:
+                try:
+                    check(kw[key])
+                except ValueError as e:
+                    raise c[key].error(str(e)) from None
+        try:
+            spec = CaptureSpec(**kw)
+        except ValueError as e:
+            raise (c["dtype"] if "dtype" in c and "dtype" in str(e) else cn).error(str(e)) from None
+        if "compression" in kw:
+            from mechdiff.engine.store import _compressors  # validates zstd / zstd:<level> / None
+
+            try:
+                _compressors(kw["compression"])
+            except ValueError as e:
+                raise c["compression"].error(str(e)) from None
+        if isinstance(spec.layers, str):
+            try:  # syntax only; the range is checked against each model when it loads
+                from mechdiff.engine.sites import parse_layers
+
+                parse_layers(spec.layers, 10**6)
+            except ValueError as e:
+                raise c["layers"].error(str(e)) from None
+        ds = _names_in(c["datasets"], datasets, "dataset") if "datasets" in c else tuple(datasets)
+        gs = _names_in(c["models"], groups, "model group") if "models" in c else tuple(groups)
+        out[name] = CaptureEntry(name, spec, ds, gs)
+    return out
+
+
+def _studies(n: _N, datasets: Mapping[str, DatasetSpec], groups: list[str], captures: Mapping[str, CaptureEntry]) -> dict[str, StudyEntry]:
+    out: dict[str, StudyEntry] = {}
+    for name, sn in n.mapping(allowed=STUDIES).items():
+        if sn.is_null:
+            out[name] = StudyEntry(name, None, tuple(datasets), tuple(groups))
+            continue
+        s = sn.mapping()
+        capture = None
+        if "capture" in s:
+            capture = s["capture"].str()
+            if capture not in captures:
+                hint = difflib.get_close_matches(capture, captures, n=1)
+                raise s["capture"].error(f"unknown capture {capture!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+        ds = _names_in(s["datasets"], datasets, "dataset") if "datasets" in s else (captures[capture].datasets if capture else tuple(datasets))
+        gs = _names_in(s["models"], groups, "model group") if "models" in s else tuple(groups)
+        if capture is not None:
+            missing = [d for d in ds if d not in captures[capture].datasets]
+            if missing:
+                raise (s["datasets"] if "datasets" in s else sn).error(
+                    f"capture {capture!r} does not cover dataset {missing[0]!r}; add it to captures.{capture}.datasets"
+                )
+        for key in _DATASET_OPTIONS.get(name, ()):
+            if key in s:
+                _names_in(s[key], datasets, "dataset")
+        options = {k: v.value() for k, v in s.items() if k not in ("capture", "datasets", "models")}
+        out[name] = StudyEntry(name, capture, ds, gs, options)
+    return out
+
+
+def _resources(n: _N) -> Resources:
+    r = n.mapping(allowed=("num_cpus", "num_gpus", "torch_threads", "actors", "max_retries"))
+    num_gpus = None
+    if "num_gpus" in r and not r["num_gpus"].is_null and r["num_gpus"].value() != "auto":
+        num_gpus = r["num_gpus"].number(0.0)
+    return Resources(
+        num_cpus=r["num_cpus"].number(0.0, strict=True) if "num_cpus" in r else 1.0,
+        num_gpus=num_gpus,
+        torch_threads=r["torch_threads"].int(1) if "torch_threads" in r else None,
+        actors=r["actors"].int(1) if "actors" in r and not r["actors"].is_null else None,
+        max_retries=r["max_retries"].int(0) if "max_retries" in r else 2,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# planning
+
+
+@dataclass
+class TargetPlan:
+    """A target's state before a run: how many shards, which are done."""
+
+    target: Target
+    prompts: PromptSet
+    n_shards: int
+    done: list[int]
+    exists: bool
+
+    @property
+    def missing(self) -> int:
+        return self.n_shards - len(self.done)
+
+
+@dataclass
+class SweepPlan:
+    sweep: Sweep
+    targets: list[TargetPlan]
+
+    @property
+    def total_units(self) -> int:
+        return sum(t.n_shards for t in self.targets)
+
+    @property
+    def remaining_units(self) -> int:
+        return sum(t.missing for t in self.targets)
+
+
+def _load_datasets(sweep: Sweep) -> dict[str, PromptSet]:
+    out = {}
+    for name, d in sweep.datasets.items():
+        try:
+            out[name] = d.load()
+        except (DataError, OSError, ValueError) as e:
+            where = f"{sweep.file}:{d.line}: datasets.{name}" if d.line else f"{sweep.file}: datasets.{name}"
+            raise SweepError(f"{where}: {e}") from None
+        if len(out[name]) == 0:
+            raise SweepError(f"{sweep.file}: datasets.{name}: {d.path} holds no prompt")
+    return out
+
+
+def _check_local_layers(sweep: Sweep) -> None:
+    """Layer selections against the layer count of local models (read from config.json, no weights)."""
+    from mechdiff.engine.sites import parse_layers
+
+    for m in sweep.models:
+        cfg_path = Path(m.path) / "config.json"
+        if not cfg_path.is_file():
+            continue  # a hub id: checked when the replica loads it
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (OSError, ValueError):
+            continue
+        cfg = cfg.get("text_config") or cfg
+        n_layers = next((cfg[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(cfg.get(k), int)), None)
+        if n_layers is None:
+            continue
+        for c in sweep.captures.values():
+            if m.group in c.groups:
+                try:
+                    parse_layers(c.spec.layers, n_layers)
+                except ValueError as e:
+                    raise SweepError(f"{sweep.file}: captures.{c.name}.layers: model {m.key} ({n_layers} layers): {e}") from None
+
+
+def _open_existing(t: Target, storage_options: dict | None):
+    from mechdiff.engine.store import ActivationStore, StoreIncompleteError, StoreMismatchError
+
+    try:
+        return ActivationStore.open(t.url, t.group, storage_options)
+    except FileNotFoundError:
+        return None
+    except (StoreMismatchError, StoreIncompleteError, ValueError) as e:
+        raise SweepError(f"target {t.key}: {e}") from None
+
+
+def _check_done_store(sweep: Sweep, t: Target, store, prompts: PromptSet) -> None:
+    """A group that will not be touched again still has to be the one this sweep describes."""
+    prov = store.provenance
+    problems = []
+    if prov.get("model_id") not in (None, t.model.path):
+        problems.append(f"was made by model {prov.get('model_id')!r}, the sweep names {t.model.path!r}")
+    if prov.get("dataset_hash") not in (None, prompts.hash):
+        problems.append(f"holds another version of dataset {t.dataset.name} ({t.dataset.path} changed)")
+    try:
+        stored = json.loads(prov.get("capture_spec", "{}"))
+    except ValueError:
+        stored = {}
+    want = {"sites": list(t.capture.spec.sites), "positions": t.capture.spec.positions,
+            "template": t.capture.spec.template, "dtype": t.capture.spec.dtype}
+    diff = [k for k, v in want.items() if k in stored and stored[k] != v]
+    if diff:
+        problems.append(f"was captured with {diff[0]} {stored[diff[0]]!r}, captures.{t.capture.name} asks for {want[diff[0]]!r}")
+    if store.shard_size != sweep.shard_size:
+        problems.append(f"has shard_size {store.shard_size}, the sweep {sweep.shard_size}")
+    if problems:
+        raise SweepError(
+            f"store {t.url} group {t.group} " + "; ".join(problems) + "; use another output or remove that group"
+        )
+
+
+def plan_sweep(sweep: Sweep) -> SweepPlan:
+    """Load the datasets, check layer ranges, and read what the stores already hold. Touches no store."""
+    prompts = _load_datasets(sweep)
+    _check_local_layers(sweep)
+    plans = []
+    for t in sweep.targets():
+        ps = prompts[t.dataset.name]
+        n_shards = -(-len(ps) // sweep.shard_size)
+        store = _open_existing(t, sweep.storage_options)
+        if store is None:
+            plans.append(TargetPlan(t, ps, n_shards, [], False))
+            continue
+        _check_done_store(sweep, t, store, ps)
+        if store.n_examples != len(ps):
+            raise SweepError(
+                f"store {t.url} group {t.group} holds {store.n_examples} examples, dataset {t.dataset.name} has "
+                f"{len(ps)}; use another output or remove that group"
+            )
+        plans.append(TargetPlan(t, ps, store.n_shards, store.done_shards(), True))
+    return SweepPlan(sweep, plans)
+
+
+@dataclass
+class StatusRow:
+    model: str  # group/label
+    model_path: str
+    capture: str
+    dataset: str
+    url: str
+    group: str
+    done: int
+    total: int
+
+    @property
+    def state(self) -> str:
+        return "done" if self.done == self.total else ("not started" if self.done == 0 else "partial")
+
+
+def sweep_status(sweep: Sweep | str | Path) -> list[StatusRow]:
+    """Units (shards) done / total for every model x capture x dataset of the sweep."""
+    if not isinstance(sweep, Sweep):
+        sweep = load_sweep(sweep)
+    plan = plan_sweep(sweep)
+    return [
+        StatusRow(p.target.model.key, p.target.model.path, p.target.capture.name, p.target.dataset.name,
+                  p.target.url, p.target.group, len(p.done), p.n_shards)
+        for p in plan.targets
+    ]

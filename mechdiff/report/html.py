@@ -1,0 +1,148 @@
+"""The HTML report: one self-contained file (figures embedded as data URIs) that reads offline.
+
+It mirrors the study: one section per finding, each figure with a line saying how to read it, a table
+of the findings measured on each model pair, and the provenance of models, datasets and versions.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from mechdiff.analyses.common import Finding, StudyResult, to_jsonable
+
+__all__ = ["FigureNote", "STUDY_TITLES", "render_report", "write_report"]
+
+STUDY_TITLES = {
+    "knowledge": ("Knowledge storage", "Does post-training move where facts are stored? Activation patching of true/false fact pairs."),
+    "truthfulness": ("Truthfulness", "Is there a linear truth direction, and is it shared between the base and post-trained model?"),
+    "refusal": ("Refusal", "Is there a refusal direction, and is it shared? Ablation and addition during generation, own vs transferred."),
+    "confidence": ("Confidence", "Do entropy neurons explain the confidence change? Candidate neurons, their overlap, their ablation."),
+}
+ORDER = ("knowledge", "truthfulness", "refusal", "confidence")
+
+
+@dataclass(frozen=True)
+class FigureNote:
+    title: str
+    how_to_read: str
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f"data:image/png;base64,{data}"
+
+
+def _note(study: StudyResult, key: str) -> FigureNote:
+    return FigureNote(key.replace("_", " ").capitalize(), study.notes.get(key, ""))
+
+
+def _findings_table(findings: Sequence[Finding]) -> str:
+    if not findings:
+        return "<p class='muted'>No findings recorded.</p>"
+    rows = []
+    for f in findings:
+        nums = ", ".join(f"{k} = {_fmt(v)}" for k, v in f.figures.items())
+        verdict = "<span class='yes'>agrees</span>" if f.agrees else "<span class='no'>differs</span>"
+        rows.append(
+            f"<tr><td>{html.escape(f.finding)}</td><td>{html.escape(f.pair)}</td><td>{html.escape(nums)}</td>"
+            f"<td>{verdict}</td><td>{html.escape(f.detail)}</td></tr>"
+        )
+    return (
+        "<table><thead><tr><th>finding</th><th>pair</th><th>measured</th><th>vs the paper</th><th>note</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def _provenance_table(provenance: dict[str, Any]) -> str:
+    rows = []
+    for section, items in provenance.items():
+        if isinstance(items, dict):
+            for k, v in items.items():
+                rows.append(f"<tr><td>{html.escape(section)}</td><td>{html.escape(str(k))}</td><td><code>{html.escape(_short(v))}</code></td></tr>")
+        else:
+            rows.append(f"<tr><td>{html.escape(section)}</td><td></td><td><code>{html.escape(_short(items))}</code></td></tr>")
+    return f"<table><thead><tr><th>what</th><th>key</th><th>value</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _short(v: Any) -> str:
+    s = v if isinstance(v, str) else json.dumps(to_jsonable(v))
+    return s if len(s) <= 300 else s[:297] + "..."
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+.muted{color:#666} figure{display:inline-block;margin:1em 1em 1em 0;vertical-align:top;max-width:100%}
+figure img{max-width:100%;border:1px solid #eee} figcaption{font-size:.9em;color:#444;max-width:560px}
+table{border-collapse:collapse;margin:1em 0;font-size:.9em} td,th{border:1px solid #ddd;padding:.3em .6em;text-align:left;vertical-align:top}
+th{background:#f6f6f6} .yes{color:#1a7f37;font-weight:600} .no{color:#b42318;font-weight:600} code{font-size:.85em;word-break:break-all}
+"""
+
+# On load, count figures that decoded to a non-empty image; a headless browser reads these attributes.
+_CHECK_JS = """
+window.addEventListener('load', function () {
+  var imgs = document.querySelectorAll('figure img'); var ok = 0, bad = [];
+  imgs.forEach(function (im) { if (im.complete && im.naturalWidth > 0 && im.naturalHeight > 0) ok++; else bad.push(im.alt); });
+  document.body.setAttribute('data-figures-total', imgs.length);
+  document.body.setAttribute('data-figures-loaded', ok);
+  document.body.setAttribute('data-figures-broken', bad.join('|'));
+});
+"""
+
+
+def render_report(
+    results: dict[str, StudyResult],
+    *,
+    title: str = "mechdiff report",
+    provenance: dict[str, Any] | None = None,
+    summary_rows: Sequence[Finding] | None = None,
+) -> str:
+    """The report as one HTML string; figures are embedded, nothing is fetched."""
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             f"<p class='muted'>Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} by mechdiff.</p>"]
+    findings = list(summary_rows) if summary_rows is not None else [f for r in results.values() for f in r.findings]
+    parts.append("<h2>Findings</h2>")
+    parts.append("<p>Each row is one of the study's findings measured on one base / post-trained pair, and whether "
+                 "that pair agrees with what the paper reports.</p>")
+    parts.append(_findings_table(findings))
+    for name in [*ORDER, *sorted(set(results) - set(ORDER))]:
+        if name not in results:
+            continue
+        r = results[name]
+        head, question = STUDY_TITLES.get(name, (name.title(), ""))
+        parts.append(f"<h2 id='{name}'>{html.escape(head)}</h2><p>{html.escape(question)}</p>")
+        parts.append(_findings_table(r.findings))
+        for key, path in r.figures.items():
+            note = _note(r, key)
+            parts.append(
+                f"<figure><img alt='{html.escape(name + '/' + key)}' src='{_img(path)}'>"
+                f"<figcaption><b>{html.escape(note.title)}.</b> {html.escape(note.how_to_read)}</figcaption></figure>"
+            )
+    if provenance:
+        parts.append("<h2 id='provenance'>Provenance</h2>")
+        parts.append(_provenance_table(provenance))
+    body = "\n".join(parts)
+    return (
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style><script>{_CHECK_JS}</script></head>"
+        f"<body>{body}</body></html>"
+    )
+
+
+def write_report(path: str | Path, results: dict[str, StudyResult], **kw: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_report(results, **kw), encoding="utf-8")
+    return path

@@ -1,0 +1,33 @@
+"""``mechdiff zoo ...`` commands; ``zoo_app`` is mounted by the main CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+zoo_app = typer.Typer(help="The embedded default model pair and its datasets.", no_args_is_help=True)
+
+
+@zoo_app.command("build")
+def build(
+    out: Path = typer.Option(..., "--out", help="Directory to write base/, post/, data/ and manifest.json into."),
+    steps: int | None = typer.Option(None, "--steps", help="Base-model step budget (default: the shipped recipe)."),
+    seed: int = typer.Option(0, "--seed", help="World and training seed."),
+    evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Measure behaviour into the manifest."),
+) -> None:
+    """Rebuild the pair from its seed on CPU."""
+    from mechdiff.zoo.build import build_pair
+
+    path = build_pair(out, steps=steps, seed=seed, progress=True, evaluate=evaluate)
+    typer.echo(str(path))
+
+
+@zoo_app.command("path")
+def path(kind: str = typer.Argument(..., help="base, post or data")) -> None:
+    """Print the directory of the shipped base model, post model or datasets."""
+    from mechdiff.zoo.paths import KINDS, zoo_path
+
+    if kind not in KINDS:
+        raise typer.BadParameter(f"expected one of {', '.join(KINDS)}", param_hint="KIND")
+    typer.echo(str(zoo_path(kind)))  # type: ignore[arg-type]

@@ -1,0 +1,449 @@
+"""Knowledge study: exact patching against a naive reference, cross-model patching, attribution, statistics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import xarray as xr
+
+from mechdiff.analyses import knowledge as kn
+from mechdiff.analyses.knowledge import (
+    ModelMismatchError,
+    PairError,
+    attribution_patching,
+    exact_patching,
+    naive_patching,
+    prepare_pairs,
+)
+from mechdiff.engine.models import load_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread. With two OpenMP threads on this shared 2-core machine, a tiny forward waits on
+    a busy core (measured: the naive reference 25 s with two threads vs 0.3 s with one, under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def prompt(statement: str, topic: str) -> str:
+    # context words, the statement, then a fixed suffix (the tiny vocabulary has only w<i> words and ":")
+    return f"w5 w6 {statement} w7 :"
+
+
+def make_pairs(words: list[int], seed: int = 0, changed: list[int] | None = None) -> pd.DataFrame:
+    """One pair per entry: a statement of that many random words, one word changed."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, n in enumerate(words):
+        w = [f"w{x}" for x in rng.integers(10, 400, n)]
+        f = list(w)
+        k = changed[i] if changed else int(rng.integers(1, n))
+        f[k] = f"w{(int(w[k][1:]) + 7) % 400 + 10}"
+        rows.append(dict(true_statement=" ".join(w), false_statement=" ".join(f), true_answer="w1",
+                         false_answer="w2", topic=f"t{i % 2}"))
+    return pd.DataFrame(rows)
+
+
+def prepared(lm, df: pd.DataFrame, answers_from=None):
+    """Tokenised pairs whose answers are the words the model's true and false runs separate most, so the
+    normalisation divides by a gap well above fp32 rounding (random tiny models barely separate others)."""
+    ref = answers_from or lm
+    df = df.copy()
+    for i in range(len(df)):
+        with torch.no_grad():
+            lg = [ref.model(**ref.tokenizer(prompt(df[c][i], "t"), return_tensors="pt")).logits[0, -1]
+                  for c in ("true_statement", "false_statement")]
+        d = (lg[0] - lg[1])[4:400]  # w0..w395
+        df.loc[i, "true_answer"] = f"w{int(d.argmax())}"
+        df.loc[i, "false_answer"] = f"w{int(d.argmin())}"
+    return prepare_pairs(lm.tokenizer, df, prompt=prompt, tokenizer_hash=lm.tokenizer_hash)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_dir):
+    return {
+        "llama": load_model(tiny_dir("llama", n_layers=3)),
+        "llama2": load_model(tiny_dir("llama", n_layers=2)),
+        "gpt2": load_model(tiny_dir("gpt2", n_layers=2)),
+        "gpt_neox": load_model(tiny_dir("gpt_neox", n_layers=2)),
+        "gemma2": load_model(tiny_dir("gemma2", n_layers=2)),
+    }
+
+
+PATCHABLE = ("resid_pre", "resid_post", "attn_out", "mlp_out", "mlp_act")
+
+
+def assert_same(a: xr.Dataset, b: xr.Dataset, atol: float = 1e-5) -> None:
+    """Raw patched logit differences to ``atol``; normalised effects to ``atol`` wherever the pair's
+    true-false gap is large enough for the normalisation not to amplify fp32 rounding beyond it."""
+    assert a["patched"].shape == b["patched"].shape
+    np.testing.assert_array_equal(np.isnan(a["patched"].values), np.isnan(b["patched"].values))
+    np.testing.assert_allclose(a["patched"].values, b["patched"].values, atol=atol, rtol=0)
+    np.testing.assert_allclose(a["ld_true"].values, b["ld_true"].values, atol=atol, rtol=0)
+    np.testing.assert_allclose(a["ld_false"].values, b["ld_false"].values, atol=atol, rtol=0)
+    gap = np.abs(b["ld_true"] - b["ld_false"]).values
+    ok = gap > 0.05
+    assert ok.any()
+    np.testing.assert_allclose(a["effect"].values[:, ok], b["effect"].values[:, ok], atol=atol, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def test_prepare_pairs_roles_answers_tiny(models):
+    lm = models["llama"]
+    df = make_pairs([4], changed=[2])
+    pp = prepare_pairs(lm.tokenizer, df, prompt=prompt)
+    tok = lm.tokenizer
+    ids = tok(prompt(df["true_statement"][0], "t"))["input_ids"]
+    assert pp.true_ids[0] == ids and len(pp.false_ids[0]) == len(ids)
+    # <bos> w5 w6 | s0 s1 | s2 (changed) | s3 w7 :
+    want = ["context"] * 3 + ["subject"] * 2 + ["object"] + ["final"] * 3
+    assert [kn.ROLES[r] for r in pp.roles[0]] == want
+    assert pp.answers.tolist() == [[tok.convert_tokens_to_ids("w1"), tok.convert_tokens_to_ids("w2")]]
+    # right-aligned role matrix
+    assert pp.role_matrix().shape == (1, len(ids))
+
+
+def test_prepare_pairs_roles_zoo_tokenizer():
+    from mechdiff.zoo.templates import truth_prompt
+    from mechdiff.zoo.tokenizer import build_tokenizer
+
+    shots = {"cities": [("The city of Oslo is in Norway.", 1), ("The city of Rome is in Peru.", 0)]}
+    t, f = "The city of Lyon is in France.", "The city of Lyon is in Spain."
+    tok = build_tokenizer([truth_prompt(t, shots["cities"]), truth_prompt(f, shots["cities"]) + " TRUE FALSE"])
+    df = pd.DataFrame([dict(true_statement=t, false_statement=f, true_answer="TRUE", false_answer="FALSE", topic="cities")])
+    pp = prepare_pairs(tok, df, shots=shots)
+    assert pp.true_prompts[0] == truth_prompt(t, shots["cities"])
+    toks = tok.convert_ids_to_tokens(pp.true_ids[0])
+    roles = [kn.ROLES[r] for r in pp.roles[0]]
+    start = len(toks) - 1 - toks[::-1].index("▁The")  # the statement's first token (after the shots)
+    obj = toks.index("▁France")
+    assert roles[:start] == ["context"] * start
+    assert roles[start:obj] == ["subject"] * (obj - start)  # The city of Lyon is in
+    assert roles[obj] == "object" and roles[obj + 1 :] == ["final"] * (len(toks) - obj - 1)  # . This statement is :
+    assert toks[obj + 1 :] == [".", "▁This", "▁statement", "▁is", ":"]
+    assert pp.answers[0].tolist() == tok.convert_tokens_to_ids(["▁TRUE", "▁FALSE"])
+
+
+def test_unequal_token_lengths_error(models):
+    lm = models["llama"]
+    df = pd.DataFrame([
+        dict(true_statement="w10 w11", false_statement="w10 w12", true_answer="w1", false_answer="w2", topic="t"),
+        dict(true_statement="w10 w11 w12", false_statement="w10 w11", true_answer="w1", false_answer="w2", topic="t"),
+    ])
+    with pytest.raises(PairError, match=r"pair row 2: the true prompt has 8 tokens, the false prompt 7"):
+        prepare_pairs(lm.tokenizer, df, prompt=prompt)
+    same = df.iloc[:1].assign(false_statement="w10 w11")
+    with pytest.raises(PairError, match="tokenize identically"):
+        prepare_pairs(lm.tokenizer, same, prompt=prompt)
+    with pytest.raises(PairError, match="same token"):
+        prepare_pairs(lm.tokenizer, df.iloc[:1].assign(false_answer="w1"), prompt=prompt)
+    with pytest.raises(PairError, match="missing column"):
+        kn.load_pairs(df.drop(columns="topic"))
+
+
+# ---------------------------------------------------------------------------------------------- exact
+
+
+@pytest.mark.parametrize(
+    "arch,sites",
+    [
+        ("llama", PATCHABLE),
+        ("gpt2", PATCHABLE),  # learned absolute positions, Conv1D, tuple outputs
+        ("gpt_neox", PATCHABLE),  # parallel residual, partial rotary
+        ("gemma2", PATCHABLE),  # post-norm blocks, eager attention, sliding-window masks per layer
+    ],
+)
+def test_exact_equals_naive(models, arch, sites):
+    lm = models[arch]
+    pp = prepared(lm, make_pairs([2, 3, 3], seed=1))  # two lengths: two groups
+    naive = naive_patching(lm, None, pp, sites=sites)
+    exact = exact_patching(lm, None, pp, sites=sites, token_budget=64)  # small budget: several chunks
+    assert exact.attrs["execution"] == "resume"  # the resumed path was validated and used, no fallback
+    assert exact.attrs["variants_skipped"] > 0  # positions before the changed word are answered without running
+    assert_same(exact, naive)
+    everything = exact_patching(lm, None, pp, sites=sites, skip_unchanged=False)
+    assert everything.attrs["variants_skipped"] == 0
+    assert_same(everything, naive)
+    hooked = exact_patching(lm, None, pp, sites=sites, method="hooked")
+    assert hooked.attrs["execution"] == "hooked"
+    assert_same(hooked, naive)
+    # sanity of the normalisation itself: patching the last layer's output at the last position is the true run
+    last = exact["effect"].sel(site="resid_post", layer=lm.adapter.n_layers - 1, position=-1).values
+    np.testing.assert_allclose(last, 1.0, atol=1e-4)
+
+
+def test_layer_subset_in_any_order(models):
+    lm = models["llama"]
+    pp = prepared(lm, make_pairs([3, 4], seed=10))
+    sites, layers = ("mlp_out", "resid_pre"), (2, 0)
+    exact = exact_patching(lm, None, pp, sites=sites, layers=layers)
+    assert exact["layer"].values.tolist() == [2, 0] and exact["site"].values.tolist() == list(sites)
+    assert_same(exact, naive_patching(lm, None, pp, sites=sites, layers=layers))
+
+
+def test_fallback_when_resume_fails(models, monkeypatch):
+    lm = models["llama"]
+    pp = prepared(lm, make_pairs([3], seed=2))
+    naive = naive_patching(lm, None, pp, sites=("resid_post", "mlp_out"))
+
+    def broken(target, grp):
+        raise kn._ResumeFailed("simulated")
+
+    monkeypatch.setattr(kn, "_validate", broken)
+    auto = exact_patching(lm, None, pp, sites=("resid_post", "mlp_out"))
+    assert auto.attrs["execution"] == "hooked"
+    assert_same(auto, naive)
+    with pytest.raises(RuntimeError, match="cannot resume"):
+        exact_patching(lm, None, pp, method="resume")
+
+
+def test_segments_cover_every_row_once():
+    pos = torch.tensor([9, 3, 3, 7, 15, 0, 15, 12, 3])
+    z = torch.zeros_like(pos)
+    rows = kn._Rows(z, z, z, pos, torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 4]))
+    segs = kn._segments(rows, 16, 2, 4, True)
+    assert len(segs) > 1  # the late positions are worth their own pass
+    seen = torch.cat([s for _, s in segs]).sort().values
+    assert seen.tolist() == list(range(len(pos)))
+    for start, sel in segs:
+        assert int(pos[sel].min()) == start
+
+
+# ---------------------------------------------------------------------------------------------- cross-model
+
+
+def test_cross_model_same_weights_equals_within(models, tiny_dir):
+    a = models["llama"]
+    b = load_model(tiny_dir("llama", n_layers=3))  # another LoadedModel with the same weights: the cross path
+    assert a is not b
+    pp = prepared(a, make_pairs([3, 4], seed=3))
+    sites = ("resid_post", "attn_out", "mlp_out")
+    within = exact_patching(a, None, pp, sites=sites)
+    cross = exact_patching(a, b, pp, sites=sites)
+    assert cross.attrs["source"] == cross.attrs["target"] == a.model_id
+    assert_same(cross, within, atol=1e-6)
+    aw = attribution_patching(a, None, pp, sites=sites)
+    ac = attribution_patching(a, b, pp, sites=sites)
+    np.testing.assert_allclose(ac["patched"].values, aw["patched"].values, atol=1e-6)
+
+
+def test_cross_model_equals_naive(models, tiny_dir):
+    a = models["llama2"]
+    b = load_model(tiny_dir("llama", n_layers=2, seed=1))  # other weights, same tokenizer
+    pp = prepared(a, make_pairs([3, 4], seed=4), answers_from=b)
+    sites = ("resid_post", "mlp_out")
+    naive = naive_patching(a, b, pp, sites=sites)
+    exact = exact_patching(a, b, pp, sites=sites)
+    assert exact.attrs["execution"] == "resume"
+    assert_same(exact, naive)
+    # B's own true and false runs normalise the effect, not A's
+    np.testing.assert_allclose(exact["ld_true"].values, exact_patching(b, None, pp, sites=sites)["ld_true"].values, atol=1e-6)
+
+
+def test_cross_model_errors(models, tiny_dir):
+    a = models["llama"]
+    pp = prepared(a, make_pairs([3], seed=5))
+    other_tok = load_model(tiny_dir("llama", n_layers=3, vocab_size=600))
+    with pytest.raises(ModelMismatchError, match="different tokenizers"):
+        exact_patching(a, other_tok, pp)
+    with pytest.raises(ModelMismatchError, match="different tokenizers"):
+        attribution_patching(a, other_tok, pp)
+    deeper = load_model(tiny_dir("llama", n_layers=4))
+    with pytest.raises(ModelMismatchError, match="n_layers=3"):
+        exact_patching(a, deeper, pp)
+    with pytest.raises(ModelMismatchError, match="another tokenizer"):
+        exact_patching(other_tok, None, pp)  # pairs tokenised for a different tokenizer
+
+
+# ---------------------------------------------------------------------------------------------- attribution
+
+
+def test_attribution_is_gradient_times_difference(tiny_dir):
+    """The estimate for one (site, layer, position) is (x_true - x_false) . d metric / d x at the false run: checked
+    against autograd through a hand-written hook, and against central differences of hand-patched forwards
+    (eps = 1e-3; Llama's RMSNorm computes in float32 even in a float64 model, which bounds the difference)."""
+    lm = load_model(tiny_dir("llama", n_layers=3), dtype=torch.float64)
+    pp = prepared(lm, make_pairs([4], seed=6))
+    att = attribution_patching(lm, None, pp, sites=("resid_post", "attn_out"))
+    t_ids = torch.tensor([pp.true_ids[0]])
+    f_ids = torch.tensor([pp.false_ids[0]])
+    a_t, a_f = pp.answers[0]
+    from mechdiff.engine.sites import Capture, hooks
+
+    for site, layer, p in [("resid_post", 0, 5), ("resid_post", 1, 6), ("attn_out", 2, 8), ("attn_out", 1, 5)]:
+        caps = {}
+        for name, ids in (("true", t_ids), ("false", f_ids)):
+            cap = Capture((site,), (layer,))
+            with torch.no_grad(), hooks(lm.adapter, cap):
+                lm.model(input_ids=ids)
+            caps[name] = cap.acts[(site, layer)][0, p]
+        delta = caps["true"] - caps["false"]
+
+        def metric(eps: float) -> float:
+            h = kn._hand_hook(lm.adapter, site, layer, p, caps["false"] + eps * delta)
+            try:
+                with torch.no_grad():
+                    lg = lm.model(input_ids=f_ids).logits[0, -1]
+            finally:
+                h.remove()
+            return float(lg[a_t] - lg[a_f])
+
+        kept = {}
+        module = lm.adapter.layer(layer) if site == "resid_post" else lm.adapter.attn_out_module(layer)
+
+        def keep(m, a, o):
+            kept["x"] = o if torch.is_tensor(o) else o[0]
+
+        h = module.register_forward_hook(keep)
+        try:
+            lg = lm.model(input_ids=f_ids).logits[0, -1]
+        finally:
+            h.remove()
+        (grad,) = torch.autograd.grad(lg[a_t] - lg[a_f], kept["x"])
+        by_hand = float((grad[0, p] * delta).sum())
+        pos = p - len(pp.true_ids[0])
+        est = float(att["patched"].sel(site=site, pair=0, layer=layer, position=pos) - att["ld_false"].sel(pair=0))
+        assert est == pytest.approx(by_hand, rel=1e-9, abs=1e-12), (site, layer, p)
+        fd = (metric(1e-3) - metric(-1e-3)) / 2e-3
+        assert est == pytest.approx(fd, rel=1e-3, abs=1e-6), (site, layer, p, fd, est)
+
+
+def test_attribution_correlates_with_exact(models):
+    lm = models["llama"]
+    pp = prepared(lm, make_pairs([4, 5, 5, 6], seed=7))
+    sites = ("resid_post", "attn_out", "mlp_out")
+    ex = exact_patching(lm, None, pp, sites=sites)
+    at = attribution_patching(lm, None, pp, sites=sites)
+    for s in sites:
+        r = kn.pearson(ex["patched"].sel(site=s) - ex["ld_false"], at["patched"].sel(site=s) - at["ld_false"])
+        assert r > 0.8, (s, r)
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+
+def _toy_effect() -> xr.DataArray:
+    roles = np.array([
+        [-1, 0, 0, 1, 1, 2, 3, 3],  # 7 tokens, right-aligned: pad, context x2, subject x2, object, final x2
+        [0, 1, 1, 1, 2, 2, 3, 3],
+    ], dtype=np.int8)
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(2, 3, 8))  # pair, layer, position
+    v[0, :, 0] = np.nan
+    return xr.DataArray(v, dims=("pair", "layer", "position"),
+                        coords={"pair": [0, 1], "layer": [0, 1, 2], "position": np.arange(-8, 0),
+                                "role": (("pair", "position"), roles)})
+
+
+def test_slot_heatmaps_and_stats_by_hand():
+    eff = _toy_effect()
+    v = eff.values
+    slots = kn.slot_heatmaps(eff, n_subject=2, n_object=2, n_final=2)
+    assert list(slots["slot"].values) == ["context", "subject[-2]", "subject[-1]", "object[0]", "object[1]",
+                                          "final[-2]", "final[-1]"]
+    want = np.full((2, 3, 7), np.nan)
+    want[0, :, 0] = v[0, :, 1:3].mean(-1)
+    want[0, :, 1], want[0, :, 2] = v[0, :, 3], v[0, :, 4]
+    want[0, :, 3] = v[0, :, 5]  # one object token: object[1] stays NaN
+    want[0, :, 5], want[0, :, 6] = v[0, :, 6], v[0, :, 7]
+    want[1, :, 0] = v[1, :, 0]
+    want[1, :, 1], want[1, :, 2] = v[1, :, 2], v[1, :, 3]
+    want[1, :, 3], want[1, :, 4] = v[1, :, 4], v[1, :, 5]
+    want[1, :, 5], want[1, :, 6] = v[1, :, 6], v[1, :, 7]
+    np.testing.assert_allclose(slots.values, want)
+    st = kn.heatmap_stats(slots)
+    np.testing.assert_allclose(st["mean"].values, np.nanmean(want, axis=0))
+    np.testing.assert_allclose(st["std"].values, np.nanstd(want, axis=0))
+    assert st["count"].values[:, 4].tolist() == [1, 1, 1]
+    kept = kn.heatmap_stats(slots, np.array([False, True]))
+    np.testing.assert_allclose(kept["mean"].values, want[1])
+    # comparisons: correlation and peak layer per role, by hand
+    a, b = st["mean"], kept["mean"]
+    c = kn.compare_heatmaps(a, b)
+    m = np.isfinite(a.values) & np.isfinite(b.values)
+    assert c["correlation"] == pytest.approx(np.corrcoef(a.values[m], b.values[m])[0, 1])
+    assert c["peak_layer_b"]["final"] == int(np.argmax(want[1][:, 5:].mean(-1)))
+    np.testing.assert_allclose(c["difference"].values, b.values - a.values)
+
+
+# ---------------------------------------------------------------------------------------------- the study
+
+
+@pytest.fixture(scope="module")
+def group_dirs(tiny_dir):
+    return tiny_dir("llama", n_layers=2), tiny_dir("llama", n_layers=2, seed=1)
+
+
+def test_run_knowledge_end_to_end(group_dirs, tmp_path):
+    from mechdiff.analyses.common import ModelGroup
+
+    base, post = group_dirs
+    df = make_pairs([3, 4, 4], seed=8)
+    csv = tmp_path / "pairs.csv"
+    df.to_csv(csv, index=False)
+    res = kn.run_knowledge(ModelGroup("g", str(base), (str(post),)), csv, tmp_path / "out", shots=None,
+                           min_gap=None)
+    d = tmp_path / "out" / "knowledge"
+    summary = json.loads((d / "summary.json").read_text())
+    comp = summary["summary"]["comparisons"]["base vs post"]["resid_post"]
+    ds = xr.open_zarr(d / "results.zarr", consolidated=False)
+    assert list(ds["run"].values) == ["base", "post", "base->post"]
+    # the reported correlation is that of the stored mean heatmaps
+    a = ds["mean"].sel(run="base", site="resid_post").values
+    b = ds["mean"].sel(run="post", site="resid_post").values
+    assert comp["correlation"] == pytest.approx(kn.pearson(a, b))
+    # the cross run equals exact patching done directly
+    lm_b, lm_p = load_model(base), load_model(post)
+    pp = kn.prepare_pairs(lm_b.tokenizer, df, tokenizer_hash=lm_b.tokenizer_hash)
+    direct = exact_patching(lm_b, lm_p, pp, sites=("resid_post",))
+    np.testing.assert_allclose(ds["patched"].sel(run="base->post", site="resid_post").values,
+                               direct["patched"].sel(site="resid_post").values, atol=1e-6)
+    assert [f.finding for f in res.findings] == ["knowledge storage unchanged"]
+    assert set(res.findings[0].figures) == {"heatmap_correlation", "cross_correlation", "cross_transfer"}
+    for key in ("heatmap_resid_post", "heatmap_attn_out", "heatmap_mlp_out", "attribution"):
+        assert res.figures[key].stat().st_size > 1000
+    assert set(summary["summary"]["attribution_correlation"]) == {"base", "post", "base->post"}
+
+
+def test_cli_knowledge(group_dirs, tmp_path, tiny_dir):
+    import typer
+    from typer.testing import CliRunner
+
+    from mechdiff.analyses.knowledge_cli import register
+
+    app = typer.Typer()
+    analyze = typer.Typer()
+    app.add_typer(analyze, name="analyze")
+    register(analyze)
+    runner = CliRunner()
+    r = runner.invoke(app, ["analyze", "knowledge", "--help"])
+    assert r.exit_code == 0 and "DESCRIPTION" in r.output and "EXAMPLES" in r.output
+    base, post = group_dirs
+    csv = tmp_path / "pairs.csv"
+    make_pairs([3, 3], seed=9).to_csv(csv, index=False)
+    out = tmp_path / "out"
+    args = ["analyze", "knowledge", "--base", str(base), "--post", str(post), "--pairs", str(csv), "--out", str(out),
+            "--sites", "resid_post", "--no-attribution"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "findings" in r.output and "results:" in r.output
+    saved = json.loads((out / "knowledge" / "summary.json").read_text())
+    assert [f["finding"] for f in saved["findings"]] == ["knowledge storage unchanged"]
+    # bad input: a clear message, exit code 2, nothing written
+    other = tiny_dir("llama", n_layers=2, vocab_size=600)
+    r = runner.invoke(app, args[:5] + [str(other)] + args[6:] + ["--out", str(tmp_path / "bad")])
+    assert r.exit_code == 2 and "different tokenizers" in r.output
+    assert not (tmp_path / "bad").exists()
+    bad = tmp_path / "bad.csv"
+    make_pairs([3], seed=9).assign(false_statement="w10").to_csv(bad, index=False)
+    r = runner.invoke(app, args[:7] + [str(bad)] + args[8:])
+    assert r.exit_code == 2 and "equal token length" in r.output

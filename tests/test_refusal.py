@@ -1,0 +1,489 @@
+"""The refusal study: interventions against a hand-modified forward, directions against numpy, store requirements,
+selection, scoring, the end-to-end run and CLI on tiny models, and the refusal flip on the shipped pair."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+import typer
+import xarray as xr
+from torch import nn
+from typer.testing import CliRunner
+
+from mechdiff.analyses.common import ModelGroup, StoreRequirementError
+from mechdiff.analyses.refusal import (
+    ABLATION_SITES,
+    BASE_TEMPLATE,
+    COMMON_REFUSAL_PHRASES,
+    RefusalDirection,
+    ablation_interventions,
+    addition_interventions,
+    assign_splits,
+    candidate_layers,
+    check_store,
+    default_refusal_phrases,
+    intervention_scores,
+    make_generator,
+    refusal_directions,
+    refusal_logodds,
+    refusal_score,
+    refusal_token_ids,
+    run_refusal,
+    select_direction,
+)
+from mechdiff.analyses.refusal_cli import register
+from mechdiff.engine.batching import PromptTemplate, pad_batch, tokenize
+from mechdiff.engine.data import PromptSet
+from mechdiff.engine.extract import CaptureSpec, extract
+from mechdiff.engine.generate import HFGenerator, vllm_available
+from mechdiff.engine.models import load_model
+from mechdiff.engine.sites import Capture, hooks
+from mechdiff.engine.store import open_store
+from mechdiff.engine.tiny import random_prompts
+
+TEMPLATE = PromptTemplate(BASE_TEMPLATE)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread; on this shared 2-core box two threads were 6x slower (spinning)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _texts(n, seed, words=60, lo=3, hi=9):
+    return random_prompts(n, lo, hi, vocab_words=words, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# small pure pieces
+
+
+def test_candidate_layers_skip_the_last_fifth():
+    assert candidate_layers(32) == list(range(26))  # Arditi et al.: l < 0.8 L
+    assert candidate_layers(10) == list(range(8))
+    assert candidate_layers(4) == [0, 1, 2]
+    assert candidate_layers(1) == [0]
+    assert candidate_layers(4, skip_last=0) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="skip_last"):
+        candidate_layers(4, skip_last=1.0)
+
+
+def test_refusal_score_and_phrases():
+    phrases = default_refusal_phrases()
+    assert set(COMMON_REFUSAL_PHRASES) <= set(phrases)
+    import mechdiff.zoo as zoo
+
+    assert set(zoo.REFUSAL_PHRASES) <= set(phrases)
+    comps = ["Sure, here it is.", "i CANNOT do that", "As an AI model, no.", "I can help with that."]
+    assert refusal_score(comps, phrases) == pytest.approx(0.5)
+    assert refusal_score(comps, ["help with"]) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="empty"):
+        refusal_score(comps, [" "])
+    with pytest.raises(TypeError):
+        refusal_score(comps, "I cannot")
+
+
+def test_refusal_token_ids_skip_unknown_words(tiny_llama):
+    tok = tiny_llama.tokenizer
+    ids = refusal_token_ids(tok, ["w5 w9", "I cannot", "w7", "w5"])
+    assert ids == sorted(tok.convert_tokens_to_ids(["w5", "w7"]))  # "I" is <unk> here: left out
+
+
+def test_assign_splits_uses_and_fills_the_split_column():
+    s = assign_splits(10, ["train"] * 6 + ["validation"] * 2 + ["test"] * 2, n_val=5, n_test=5)
+    assert list(s) == ["train"] * 6 + ["val"] * 2 + ["test"] * 2
+    s = assign_splits(20, None, n_val=4, n_test=5, seed=3)
+    assert (s == "val").sum() == 4 and (s == "test").sum() == 5 and (s == "train").sum() == 11
+    assert list(s) == list(assign_splits(20, None, n_val=4, n_test=5, seed=3))  # seeded
+    with pytest.raises(ValueError, match="unknown split"):
+        assign_splits(3, ["train", "tset", "val"])
+    with pytest.raises(ValueError, match="carve"):
+        assign_splits(5, None, n_val=3, n_test=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# interventions vs a hand-modified forward
+
+
+class _Wrap(nn.Module):
+    """Replaces a submodule; ``edit_in`` rewrites its hidden-state input, ``edit_out`` its output."""
+
+    def __init__(self, inner, edit_in=None, edit_out=None):
+        super().__init__()
+        self.inner, self.edit_in, self.edit_out = inner, edit_in, edit_out
+
+    def forward(self, *args, **kwargs):
+        if self.edit_in is not None:
+            if args:
+                args = (self.edit_in(args[0]), *args[1:])
+            else:
+                kwargs["hidden_states"] = self.edit_in(kwargs["hidden_states"])
+        out = self.inner(*args, **kwargs)
+        if self.edit_out is None:
+            return out
+        if isinstance(out, tuple):
+            return (self.edit_out(out[0]), *out[1:])
+        return self.edit_out(out)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+
+def _project_out(d):
+    u = d / d.norm()
+    return lambda x: x - (x @ u)[..., None] * u
+
+
+def _rewritten(model, *, ablate=None, add=None, add_layer=None):
+    """A copy of ``model`` whose modules are rewritten by hand: no hooks involved."""
+    m = copy.deepcopy(model)
+    layers = m.model.layers
+    if ablate is not None:
+        for i, layer in enumerate(layers):
+            layer.self_attn = _Wrap(layer.self_attn, edit_out=_project_out(ablate))
+            layer.mlp = _Wrap(layer.mlp, edit_out=_project_out(ablate))
+            layers[i] = _Wrap(layer, edit_in=_project_out(ablate))
+    if add is not None:
+        layers[add_layer] = _Wrap(layers[add_layer], edit_out=lambda x: x + add)
+    return m
+
+
+def _greedy(model, tok, prompts, n):
+    ids = tokenize(tok, [TEMPLATE.apply(p) for p in prompts])
+    inp = pad_batch(ids, tok.pad_token_id, side="left")
+    inp.pop("position_ids")
+    out = model.generate(**inp, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, output_scores=True, return_dict_in_generate=True)
+    return out.sequences[:, inp["input_ids"].shape[1]:], torch.stack(out.scores, 1)
+
+
+@pytest.fixture(scope="module")
+def planted(tiny_dir):
+    """A tiny model and two vectors that matter to it: the mean residual (ablated) and a big push (added)."""
+    lm = load_model(tiny_dir("llama", n_layers=3))
+    tok = lm.tokenizer
+    prompts = _texts(6, seed=11)
+    ids = tokenize(tok, [TEMPLATE.apply(p) for p in prompts])
+    with torch.no_grad():
+        hs = lm.model(**pad_batch(ids, tok.pad_token_id), output_hidden_states=True).hidden_states
+    mean_resid = hs[2].mean(dim=(0, 1))
+    g = torch.Generator().manual_seed(0)
+    push = torch.randn(lm.adapter.d_model, generator=g) * 3 * hs[2].norm(dim=-1).mean()
+    return lm, prompts, mean_resid, push
+
+
+@pytest.mark.parametrize("kind", ["ablate", "add"])
+def test_generation_interventions_equal_a_hand_rewritten_model(planted, kind):
+    lm, prompts, mean_resid, push = planted
+    tok, n_layers, n_new = lm.tokenizer, lm.adapter.n_layers, 6
+    if kind == "ablate":
+        ivs = ablation_interventions(mean_resid.numpy(), n_layers)
+        ref_model = _rewritten(lm.model, ablate=mean_resid)
+    else:
+        ivs = addition_interventions(push.numpy(), 1, "resid_post")
+        ref_model = _rewritten(lm.model, add=push, add_layer=1)
+    with torch.no_grad():
+        plain, _ = _greedy(lm.model, tok, prompts, n_new)
+        with hooks(lm.adapter, None, ivs):
+            hooked, hooked_scores = _greedy(lm.model, tok, prompts, n_new)
+        ref, ref_scores = _greedy(ref_model, tok, prompts, n_new)
+    assert torch.equal(hooked, ref)
+    torch.testing.assert_close(hooked_scores, ref_scores, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(plain, ref)  # the intervention changes what the model says: the check has teeth
+    # the engine Generator interface gives the same completions
+    texts = HFGenerator(lm, TEMPLATE, batch_size=4).generate(prompts, max_new_tokens=n_new, interventions=ivs)
+    assert texts == [tok.decode(r, skip_special_tokens=True).strip() for r in ref]
+
+
+def test_ablation_removes_the_direction_from_the_whole_residual_stream(planted):
+    lm, prompts, mean_resid, _ = planted
+    n = lm.adapter.n_layers
+    ids = tokenize(lm.tokenizer, [TEMPLATE.apply(p) for p in prompts])
+    inp = pad_batch(ids, lm.tokenizer.pad_token_id)
+    cap = Capture(("resid_pre", "resid_post"), tuple(range(n)))
+    with torch.no_grad(), hooks(lm.adapter, cap, ablation_interventions(mean_resid.numpy(), n)):
+        lm.model(**inp)
+    u = mean_resid / mean_resid.norm()
+    for (site, l), x in cap.acts.items():
+        assert (x @ u).abs().max() < 1e-4 * x.norm(dim=-1).max(), (site, l)
+    assert set(ABLATION_SITES) == {"resid_pre", "attn_out", "mlp_out"}
+
+
+def test_logit_metric_equals_log_odds_of_the_rewritten_model(planted):
+    lm, prompts, _, push = planted
+    tok = lm.tokenizer
+    refuse = tok.convert_tokens_to_ids(["w3", "w4"])
+    got = refusal_logodds(lm, prompts, TEMPLATE, refuse, interventions=addition_interventions(push.numpy(), 1),
+                          batch_size=4)
+    ref_model = _rewritten(lm.model, add=push, add_layer=1)
+    want = []
+    for p in prompts:  # one prompt at a time: no padding in the reference
+        ids = tokenize(tok, [TEMPLATE.apply(p)])
+        with torch.no_grad():
+            logits = ref_model(**pad_batch(ids, tok.pad_token_id)).logits[0, -1].double().numpy()
+        prob = np.exp(logits - logits.max())
+        prob /= prob.sum()
+        pr = prob[refuse].sum()
+        want.append(np.log(pr) - np.log1p(-pr))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# stores: directions and requirements
+
+
+def _refusal_set(n=24, seed=0):
+    hf = [t + " w50 w51" for t in _texts(n // 2, seed)]
+    hl = _texts(n // 2, seed + 1)
+    return PromptSet.from_texts(hf + hl, harmful=[1] * (n // 2) + [0] * (n // 2), topic=["a"] * n)
+
+
+def _store(lm, tmp_path, ps, **spec):
+    args = dict(sites=("resid_post",), layers="all", positions="post_instruction", template=BASE_TEMPLATE,
+                dtype="float32")
+    args.update(spec)
+    name = "g" + str(abs(hash(tuple(sorted((k, str(v)) for k, v in args.items()))) + len(ps.columns)))
+    extract(lm, ps, CaptureSpec(**args), str(tmp_path / "s.zarr"), name, progress=False)
+    return open_store(str(tmp_path / "s.zarr"), name)
+
+
+def test_directions_from_store_equal_numpy_difference_of_means(tiny_llama, tmp_path):
+    ps = _refusal_set()
+    ds = _store(tiny_llama, tmp_path, ps)
+    assert list(ds["position"].values) == [-2, -1]  # "Assistant", ":" after the instruction
+    rows = np.arange(len(ps)) % 3 != 0
+    d = refusal_directions(ds, rows=rows)
+    assert d.dims == ("layer", "position", "hidden")
+    x = ds["resid_post"].values.astype(np.float64)
+    lab = ps.columns["harmful"]
+    want = x[rows & (lab == 1)].mean(0) - x[rows & (lab == 0)].mean(0)
+    np.testing.assert_allclose(d.values, want, rtol=1e-10, atol=1e-10)
+
+
+def test_store_lacking_site_positions_labels_or_template_names_the_extraction(tiny_llama, tmp_path):
+    ps = _refusal_set()
+    n = tiny_llama.adapter.n_layers
+    with pytest.raises(StoreRequirementError, match="--sites resid_post"):
+        refusal_directions(_store(tiny_llama, tmp_path, ps, sites=("resid_pre",)))
+    with pytest.raises(StoreRequirementError, match="--positions post_instruction"):
+        refusal_directions(_store(tiny_llama, tmp_path, ps, positions="last:2"))
+    no_label = PromptSet.from_texts(ps.texts, topic=["a"] * len(ps))
+    with pytest.raises(StoreRequirementError, match="'harmful'"):
+        refusal_directions(_store(tiny_llama, tmp_path, no_label))
+    with pytest.raises(StoreRequirementError, match="lacks layers .*--layers all"):
+        check_store(_store(tiny_llama, tmp_path, ps, layers="0:2"), n_layers=n)
+    with pytest.raises(StoreRequirementError, match="--template 'chat'"):
+        check_store(_store(tiny_llama, tmp_path, ps), template="chat")
+
+
+# ---------------------------------------------------------------------------------------------
+# selection and scoring
+
+
+def test_selection_prefers_the_planted_direction_and_scores_by_hand(tiny_llama):
+    lm = tiny_llama
+    tok = lm.tokenizer
+    n = lm.adapter.n_layers  # 3: candidates are layers 0 and 1
+    refuse = tok.convert_tokens_to_ids(["w7"])
+    # The unembedding row of the refusal token, large: added, it makes w7 likely; ablated, it removes it.
+    planted = lm.adapter.unembed_weight()[refuse[0]].detach().double().numpy() * 40
+    rng = np.random.default_rng(0)
+    vals = rng.normal(size=(n, 2, lm.adapter.d_model)) * 0.01
+    vals[1, 1] = planted
+    dirs = xr.DataArray(vals, dims=("layer", "position", "hidden"), coords={"layer": range(n), "position": [-2, -1]})
+    hv, lv = _texts(4, 21), _texts(4, 22)
+    sel = select_direction(lm, dirs, hv, lv, TEMPLATE, refuse, model="m")
+    d = sel.direction
+    assert (d.layer, d.position, d.model) == (1, -1, "m")
+    np.testing.assert_array_equal(d.vector, planted)
+    assert np.isnan(sel.scores["score"].sel(layer=2)).all()  # the last fifth is never a candidate
+    assert sel.candidates == [0, 1]
+    # the score of a candidate, recomputed by hand from the metric
+    base_h = refusal_logodds(lm, hv, TEMPLATE, refuse).mean()
+    base_l = refusal_logodds(lm, lv, TEMPLATE, refuse).mean()
+    for l, p in ((1, -1), (0, -2)):
+        v = dirs.sel(layer=l, position=p).values
+        abl = refusal_logodds(lm, hv, TEMPLATE, refuse, interventions=ablation_interventions(v, n)).mean()
+        add = refusal_logodds(lm, lv, TEMPLATE, refuse, interventions=addition_interventions(v, l)).mean()
+        assert float(sel.scores["score"].sel(layer=l, position=p)) == pytest.approx((base_h - abl) + (add - base_l))
+    assert sel.baseline_harmful == pytest.approx(base_h)
+    assert float(sel.scores["score"].sel(layer=1, position=-1)) == pytest.approx(np.nanmax(sel.scores["score"]))
+
+
+class _FakeGenerator:
+    """Says "no way" when the prompt contains 'bad' and no ablation is active; "no way" under any addition."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, texts, *, max_new_tokens=32, interventions=()):
+        kinds = {iv.kind for iv in interventions}
+        self.calls.append((len(texts), max_new_tokens, sorted(kinds), sorted({iv.layer for iv in interventions})))
+        out = []
+        for t in texts:
+            refuse = ("bad" in t and "ablate" not in kinds) or "add" in kinds
+            out.append("No way, sorry." if refuse else "Sure: step one")
+        return out
+
+
+def test_intervention_scores_bookkeeping(tiny_llama):
+    lm = tiny_llama
+    d = lm.adapter.d_model
+    dirs = {"me": RefusalDirection("me", "resid_post", 1, -1, np.ones(d)),
+            "other": RefusalDirection("other", "resid_post", 0, -2, np.arange(d) + 1.0)}
+    gen = _FakeGenerator()
+    harmful, harmless = ["bad one", "bad two", "ok"], ["fine", "nice"]
+    s = intervention_scores(gen, lm, harmful, harmless, dirs, target="me", phrases=["no way"], max_new_tokens=5)
+    assert s.baseline == {"harmful": pytest.approx(2 / 3), "harmless": 0.0}
+    assert s.ablation == {"me": 0.0, "other": 0.0} and s.addition == {"me": 1.0, "other": 1.0}
+    assert s.effect("me") == pytest.approx(2 / 3 + 1)
+    n = lm.adapter.n_layers
+    assert gen.calls[2] == (3, 5, ["ablate"], list(range(n)))  # ablation: harmful prompts, every layer
+    assert gen.calls[3] == (2, 5, ["add"], [1])  # addition: harmless prompts, the direction's layer
+    assert gen.calls[5] == (2, 5, ["add"], [0])
+    with pytest.raises(ValueError, match="width"):
+        RefusalDirection("x", "resid_post", 0, -1, np.ones(d + 1)).ablation(lm)
+
+
+def test_vllm_generator_is_guarded(tiny_llama, tmp_path):
+    ok, why = vllm_available()
+    if ok:  # pragma: no cover - GPU machines only
+        gen = make_generator("vllm", tiny_llama, TEMPLATE, model_path=tiny_llama.model_id)
+        assert len(gen.generate(_texts(2, 1), max_new_tokens=2)) == 2
+        return
+    with pytest.raises(RuntimeError, match=re.escape(why)):
+        make_generator("vllm", tiny_llama, TEMPLATE)
+    group = ModelGroup("g", tiny_llama.model_id, (tiny_llama.model_id,))
+    with pytest.raises(RuntimeError, match=re.escape(why)):  # refused before any extraction
+        run_refusal(group, ["a"], ["b"], tmp_path, generator="vllm")
+    assert not (tmp_path / "store.zarr").exists()
+    pytest.skip(f"vLLM generator not runnable here: {why}")
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end on tiny models: the CLI, the files, and resumption
+
+
+def _write_csv(path, texts, splits):
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["instruction", "split"])
+        w.writerows(zip(texts, splits))
+    return path
+
+
+def test_cli_and_run_on_tiny_models(tiny_dir, tmp_path):
+    base, post = tiny_dir("llama", n_layers=3), tiny_dir("llama", n_layers=3, seed=1)
+    splits = ["train"] * 10 + ["val"] * 3 + ["test"] * 3
+    harmful = _write_csv(tmp_path / "harmful.csv", [t + " w50" for t in _texts(16, 1)], splits)
+    harmless = _write_csv(tmp_path / "harmless.csv", _texts(16, 2), splits)
+    root, analyze = typer.Typer(), typer.Typer()
+    root.add_typer(analyze, name="analyze")
+    register(analyze)
+    runner = CliRunner()
+    r = runner.invoke(root, ["analyze", "refusal", "--help"])
+    assert r.exit_code == 0 and "WHAT IT DOES" in r.output and "--max-new-tokens" in r.output
+    args = ["analyze", "refusal", "--base", str(base), "--post", str(post), "--harmful", str(harmful),
+            "--harmless", str(harmless), "--out", str(tmp_path / "out"), "--max-new-tokens", "3",
+            "--phrases", "w5", "--phrases", "w9 w1", "--store-dtype", "float32"]
+    r = runner.invoke(root, args)
+    assert r.exit_code == 0, r.output
+    assert "chosen refusal direction" in r.output and "transferred" in r.output
+    d = tmp_path / "out" / "refusal"
+    summary = json.loads((d / "summary.json").read_text())
+    for f in ("cosine_by_layer", "refusal_scores", "selection"):
+        assert (d / f"{f}.png").stat().st_size > 1000
+    data = xr.open_zarr(d / "results.zarr", consolidated=False).load()
+    s = summary["summary"]
+    assert s["templates"] == {"base": BASE_TEMPLATE, "post": "chat"}
+    assert s["phrases"] == ["w5", "w9 w1"] and s["used"] == {"val_harmful": 3, "val_harmless": 3,
+                                                             "test_harmful": 3, "test_harmless": 3}
+    # the numbers agree across the JSON and the results group, and the cosine is that of the saved vectors
+    for t in ("base", "post"):
+        for src in ("base", "post"):
+            assert data["refusal_score"].sel(target=t, source=src, prompts="harmful") == pytest.approx(
+                s["refusal_scores"][t]["ablation"][src])
+        c = s["chosen"][t]
+        assert c["layer"] in (0, 1)  # layer 2 is in the last fifth
+        assert int(data["chosen_layer"].sel(model=t)) == c["layer"]
+    vb = data["direction"].sel(model="base", layer=s["chosen"]["base"]["layer"], position=s["chosen"]["base"]["position"]).values
+    vp = data["direction"].sel(model="post", layer=s["chosen"]["post"]["layer"], position=s["chosen"]["post"]["position"]).values
+    cos = vb @ vp / np.linalg.norm(vb) / np.linalg.norm(vp)
+    assert s["cosine"]["base vs post"]["chosen"] == pytest.approx(cos)
+    assert len(s["cosine"]["base vs post"]["at_chosen_positions_by_layer"]) == 3
+    f = summary["findings"][0]
+    assert f["pair"] == "base vs post" and f["figures"]["cosine_chosen"] == pytest.approx(cos)
+    # a second run through the Python API reuses the stored activations
+    group = ModelGroup("group", str(base), (str(post),))
+    res = run_refusal(group, harmful, harmless, tmp_path / "out", phrases=["w5", "w9 w1"], max_new_tokens=3,
+                      store_dtype="float32")
+    ext = res.summary["store"]["extract"]
+    assert all(e["shards_written"] == 0 and e["shards_skipped"] == 1 for e in ext.values())
+    assert res.summary["chosen"] == s["chosen"]
+
+
+def test_bad_input_fails_before_work(tiny_llama, tmp_path):
+    group = ModelGroup("g", tiny_llama.model_id, (tiny_llama.model_id,))
+    lms = {"base": tiny_llama, "post": tiny_llama}
+    with pytest.raises(ValueError, match="site"):
+        run_refusal(group, ["a"], ["b"], tmp_path, site="mlp_out", lms=lms)
+    with pytest.raises(ValueError, match="carve"):
+        run_refusal(group, ["w1 w2"] * 3, ["w3"] * 3, tmp_path, lms=lms)
+    with pytest.raises(ValueError, match="phrase list is empty"):
+        run_refusal(group, ["a"], ["b"], tmp_path, phrases=[], lms=lms)
+    assert not (tmp_path / "store.zarr").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the shipped pair
+
+
+def _pair():
+    from mechdiff.zoo.paths import manifest_path
+
+    if not manifest_path().is_file():
+        pytest.skip("the embedded zoo pair is not shipped in this install (no mechdiff/zoo/pair/manifest.json)")
+    from mechdiff.zoo.paths import zoo_path
+
+    return zoo_path("base"), zoo_path("post"), zoo_path("data")
+
+
+@pytest.fixture(scope="module")
+def pair_result(tmp_path_factory):
+    base, post, data = _pair()
+    group = ModelGroup("zoo", str(base), (str(post),))
+    out = tmp_path_factory.mktemp("pair_refusal")
+    return run_refusal(group, data / "instructions_harmful.csv", data / "instructions_harmless.csv", out,
+                       n_val=16, n_eval=32, max_new_tokens=10, store_dtype="float32")
+
+
+def test_pair_own_direction_flips_refusal_of_the_post_model(pair_result):
+    r = pair_result.summary["refusal_scores"]["post"]
+    drop = r["baseline"]["harmful"] - r["ablation"]["post"]
+    rise = r["addition"]["post"] - r["baseline"]["harmless"]
+    assert drop >= 0.5, r
+    assert rise >= 0.5, r
+
+
+def test_pair_report_has_every_number(pair_result):
+    s = pair_result.summary
+    n_layers = pair_result.data.sizes["layer"]
+    assert len(s["cosine"]["base vs post"]["at_chosen_positions_by_layer"]) == n_layers
+    for m in ("base", "post"):
+        assert s["chosen"][m]["layer"] in candidate_layers(n_layers)
+    t = s["transfer"]["base vs post"]
+    assert set(t) == {"base->post", "post->base"}
+    assert len(pair_result.findings) == 1

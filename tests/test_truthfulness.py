@@ -1,0 +1,304 @@
+"""Truthfulness study: probes and transfer on stores with a planted direction (numpy references), the
+intervention against a hand-modified forward, store requirements, and the whole study + CLI on tiny models."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from mechdiff.analyses.common import ModelGroup, StoreRequirementError
+from mechdiff.analyses.directions import best_threshold
+from mechdiff.analyses.truthfulness import (
+    TruthSettings,
+    check_truth_store,
+    intervention_analysis,
+    probe_analysis,
+    run_truthfulness,
+    statement_end_positions,
+    truth_logits,
+    truth_margins,
+    truth_prompts,
+    truthfulness_study,
+)
+from mechdiff.engine.sites import hidden_from_output, replace_hidden_in_output
+from mechdiff.engine.store import ActivationStore, ArraySpec, open_store
+
+# The tiny models' word-level tokenizer knows only w0..wN: label words and suffix are made of those.
+TINY = TruthSettings(label_words=("w1", "w2"), suffix=" w3 w4 w5", n_shots=2, n_intervene=6, token_budget=64)
+
+
+def _store(path, X, coords, *, positions="last:2", template="none", name="resid_post"):
+    n = X.shape[0]
+    spec = ArraySpec(name, "resid_post", tuple(range(X.shape[1])), X.shape[2] if X.ndim == 4 else None, X.shape[-1], "hidden", "float32")
+    st = ActivationStore.create_or_open(
+        str(path), "g", n_examples=n, shard_size=64, arrays=[spec], coords=coords,
+        token_ids=np.ones((n, 2), np.int32), provenance={"model_id": str(path), "positions": positions, "template": template},
+    )
+    for i in range(st.n_shards):
+        r = st.shard_range(i)
+        st.write_shard(i, {name: X[r.start:r.stop]})
+    return open_store(str(path), "g")
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """Two 'models' whose layer 2 carries a truth direction (model b's is a rotated copy of a's); layer 0 has
+    none. Three topics with different offsets; train/test split per row."""
+    rng = np.random.default_rng(0)
+    n_t, L, P, W = 90, 4, 2, 16
+    topics = np.repeat(np.array(["cities", "numbers", "words"], dtype=object), n_t)
+    n = len(topics)
+    y = np.tile(np.arange(n_t) % 2, 3)
+    split = np.where(np.tile(np.arange(n_t), 3) % 4 == 3, "test", "train").astype(object)
+    v = rng.normal(size=W)
+    v /= np.linalg.norm(v)
+    r = rng.normal(size=W)
+    r -= (r @ v) * v
+    v_b = 0.8 * v + 0.6 * r / np.linalg.norm(r)  # cosine 0.8 with v
+    stores, Xs = {}, {}
+    d = tmp_path_factory.mktemp("planted")
+    for name, vec in (("a", v), ("b", v_b)):
+        X = rng.normal(size=(n, L, P, W))
+        X[:, 2] += (2 * y - 1)[:, None, None] * 2.5 * vec  # a strong direction at layer 2
+        X[:, 1] += (2 * y - 1)[:, None, None] * 0.5 * vec  # a weak one at layer 1
+        X += (topics == "numbers")[:, None, None, None] * 1.5
+        X = X.astype(np.float32)
+        Xs[name] = X.astype(np.float64)
+        stores[name] = _store(d / f"{name}.zarr", X, {"label": y, "topic": topics, "split": split, "text": np.array([f"s{i}" for i in range(n)], dtype=object)})
+    return stores, Xs, y, topics, split == "train"
+
+
+def test_probe_analysis_against_numpy(planted):
+    stores, Xs, y, topics, fit = planted
+    res, data = probe_analysis(stores, TruthSettings(intervene=False))
+    assert list(res["fold"].values) == ["cities", "numbers", "words"]
+    assert res["best_layer"].values.tolist() == [2, 2]  # chosen by validation accuracy, not given
+    acc = res["transfer_acc"].mean("fold")
+    assert float(acc.sel(source="a", target="a", layer=2, mode="unrefit")) > 0.9  # the "numbers" offset costs a little
+    assert float(acc.sel(source="a", target="a", layer=0, mode="unrefit")) < 0.75
+    # cosine of the full directions = numpy cosine of the class-mean differences over the fit rows
+    for pos_i, pos in enumerate((-2, -1)):
+        for l in range(4):
+            da, db = ([Xs[m][fit & (y == 1), l, pos_i].mean(0) - Xs[m][fit & (y == 0), l, pos_i].mean(0) for m in ("a", "b")])
+            want = da @ db / np.linalg.norm(da) / np.linalg.norm(db)
+            assert float(res["cosine"].sel(pair="a_vs_b", layer=l, position=pos)) == pytest.approx(want, rel=1e-9)
+    assert float(res["cosine"].sel(pair="a_vs_b", layer=2, position=-1)) == pytest.approx(0.8, abs=0.08)
+    # shuffled labels: the models' noise is independent here, so the null cosine is far below the real one
+    assert float(res["null_cosine"].sel(pair="a_vs_b", layer=2)) < 0.4
+    # one transfer cell by hand: fold "words", layer 2, a's direction on b's activations
+    h, l = "words", 2
+    train = fit & (topics != h)
+    da = Xs["a"][train & (y == 1), l, 1].mean(0) - Xs["a"][train & (y == 0), l, 1].mean(0)
+    np.testing.assert_allclose(res["fold_direction"].sel(model="a", fold=h, layer=l).values, da, rtol=1e-9)
+    t_a = float(res["threshold"].sel(model="a", fold=h, layer=l))
+    s_a, s_b = Xs["a"][:, l, 1] @ da, Xs["b"][:, l, 1] @ da
+    # the threshold is optimal on a's training rows (brute force over every cut)
+    brute = max(np.mean((s_a[train] > c) == (y[train] == 1)) for c in np.concatenate([[-np.inf], s_a[train]]))
+    assert np.mean((s_a[train] > t_a) == (y[train] == 1)) == pytest.approx(brute)
+    test = topics == h
+    unrefit = np.mean((s_b[test] > t_a) == (y[test] == 1))
+    assert float(res["transfer_acc"].sel(source="a", target="b", fold=h, layer=l, mode="unrefit")) == pytest.approx(unrefit)
+    t_b, _ = best_threshold(s_b[train], y[train])
+    assert float(res["transfer_acc"].sel(source="a", target="b", fold=h, layer=l, mode="refit")) == pytest.approx(np.mean((s_b[test] > t_b) == (y[test] == 1)))
+    # validation rows: training topics' test split
+    val = ~fit & (topics != h)
+    assert float(res["val_acc"].sel(model="a", fold=h, layer=l)) == pytest.approx(np.mean((s_a[val] > t_a) == (y[val] == 1)))
+
+
+def test_findings_from_stores_alone(planted, tmp_path):
+    stores, Xs, y, topics, fit = planted
+    res = truthfulness_study(stores, None, tmp_path, settings=TruthSettings(intervene=False))
+    (f,) = res.findings
+    assert f.pair == "a vs b" and f.agrees, f.detail  # planted shared direction: cosine 0.8, probes transfer
+    assert f.figures["cosine_at_best_layer"] == pytest.approx(float(res.data["cosine"].sel(pair="a_vs_b", layer=2, position=-1)))
+    assert (tmp_path / "truthfulness" / "summary.json").exists() and "nie_table" not in res.figures
+    # the same stores with the labels shuffled: no truth direction, so nothing is claimed to be shared
+    rng = np.random.default_rng(5)
+    noise = {}
+    for m in ("a", "b"):
+        ds = stores[m].copy()
+        noise[m] = ds.assign_coords(label=("example", rng.permutation(y)))
+    noise["b"] = noise["b"].assign_coords(label=noise["a"]["label"])
+    (g,) = truthfulness_study(noise, None, tmp_path / "noise", settings=TruthSettings(intervene=False)).findings
+    assert not g.agrees and "no truth direction" in g.detail
+
+
+def test_centring_by_topic_changes_only_through_topic_means(planted):
+    stores, Xs, y, topics, fit = planted
+    res, _ = probe_analysis(stores, TruthSettings(center_by_topic=True, heldout_topics=("words",)))
+    X = Xs["a"][:, 2, 1].copy()
+    keep = fit & (topics != "words")
+    for t in ("cities", "numbers"):
+        m = keep & (topics == t)
+        X[m] -= X[m].mean(0)
+    want = X[keep & (y == 1)].mean(0) - X[keep & (y == 0)].mean(0)
+    np.testing.assert_allclose(res["fold_direction"].sel(model="a", fold="words", layer=2).values, want, rtol=1e-9, atol=1e-12)
+
+
+def test_store_requirements_name_what_to_extract(tmp_path, planted):
+    stores, Xs, y, topics, fit = planted
+    X = Xs["a"].astype(np.float32)
+    base = {"label": y, "topic": topics, "text": np.array([f"s{i}" for i in range(len(y))], dtype=object)}
+    last = _store(tmp_path / "last.zarr", X[:, :, 1], base, positions="last")
+    with pytest.raises(StoreRequirementError, match=r"1 position\(s\), 2 needed; extract with --sites resid_post"):
+        check_truth_store(last)
+    other = _store(tmp_path / "mlp.zarr", X, base, name="mlp_out")
+    with pytest.raises(StoreRequirementError, match="no 'resid_post' activations.*--sites resid_post"):
+        check_truth_store(other)
+    notopic = _store(tmp_path / "nt.zarr", X, {"label": y, "text": base["text"]})
+    with pytest.raises(StoreRequirementError, match="no 'topic' column"):
+        check_truth_store(notopic)
+    nolabel = _store(tmp_path / "nl.zarr", X, {"topic": topics, "text": base["text"]})
+    with pytest.raises(StoreRequirementError, match="no 'label' column"):
+        probe_analysis({"a": nolabel})
+    chat = _store(tmp_path / "chat.zarr", X, base, template="chat")
+    with pytest.raises(StoreRequirementError, match="template 'chat'.*--positions last:2 --template none"):
+        check_truth_store(chat)
+    with pytest.raises(ValueError, match="held-out topics \\['moon'\\]"):
+        probe_analysis(stores, TruthSettings(heldout_topics=("moon",)))
+
+
+class _Wrapped(torch.nn.Module):
+    """The hand-modified forward: a decoder block whose output a plain function rewrites."""
+
+    def __init__(self, inner, fn):
+        super().__init__()
+        self.inner, self.fn = inner, fn
+
+    def forward(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        return replace_hidden_in_output(out, self.fn(hidden_from_output(out)))
+
+
+def _statements(rng, n, lo=2, hi=7):
+    return [" ".join(f"w{x}" for x in rng.integers(10, 200, int(rng.integers(lo, hi)))) for _ in range(n)]
+
+
+def test_intervention_equals_hand_modified_forward(tiny_llama):
+    lm = tiny_llama
+    rng = np.random.default_rng(0)
+    stmts = _statements(rng, 7)
+    shots = [("w20 w21 w22", 1), ("w30 w31", 0)]
+    prompts = truth_prompts(stmts, shots, TINY)
+    # positions by word count (the tiny tokenizer is one token per word, after <bos>)
+    head_words = sum(len(s.split()) + 4 for s, _ in shots)  # statement + 3 suffix words + label word
+    ids, ends = statement_end_positions(lm.tokenizer, prompts)
+    for i, s in enumerate(stmts):
+        end = 1 + head_words + len(s.split())
+        assert ends[i].tolist() == [end - 2, end - 1]
+        assert lm.tokenizer.convert_ids_to_tokens(ids[i][end - 2:end]) == s.split()[-2:]
+    g = torch.Generator().manual_seed(0)
+    vecs = {0: torch.randn(lm.adapter.d_model, generator=g).numpy() * 2, 2: torch.randn(lm.adapter.d_model, generator=g).numpy()}
+    signs = np.array([1, -1, 0, 1, -1, -1, 1], dtype=float)
+    coef = 1.7
+    got = truth_logits(lm, prompts, settings=TINY, vectors=vecs, signs=signs, coef=coef)  # batched, left-padded
+    clean = truth_logits(lm, prompts, settings=TINY)
+    pd = truth_margins(lm, prompts, settings=TINY, vectors=vecs, signs=signs, coef=coef)
+    t_id, f_id = lm.tokenizer.convert_tokens_to_ids(["w2", "w1"])
+    layers = lm.adapter.layers
+    want = np.zeros_like(got)
+    for i in range(len(stmts)):
+        pos = ends[i]
+
+        def make(v, sgn=signs[i]):
+            def fn(x):
+                x = x.clone()
+                x[0, pos] += torch.as_tensor(sgn * coef * v, dtype=x.dtype)
+                return x
+            return fn
+
+        orig = {l: layers[l] for l in vecs}
+        for l, v in vecs.items():
+            layers[l] = _Wrapped(orig[l], make(v))
+        try:
+            with torch.no_grad():  # one prompt alone: no padding, no hooks
+                want[i] = lm.model(input_ids=torch.tensor([ids[i]])).logits[0, -1].numpy()
+        finally:
+            for l in vecs:
+                layers[l] = orig[l]
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+    assert np.abs(got - clean).max(axis=-1)[signs != 0].min() > 1e-2  # the intervention did something
+    np.testing.assert_allclose(got[signs == 0], clean[signs == 0], atol=2e-5)
+    p = torch.softmax(torch.as_tensor(want, dtype=torch.float64), -1).numpy()
+    np.testing.assert_allclose(pd, p[:, t_id] - p[:, f_id], atol=1e-7)
+
+
+def _write_statements(d, rng, topics=("t1", "t2", "t3"), n=24):
+    for t in topics:
+        with open(d / f"truth_{t}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["statement", "label", "topic", "split"])
+            for i, s in enumerate(_statements(rng, n)):
+                w.writerow([s, i % 2, t, "test" if (i // 2) % 4 == 3 else "train"])
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tiny_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("truth_data")
+    _write_statements(d, np.random.default_rng(1))
+    return ModelGroup("tiny", str(tiny_dir("llama", n_layers=3)), (str(tiny_dir("llama", n_layers=3, seed=1)),)), d
+
+
+def test_run_truthfulness_end_to_end(tiny_pair, tmp_path):
+    group, data = tiny_pair
+    out = tmp_path / "out"
+    res = run_truthfulness(group, data, out, settings=TINY)
+    d = out / "truthfulness"
+    summary = json.loads((d / "summary.json").read_text())
+    assert set(summary["summary"]["best_layer"]) == {"base", "post"}
+    for name in ("cosine_by_layer", "probe_accuracy", "transfer_table", "nie_table"):
+        assert res.figures[name].exists() and res.figures[name].stat().st_size > 1000
+    saved = xr.open_zarr(d / "results.zarr", consolidated=False)
+    assert saved["nie"].dims == ("target", "source", "fold", "kind") and saved.sizes["layer"] == 3
+    np.testing.assert_allclose(saved["cosine"].values, res.data["cosine"].values)
+    # the store holds what the study needs, one group per model
+    st = open_store(out / "store.zarr", "post/truth")
+    assert st.attrs["positions"] == "last:2" and st["resid_post"].dims == ("example", "layer", "position", "hidden")
+    check_truth_store(st)
+    # NIE is the shift of each label's mean P(TRUE)-P(FALSE) over the clean gap
+    iv = res.data
+    gap = iv["pd_clean"].sel(statement_label=1) - iv["pd_clean"].sel(statement_label=0)
+    f2t = (iv["pd_intervened"].sel(statement_label=0) - iv["pd_clean"].sel(statement_label=0)) / gap
+    np.testing.assert_allclose(iv["nie"].sel(kind="false_to_true").values, f2t.transpose("target", "source", "fold").values)
+    f = res.findings[0]
+    assert f.pair == "base vs post" and "cosine_at_best_layer" in f.figures and "nie_post_with_base_dir" in f.figures
+    assert summary["findings"][0]["agrees"] == f.agrees
+    # coef 0: the hooks run and change nothing, so NIE is exactly 0
+    stores = {k: open_store(out / "store.zarr", f"{k}/truth") for k in ("base", "post")}
+    pr, tdata = probe_analysis(stores, TINY)
+    from mechdiff.engine.models import load_model
+
+    zero = intervention_analysis({"base": load_model(group.base), "post": load_model(group.post[0])}, pr, tdata, replace(TINY, coef=0.0))
+    assert np.all(zero["nie"].values == 0.0)
+
+
+def test_cli_truthfulness(tiny_pair, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from mechdiff.analyses.truthfulness_cli import register
+
+    app, analyze = typer.Typer(), typer.Typer()
+    app.add_typer(analyze, name="analyze")
+    register(analyze)
+    group, data = tiny_pair
+    runner = CliRunner()
+    h = runner.invoke(app, ["analyze", "truthfulness", "--help"], env={"COLUMNS": "120"})
+    assert h.exit_code == 0 and "DESCRIPTION" in h.output and "--heldout-topic" in h.output
+    common = ["analyze", "truthfulness", "--base", group.base, "--post", group.post[0], "--data", str(data), "--out", str(tmp_path),
+              "--label-words", "w1,w2", "--suffix", " w3 w4 w5", "--n-shots", "2", "--n-intervene", "4"]
+    bad = runner.invoke(app, common + ["--heldout-topic", "moon"])
+    assert bad.exit_code == 2 and "moon" in bad.output and not (tmp_path / "store.zarr").exists()
+    bad = runner.invoke(app, common + ["--layers", "7:9"])
+    assert bad.exit_code == 2 and "7:9" in bad.output and "layer" in bad.output
+    ok = runner.invoke(app, common + ["--heldout-topic", "t2", "--layers", "0:2", "--coef", "2"])
+    assert ok.exit_code == 0, ok.output
+    s = json.loads((tmp_path / "truthfulness" / "summary.json").read_text())["summary"]
+    assert s["folds"] == ["t2"] and s["intervention"]["layers"] == {"base": [0, 1], "post": [0, 1]}
+    assert s["settings"]["coef"] == 2.0
