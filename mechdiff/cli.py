@@ -31,20 +31,16 @@ app.add_typer(analyze_app, name="analyze")
 
 
 def _mount() -> None:
+    import importlib
+
+    from mechdiff.cluster.cli import register as register_sweep
     from mechdiff.zoo.cli import zoo_app
 
     app.add_typer(zoo_app, name="zoo")
-    import importlib
+    for study in ("truthfulness", "refusal", "knowledge", "confidence"):
+        importlib.import_module(f"mechdiff.analyses.{study}_cli").register(analyze_app)
+    register_sweep(app)
 
-    for mod in ("mechdiff.analyses.truthfulness_cli", "mechdiff.analyses.refusal_cli",
-                "mechdiff.analyses.knowledge_cli", "mechdiff.analyses.confidence_cli", "mechdiff.cluster.cli"):
-        try:  # INTEGRATION-ONLY guard: removed once every module exists
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-            continue
-        m.register(analyze_app if ".analyses." in mod else app)
 
 console = Console(stderr=True)
 out = Console()
@@ -162,7 +158,8 @@ def _print_findings(outcome) -> None:
         t.add_column(c)
     for name, res in outcome.results.items():
         for f in res.findings:
-            nums = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in f.figures.items())
+            # the first figures are the ones a finding rests on; results.json and the report have all
+            nums = "\n".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}" for k, v in list(f.figures.items())[:4])
             t.add_row(name, f.finding, f.pair, nums, "[green]yes[/]" if f.agrees else "[red]no[/]")
     out.print(t)
 

@@ -190,6 +190,25 @@ def test_layer_subset_in_any_order(models):
     assert_same(exact, naive_patching(lm, None, pp, sites=sites, layers=layers))
 
 
+def test_statement_positions_only(models, tiny_dir):
+    a = models["llama2"]
+    b = load_model(tiny_dir("llama", n_layers=2, seed=1))
+    pp = prepared(a, make_pairs([3, 4], seed=11), answers_from=b)
+    sites = ("resid_post", "attn_out")
+    exact = exact_patching(a, b, pp, sites=sites, positions="statement")
+    assert_same(exact, naive_patching(a, b, pp, sites=sites, positions="statement"))
+    full = exact_patching(a, b, pp, sites=sites)
+    context = (exact["role"] == kn.ROLES.index("context")).values  # [pair, position]
+    assert context.sum() == 2 * 3  # <bos> w5 w6 in each pair
+    order = ("site", "layer", "pair", "position")
+    e, f = exact["patched"].transpose(*order).values, full["patched"].transpose(*order).values
+    assert np.isnan(e[..., context]).all() and np.isfinite(f[..., context]).all()
+    statement = (exact["role"] >= 1).values
+    np.testing.assert_allclose(e[..., statement], f[..., statement], atol=1e-6)
+    att = attribution_patching(a, b, pp, sites=sites, positions="statement")
+    assert np.isnan(att["patched"].transpose(*order).values[..., context]).all()
+
+
 def test_fallback_when_resume_fails(models, monkeypatch):
     lm = models["llama"]
     pp = prepared(lm, make_pairs([3], seed=2))
@@ -404,14 +423,16 @@ def test_run_knowledge_end_to_end(group_dirs, tmp_path):
     # the cross run equals exact patching done directly
     lm_b, lm_p = load_model(base), load_model(post)
     pp = kn.prepare_pairs(lm_b.tokenizer, df, tokenizer_hash=lm_b.tokenizer_hash)
-    direct = exact_patching(lm_b, lm_p, pp, sites=("resid_post",))
+    direct = exact_patching(lm_b, lm_p, pp, sites=("resid_post",), positions="statement")
     np.testing.assert_allclose(ds["patched"].sel(run="base->post", site="resid_post").values,
                                direct["patched"].sel(site="resid_post").values, atol=1e-6)
     assert [f.finding for f in res.findings] == ["knowledge storage unchanged"]
-    assert set(res.findings[0].figures) == {"heatmap_correlation", "cross_correlation", "cross_transfer"}
+    assert set(res.findings[0].figures) == {"heatmap_correlation", "cross_correlation", "cross_transfer", "delta_correlation"}
     for key in ("heatmap_resid_post", "heatmap_attn_out", "heatmap_mlp_out", "attribution"):
         assert res.figures[key].stat().st_size > 1000
     assert set(summary["summary"]["attribution_correlation"]) == {"base", "post", "base->post"}
+    raw = summary["summary"]["attribution_correlation_raw"]["post"]["resid_post"]
+    assert raw is not None and raw > 0.5
 
 
 def test_cli_knowledge(group_dirs, tmp_path, tiny_dir):

@@ -86,7 +86,9 @@ def neuron_stats(lm: LoadedModel, *, layer: int = -1, vocab_chunk: int = 8192) -
     return norm.cpu().numpy(), var.cpu().numpy()
 
 
-def select_candidates(norm: np.ndarray, logit_var: np.ndarray, *, q: float = 0.25, n: int = 10) -> tuple[np.ndarray, np.ndarray]:
+def select_candidates(
+    norm: np.ndarray, logit_var: np.ndarray, *, q: float = 0.25, n: int = 10
+) -> tuple[np.ndarray, np.ndarray]:
     """(top-norm neurons, candidates): the ceil(q * d_mlp) neurons of largest norm (at least ``n``), then the
     ``n`` of those with the smallest logit variance, in ascending variance. Ties go to the lower index."""
     norm = np.asarray(norm, dtype=np.float64)
@@ -383,7 +385,8 @@ def run_confidence(
             "baseline": {"entropy": float(base["entropy"].mean()), "max_prob": float(base["max_prob"].mean())},
             "ablate_candidates": ce,
             "ablate_control": {
-                k: float(np.mean([c[k] for c in ctrl])) for k in ("entropy", "max_prob", "delta_entropy", "delta_max_prob")
+                k: float(np.mean([c[k] for c in ctrl]))
+                for k in ("entropy", "max_prob", "delta_entropy", "delta_max_prob")
             } | {
                 f"{k}_spread": float(np.std([c[k] for c in ctrl], ddof=1)) if len(ctrl) > 1 else float("nan")
                 for k in ("delta_entropy", "delta_max_prob")
@@ -394,14 +397,17 @@ def run_confidence(
             deltas[k][mi] = [ce[f"delta_{k}"], per_model[lab]["ablate_control"][f"delta_{k}"]]
             delta_spread[k][mi] = [ce[f"delta_{k}_se"], per_model[lab]["ablate_control"][f"delta_{k}_spread"]]
 
-    width = {len(en.norm) for en in neurons.values()}
-    d_mlp = width.pop()
+    d_mlp = len(neurons[labels[0]].norm)  # one architecture, checked above
+
+    def flags(which: str) -> np.ndarray:
+        return np.stack([np.isin(np.arange(d_mlp), getattr(neurons[lab], which)) for lab in labels])
+
     data = xr.Dataset(
         {
             "norm": (("model", "neuron"), np.stack([neurons[lab].norm for lab in labels])),
             "logit_var": (("model", "neuron"), np.stack([neurons[lab].logit_var for lab in labels])),
-            "is_candidate": (("model", "neuron"), np.stack([np.isin(np.arange(d_mlp), neurons[lab].candidates) for lab in labels])),
-            "is_top_norm": (("model", "neuron"), np.stack([np.isin(np.arange(d_mlp), neurons[lab].top_norm) for lab in labels])),
+            "is_candidate": (("model", "neuron"), flags("candidates")),
+            "is_top_norm": (("model", "neuron"), flags("top_norm")),
             "iou": (("model", "model_b"), iou),
             "entropy": (("model", "condition"), stats["entropy"]),
             "max_prob": (("model", "condition"), stats["max_prob"]),

@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -314,6 +315,16 @@ def _check_pairs_for(lm: LoadedModel, pairs: PatchingPairs) -> None:
 # shared machinery
 
 
+def _position_mask(pairs: PatchingPairs, i: int, positions: str) -> np.ndarray:
+    """Which token positions of pair ``i`` to patch: ``all``, or ``statement`` (all but the context role: the
+    few-shot examples before the statement, which a within-model patch cannot change anyway)."""
+    if positions == "all":
+        return np.ones(len(pairs.roles[i]), dtype=bool)
+    if positions == "statement":
+        return pairs.roles[i] != ROLES.index("context")
+    raise ValueError(f"positions {positions!r}: all or statement")
+
+
 def _resolve_sites(sites: str | Sequence[str]) -> tuple[str, ...]:
     out = parse_sites(sites)
     bad = [s for s in out if s not in PATCH_SITES]
@@ -411,7 +422,8 @@ class _Group:
     ld_true: torch.Tensor  # [G]
     ld_false: torch.Tensor  # [G]
     false_ids: torch.Tensor  # [G, T]
-    resid: list[torch.Tensor]  # target false run: resid_pre of block k for k < L, resid_post of the last at L; [G, T, d]
+    # target false run, [G, T, d]: resid_pre of block k for k < L, the last block's resid_post at L
+    resid: list[torch.Tensor]
     src: dict[tuple[str, int], torch.Tensor]  # source true run: [G, T, w]
     tgt: dict[tuple[str, int], torch.Tensor]  # target false run: [G, T, w]
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # target false run keys/values per layer
@@ -507,7 +519,8 @@ def _record(target: LoadedModel, grp: _Group) -> None:
             past.update(key[:, :, :s], val[:, :, :s], k)
     handles = [adapter.layer(k).register_forward_pre_hook(make(k), with_kwargs=True) for k in range(adapter.n_layers)]
     try:
-        target.model(input_ids=grp.false_ids[:, s:], past_key_values=past, use_cache=s > 0, **_forward_kwargs(target.model))
+        target.model(input_ids=grp.false_ids[:, s:], past_key_values=past, use_cache=s > 0,
+                     **_forward_kwargs(target.model))
     finally:
         for h in handles:
             h.remove()
@@ -552,18 +565,20 @@ class _Rows:
         return _Rows(self.site[sel], self.layer[sel], self.pair[sel], self.pos[sel], self.start[sel])
 
 
-def _rows(grp: _Group, sites: tuple[str, ...], layers: tuple[int, ...], skip_unchanged: bool) -> tuple[_Rows, int]:
-    """Variants to run; with ``skip_unchanged`` those whose patch value equals the value it replaces are left
-    out (exactly a no-op: the result is the false run). Returns the rows and the number left out."""
+def _rows(grp: _Group, sites: tuple[str, ...], layers: tuple[int, ...], skip_unchanged: bool,
+          allowed: torch.Tensor) -> tuple[_Rows, int]:
+    """Variants to run (at ``allowed`` [G, T] positions); with ``skip_unchanged`` those whose patch value equals
+    the value it replaces are left out (exactly a no-op: the result is the false run). Returns the rows and the
+    number left out."""
     parts = []
     skipped = 0
     for si, site in enumerate(sites):
         for l in layers:
+            run = allowed.clone()
             if skip_unchanged:
-                run = ~torch.eq(grp.src[(site, l)], grp.tgt[(site, l)]).all(-1)  # [G, T]
-            else:
-                run = torch.ones(len(grp.idx), grp.n_tokens, dtype=torch.bool, device=grp.false_ids.device)
-            skipped += int((~run).sum())
+                same = torch.eq(grp.src[(site, l)], grp.tgt[(site, l)]).all(-1)  # [G, T]
+                skipped += int((same & allowed).sum())
+                run &= ~same
             g, p = torch.nonzero(run, as_tuple=True)
             start = l + 1 if site == "resid_post" else l
             parts.append(torch.stack([torch.full_like(g, si), torch.full_like(g, l), g, p, torch.full_like(g, start)]))
@@ -710,6 +725,7 @@ def exact_patching(
     layers: str | Sequence[int] = "all",
     method: str = "auto",
     skip_unchanged: bool = True,
+    positions: str = "all",
     token_budget: int = 8192,
 ) -> xr.Dataset:
     """Exact activation patching of every (site, layer, position): ``source``'s true-prompt activations into
@@ -718,6 +734,7 @@ def exact_patching(
     ``method``: ``resume`` (call the decoder blocks from the cached residual stream; error if it cannot be
     validated), ``hooked`` (full forwards with replace-interventions), ``auto`` (resume, else hooked).
     ``skip_unchanged``: answer patches that replace a value by an identical one from the false run.
+    ``positions``: ``all``, or ``statement`` (leave the context before the statement unpatched: NaN there).
     ``token_budget``: rows x recomputed tokens per batched pass.
 
     Returns a Dataset with ``effect`` (normalised: 0 = false run, 1 = true run) and ``patched`` (raw logit
@@ -743,10 +760,13 @@ def exact_patching(
     with torch.no_grad():
         for idx in _groups(pairs, token_budget):
             grp = _caches(source, target, pairs, idx, sites, layers, want_kv=resume_ok)
-            rows, skipped = _rows(grp, sites, layers, skip_unchanged)
+            allowed = torch.as_tensor(np.stack([_position_mask(pairs, i, positions) for i in idx]),
+                                      device=grp.false_ids.device)
+            rows, skipped = _rows(grp, sites, layers, skip_unchanged, allowed)
             n_skip += skipped
             n_run += len(rows)
             res = grp.ld_false[:, None, None, None].expand(len(idx), len(sites), len(layers), grp.n_tokens).clone()
+            res.masked_fill_(~allowed[:, None, None, :], float("nan"))
             if len(rows):
                 out = torch.empty(len(rows), dtype=torch.float64, device=grp.false_ids.device)
                 mode = "hooked"
@@ -831,6 +851,7 @@ def naive_patching(
     *,
     sites: str | Sequence[str] = ("resid_post",),
     layers: str | Sequence[int] = "all",
+    positions: str = "all",
 ) -> xr.Dataset:
     """The reference: for every pair, site, layer and position, one full forward of the false prompt with that
     one activation replaced by a hand-written hook. Slow by design; same output layout as :func:`exact_patching`."""
@@ -859,10 +880,11 @@ def naive_patching(
 
             ld_t[i], ld_f[i] = ld(t_ids), ld(f_ids)
             n = t_ids.shape[1]
-            v = np.zeros((len(sites), len(layers), n))
+            v = np.full((len(sites), len(layers), n), np.nan)
+            mask = _position_mask(pairs, i, positions)
             for si, site in enumerate(sites):
                 for li, l in enumerate(layers):
-                    for p in range(n):
+                    for p in np.nonzero(mask)[0].tolist():
                         h = _hand_hook(target.adapter, site, l, p, cap.acts[(site, l)][0, p])
                         try:
                             v[si, li, p] = ld(f_ids)
@@ -901,6 +923,7 @@ def attribution_patching(
     *,
     sites: str | Sequence[str] = ("resid_post",),
     layers: str | Sequence[int] = "all",
+    positions: str = "all",
     token_budget: int = 8192,
 ) -> xr.Dataset:
     """Linear estimate of every patch at once: effect(l, p) ~ (x_true - x_false)(l, p) . d metric / d x(l, p),
@@ -943,7 +966,7 @@ def attribution_patching(
                 est[:, sites.index(site), layers.index(l)] = d.sum(-1).cpu().numpy()
         mf = m.detach().double().cpu().numpy()
         for j, i in enumerate(idx):
-            values[i] = mf[j] + est[j]
+            values[i] = np.where(_position_mask(pairs, i, positions), mf[j] + est[j], np.nan)
             ld_t[i], ld_f[i] = float(lt[j]), float(mf[j])
     attrs = {"method": "attribution", "source": source.model_id, "target": target.model_id,
              "seconds": time.perf_counter() - t0}
@@ -1001,7 +1024,9 @@ def slot_heatmaps(
             pos = where[role]
             if role == "context":
                 if len(pos):
-                    out[i, ..., j] = np.nanmean(v[i][..., pos], axis=-1)
+                    with np.errstate(all="ignore"), warnings.catch_warnings():
+                        warnings.simplefilter("ignore", RuntimeWarning)  # unpatched context: all NaN
+                        out[i, ..., j] = np.nanmean(v[i][..., pos], axis=-1)
                 continue
             if role == "final":
                 # counted from the prompt's end, whatever the final span's length
@@ -1012,7 +1037,8 @@ def slot_heatmaps(
             if p is not None:
                 out[i, ..., j] = v[i][..., p]
     out = np.moveaxis(out, 0, -3)
-    dims = tuple(d for d in effect.transpose(..., "pair", "layer", "position").dims if d not in ("pair", "layer", "position"))
+    dims = tuple(d for d in effect.transpose(..., "pair", "layer", "position").dims
+                 if d not in ("pair", "layer", "position"))
     coords = {d: effect[d].values for d in dims if d in effect.coords}
     coords.update(pair=effect["pair"].values, layer=effect["layer"].values, slot=[s[0] for s in spec],
                   slot_role=("slot", [s[1] for s in spec]))
@@ -1026,8 +1052,6 @@ def heatmap_stats(slots: xr.DataArray, keep: xr.DataArray | np.ndarray | None = 
     if keep is not None:
         k = keep if isinstance(keep, xr.DataArray) else xr.DataArray(np.asarray(keep, bool), dims=("pair",))
         x = x.where(k)
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slots stay NaN
         mean = x.mean("pair", skipna=True)
@@ -1136,7 +1160,8 @@ def run_knowledge(
     cross: bool = True,
     attribution: bool = True,
     limit: int | None = None,
-    min_gap: float | None = 0.0,
+    positions: str = "statement",
+    min_gap: float | None = 0.1,
     device: str = "cpu",
     dtype: str = "float32",
     token_budget: int = 8192,
@@ -1150,7 +1175,10 @@ def run_knowledge(
     (base, post) pair: cross-model patching of the base model's true-prompt activations into the post model's
     false runs. Statistics over pairs on role slots; between models: heatmap correlation, peak layer per role,
     difference heatmap. Pairs whose target model does not separate them by more than ``min_gap`` (ld_true -
-    ld_false) are left out of the statistics (None keeps all).
+    ld_false, in logits) are left out of the normalised statistics (None keeps all); ``mean_delta`` holds the
+    un-normalised change of the logit difference over every pair. ``positions="statement"`` leaves the context
+    before the statement (the few-shot examples) unpatched; ``"all"`` patches it too (within a model those
+    patches are exact no-ops, across models they are the bulk of the work).
 
     ``pairs``: a CSV / DataFrame with :data:`PAIR_COLUMNS`, or None for the zoo's ``patching.csv``.
     ``shots``: "auto" (a ``shots.json`` next to the pairs file, if any), a path, a mapping, or None.
@@ -1183,8 +1211,8 @@ def run_knowledge(
     for lab in labels:
         lm = models[lab]
         if lm.tokenizer_hash not in by_tok:
-            by_tok[lm.tokenizer_hash] = prepare_pairs(lm.tokenizer, df, shots=shots, max_length=lm.adapter.max_positions,
-                                                       tokenizer_hash=lm.tokenizer_hash)
+            by_tok[lm.tokenizer_hash] = prepare_pairs(
+                lm.tokenizer, df, shots=shots, max_length=lm.adapter.max_positions, tokenizer_hash=lm.tokenizer_hash)
         prepared[lab] = by_tok[lm.tokenizer_hash]
     layer_sets = {parse_layers(layers, models[lab].adapter.n_layers) for lab in labels}
     if len(layer_sets) != 1:
@@ -1197,12 +1225,14 @@ def run_knowledge(
     for name, s, t in runs:
         src, tgt = models[s], models[t]
         log.info("knowledge: exact patching %s", name)
-        e = exact_patching(src, tgt, prepared[t], sites=sites, layers=layers, token_budget=token_budget)
+        e = exact_patching(src, tgt, prepared[t], sites=sites, layers=layers, positions=positions,
+                           token_budget=token_budget)
         exact_ds.append(e)
         timing[name] = {"exact_s": e.attrs["seconds"], "execution": e.attrs["execution"],
                         "variants_run": e.attrs["variants_run"], "variants_skipped": e.attrs["variants_skipped"]}
         if attribution:
-            a = attribution_patching(src, tgt, prepared[t], sites=sites, layers=layers, token_budget=token_budget)
+            a = attribution_patching(src, tgt, prepared[t], sites=sites, layers=layers, positions=positions,
+                                     token_budget=token_budget)
             attr_ds.append(a)
             timing[name]["attribution_s"] = a.attrs["seconds"]
     names = [r[0] for r in runs]
@@ -1227,6 +1257,10 @@ def run_knowledge(
     slots = xr.concat([slot_heatmaps(d["effect"], n_final=n_final) for d in exact_ds],
                       dim=xr.DataArray(names, dims="run", name="run"))
     stats = heatmap_stats(slots, keep)
+    # Un-normalised change of the logit difference, over every pair: defined even where a model barely
+    # separates a pair (and the normalised effect is not).
+    delta = heatmap_stats(xr.concat([slot_heatmaps(d["patched"] - d["ld_false"], n_final=n_final) for d in exact_ds],
+                                    dim=xr.DataArray(names, dims="run", name="run")))
     data = xr.Dataset(
         {
             "effect": ex["effect"],
@@ -1239,11 +1273,13 @@ def run_knowledge(
             "mean": stats["mean"],
             "std": stats["std"],
             "count": stats["count"],
+            "mean_delta": delta["mean"],
         }
     )
     summary: dict[str, Any] = {
         "models": {lab: models[lab].model_id for lab in labels},
         "n_pairs": len(df),
+        "min_gap": min_gap,
         "pairs_kept": {n: int(keep.sel(run=n).sum()) for n in names},
         "sites": list(sites),
         "layers": [int(x) for x in ex["layer"].values],
@@ -1261,8 +1297,15 @@ def run_knowledge(
                            at["effect"].sel(run=n, site=s).where(keep.sel(run=n)).values) for s in sites}
             for n in names
         }
+        # the same over every pair, un-normalised: defined even when no pair is kept
+        summary["attribution_correlation_raw"] = {
+            n: {s: pearson((ex["patched"] - ex["ld_false"]).sel(run=n, site=s).values,
+                           (at["patched"] - at["ld_false"]).sel(run=n, site=s).values) for s in sites}
+            for n in names
+        }
         summary["attribution_speedup"] = {
-            n: timing[n]["exact_s"] / timing[n]["attribution_s"] if timing[n]["attribution_s"] > 0 else None for n in names
+            n: timing[n]["exact_s"] / timing[n]["attribution_s"] if timing[n]["attribution_s"] > 0 else None
+            for n in names
         }
     comparisons: dict[str, Any] = {}
     findings: list[Finding] = []
@@ -1274,12 +1317,15 @@ def run_knowledge(
             c = compare_heatmaps(stats["mean"].sel(run=a, site=s), stats["mean"].sel(run=b, site=s))
             data[f"difference_{b}_{a}_{s}"] = c.pop("difference")
             comp[s] = c
+            comp[s]["delta_correlation"] = pearson(delta["mean"].sel(run=a, site=s), delta["mean"].sel(run=b, site=s))
             if cross:
                 xname = f"{a}->{b}"
                 own = stats["mean"].sel(run=b, site=s)
                 xm = stats["mean"].sel(run=xname, site=s)
                 comp[s]["cross_correlation"] = pearson(xm.values, own.values)
                 comp[s]["cross_transfer"] = _mass_ratio(xm, own)
+                comp[s]["cross_delta_correlation"] = pearson(delta["mean"].sel(run=xname, site=s),
+                                                             delta["mean"].sel(run=b, site=s))
         comparisons[key] = comp
         diffs.append((a, b))
         main_site = "resid_post" if "resid_post" in sites else sites[0]
@@ -1290,13 +1336,22 @@ def run_knowledge(
         agrees = all(np.isfinite(v) for v in figs.values()) and figs["heatmap_correlation"] >= min_correlation and (
             not cross or (figs["cross_correlation"] >= min_correlation and figs["cross_transfer"] >= min_transfer)
         )
-        findings.append(Finding(
-            "knowledge storage unchanged", key, figs, bool(agrees),
-            f"{main_site} heatmaps: correlation {figs['heatmap_correlation']:.3f}"
-            + (f"; {a} activations patched into {b}: correlation with {b}'s own {figs['cross_correlation']:.3f}, "
-               f"effect {figs['cross_transfer']:.2f}x of {b}'s own" if cross else "")
-            + f" (agreement: correlations >= {min_correlation}" + (f", effect >= {min_transfer}x)" if cross else ")"),
-        ))
+        figs["delta_correlation"] = comp[main_site]["delta_correlation"]
+        kept = {n: int(keep.sel(run=n).sum()) for n in (a, b)}
+        rule = f"(agreement: correlations >= {min_correlation}" + (f", effect >= {min_transfer}x)" if cross else ")")
+        raw = f"un-normalised {main_site} heatmaps (all pairs) correlate {figs['delta_correlation']:.3f}"
+        if min(kept.values()) == 0:
+            detail = (f"no pair is separated by more than min_gap={min_gap} (logit-difference gap, true - false run) "
+                      f"in {' and '.join(n for n, k in kept.items() if k == 0)}: the model does not tell these "
+                      f"statements apart, so normalised patching effects are undefined; {raw} {rule}")
+        else:
+            detail = (f"pairs kept {kept[a]} / {kept[b]} of {len(df)}; {main_site} heatmaps: correlation "
+                      f"{figs['heatmap_correlation']:.3f}"
+                      + (f"; {a} activations patched into {b}: correlation with {b}'s own "
+                         f"{figs['cross_correlation']:.3f}, effect {figs['cross_transfer']:.2f}x of {b}'s own"
+                         if cross else "")
+                      + f"; {raw} {rule}")
+        findings.append(Finding("knowledge storage unchanged", key, figs, bool(agrees), detail))
     summary["comparisons"] = comparisons
     d = Path(out_dir) / "knowledge"
     figures: dict[str, Path] = {}

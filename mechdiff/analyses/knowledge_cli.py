@@ -71,7 +71,8 @@ def knowledge(
     cross: bool = typer.Option(True, "--cross/--no-cross", help="Also patch the base model's activations into each post model."),
     attribution: bool = typer.Option(True, "--attribution/--no-attribution", help="Also compute attribution-patching estimates."),
     limit: Optional[int] = typer.Option(None, help="At most this many pairs, spread over topics."),
-    min_gap: float = typer.Option(0.0, help="Leave out of the statistics pairs with logit-diff(true) - logit-diff(false) <= this."),
+    positions: str = typer.Option("statement", help="statement (leave the few-shot context unpatched) or all."),
+    min_gap: float = typer.Option(0.1, help="Leave out of the normalised statistics pairs with logit-diff(true) - logit-diff(false) <= this."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
     token_budget: int = typer.Option(8192, help="Rows x tokens per batched pass."),
@@ -87,7 +88,9 @@ def knowledge(
     normalised per pair: 0 = the false run, 1 = the true run. Every model of the group is swept on its
     own; with --cross, the base model's true-prompt activations are also patched into each post model's
     false runs. Positions are grouped by role (context, subject, object = the span the pair differs in,
-    final = everything after it) and averaged over pairs.
+    final = everything after it) and averaged over pairs. By default only the statement's tokens are patched
+    (--positions statement): within a model the few-shot context cannot change, across models patching it is
+    most of the work and says little about where the facts are.
 
     The exact sweep resumes each patch from the cached residual stream, recomputes only the suffix a patch
     can affect, and batches all variants; it equals one full forward per variant to fp32 precision.
@@ -114,6 +117,8 @@ def knowledge(
     try:
         group = group_from_options(base, post, labels, name)
         parse_sites(sites)
+        if positions not in ("statement", "all"):
+            raise ValueError(f"--positions {positions!r}: statement or all")
         shots_arg = None if shots == "none" else shots
         if pairs is not None:
             load_pairs(pairs)  # bad files fail before any model loads
@@ -122,7 +127,8 @@ def knowledge(
     try:
         result = run_knowledge(
             group, pairs, out, shots=shots_arg, sites=tuple(s.strip() for s in sites.split(",") if s.strip()),
-            layers=layers, cross=cross, attribution=attribution, limit=limit, min_gap=min_gap, device=device,
+            layers=layers, cross=cross, attribution=attribution, limit=limit, positions=positions, min_gap=min_gap,
+            device=device,
             dtype=dtype, token_budget=token_budget,
         )
     except (PairError, ModelMismatchError, SiteError, ValueError, OSError) as e:

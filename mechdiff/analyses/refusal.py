@@ -656,14 +656,14 @@ def run_refusal(
 
     ``harmful`` / ``harmless``: prompt sets or files (an optional ``split`` column: train / val / test; missing
     splits are carved from train, ``n_val`` and ``n_eval`` rows, seeded). Directions come from the train rows,
-    the (layer, position) from ``n_val`` val rows, the refusal scores from ``n_eval`` test rows (per class; drawn
-    at random, seeded, when a split has more). ``store``: store root for the activations (default ``out_dir/store.zarr``); extraction resumes and
-    reuses finished groups. ``templates``: label -> template (default: base ``User: {text}\\nAssistant:``,
-    post-trained ``chat``). ``phrases``: refusal phrases (default :func:`default_refusal_phrases`).
-    ``lms``: already loaded models by label (otherwise loaded from the group's paths, one at a time).
-    ``transfer_ratio`` / ``low_cosine``: the finding agrees with the paper when the base direction's effect
-    on the post model is below ``transfer_ratio`` times the post model's own, or the chosen directions'
-    cosine is below ``low_cosine``.
+    the (layer, position) from ``n_val`` val rows, the refusal scores from ``n_eval`` test rows (per class;
+    drawn at random, seeded, when a split has more). ``store``: store root for the activations (default
+    ``out_dir/store.zarr``); extraction resumes and reuses finished groups. ``templates``: label -> template
+    (default: base ``User: {text}\\nAssistant:``, post-trained ``chat``). ``phrases``: refusal phrases
+    (default :func:`default_refusal_phrases`). ``lms``: already loaded models by label (otherwise loaded
+    from the group's paths, one at a time). ``transfer_ratio`` / ``low_cosine``: the finding agrees with the
+    paper when the base direction's effect on the post model is below ``transfer_ratio`` times the post
+    model's own, or the chosen directions' cosine is below ``low_cosine``.
 
     Writes ``out_dir/refusal/`` (results.zarr, summary.json, figures) and returns the :class:`StudyResult`.
     """

@@ -9,40 +9,45 @@ import typer
 
 __all__ = ["register", "read_phrases"]
 
-HELP = """Find each model's refusal direction and test whether base and post-trained models share it.
+HELP = """Find each model's refusal direction; test whether base and post-trained
+models share it.
 
 \b
 WHAT IT DOES
-  1. Extracts (resumable) the BASE and POST models' residual stream at every layer and every
-     post-instruction position for the HARMFUL and HARMLESS instructions, each model in its own
-     template (base: "User: {text}\\nAssistant:"; post: its chat template), into STORE.
-  2. Candidate directions: mean(harmful) - mean(harmless) per (layer, position), train rows.
-  3. Chooses the (layer, position) on validation rows by the drop of the refusal-token log-odds
-     when the direction is ablated (harmful prompts) plus its rise when the direction is added
-     (harmless prompts). The last SKIP-LAST fraction of layers is never chosen.
-  4. Cosine between the models' directions per layer and for the chosen ones.
-  5. Greedy generation on test rows: refusal score = share of completions containing a refusal
-     phrase, with no intervention, with a direction ablated at every layer (harmful prompts) and
-     with it added at its layer (harmless prompts), for each model's own direction and the other
-     model's (transferred): base -> post and post -> base.
+  1. Extracts (resumable) both models' residual stream at every layer and
+     post-instruction position for HARMFUL and HARMLESS instructions, each
+     model in its own template (base: "User: {text}\\nAssistant:"; post: its
+     chat template), into STORE.
+  2. Candidates: mean(harmful) - mean(harmless) per (layer, position), on
+     the train rows.
+  3. Chooses the (layer, position) on validation rows: drop of the refusal
+     token log-odds with the direction ablated (harmful prompts) plus its
+     rise with the direction added (harmless prompts). The last SKIP-LAST
+     fraction of layers is never chosen.
+  4. Cosine between the models' directions, per layer and chosen ones.
+  5. Greedy generation on test rows. Refusal score = share of completions
+     containing a refusal phrase: plain, with a direction ablated at every
+     layer (harmful prompts), with it added at its layer (harmless
+     prompts); each model's own direction and the other model's
+     (transferred): base -> post and post -> base.
 
 \b
 SPLITS
-  A "split" column (train / val / test) is used when present; otherwise N-VAL validation and
-  N-EVAL test rows are drawn from the rows at random (--seed).
+  A "split" column (train / val / test) is used when present; missing
+  splits are drawn from the train rows at random (N-VAL, N-EVAL, --seed).
 
 \b
 OUTPUT
-  OUT/refusal/summary.json       every number, the findings, sample completions
-  OUT/refusal/results.zarr       directions, selection scores, cosines, refusal scores (xarray)
-  OUT/refusal/*.png              cosine by layer, refusal scores own vs transferred, selection
-  STORE (default OUT/store.zarr) the activations, one group per model
+  OUT/refusal/summary.json   every number, the findings, sample completions
+  OUT/refusal/results.zarr   directions, selection scores, cosines, scores
+  OUT/refusal/*.png          cosine by layer, refusal scores, selection
+  STORE                      activations (default OUT/store.zarr)
 
 \b
 EXAMPLE
   mechdiff analyze refusal --base zoo/base --post zoo/post \\
-      --harmful data/instructions_harmful.csv --harmless data/instructions_harmless.csv \\
-      --out results --max-new-tokens 16
+    --harmful data/instructions_harmful.csv \\
+    --harmless data/instructions_harmless.csv --out results
 """
 
 
@@ -72,7 +77,7 @@ def register(analyze_app: typer.Typer) -> None:
         harmful: Path = typer.Option(..., "--harmful", help="Harmful instructions: CSV/JSON/JSONL (instruction or goal column, optional split)."),
         harmless: Path = typer.Option(..., "--harmless", help="Harmless instructions, same format."),
         out_dir: Path = typer.Option(..., "--out", "-o", help="Results directory (OUT/refusal/ is written)."),
-        store: Optional[str] = typer.Option(None, "--store", help="Activation store root (local path or fsspec URL) [default: OUT/store.zarr]."),
+        store: Optional[str] = typer.Option(None, "--store", help="Activation store root (local path or fsspec URL) (default OUT/store.zarr)."),
         max_new_tokens: int = typer.Option(24, "--max-new-tokens", help="Length of each greedy completion."),
         phrases: Optional[List[str]] = typer.Option(
             None, "--phrases",
@@ -83,8 +88,8 @@ def register(analyze_app: typer.Typer) -> None:
         n_eval: int = typer.Option(64, "--n-eval", help="Test prompts per class for the refusal scores."),
         skip_last: float = typer.Option(0.2, "--skip-last", help="Fraction of last layers never chosen."),
         site: str = typer.Option("resid_post", "--site", help="resid_post or resid_pre: where directions are read and added."),
-        base_template: Optional[str] = typer.Option(None, "--base-template", help="Base template with {text} [default: 'User: {text}\\nAssistant:']."),
-        post_template: Optional[str] = typer.Option(None, "--post-template", help="Post template: chat or a string with {text} [default: chat]."),
+        base_template: Optional[str] = typer.Option(None, "--base-template", help="Base template with {text} (default 'User: {text}\\nAssistant:')."),
+        post_template: Optional[str] = typer.Option(None, "--post-template", help="Post template: chat or a string with {text} (default chat)."),
         name: str = typer.Option("group", "--name", help="Model group name (names the store groups)."),
         generator: str = typer.Option("hf", "--generator", help="hf (transformers generate) or vllm (GPU only)."),
         batch_size: int = typer.Option(32, "--batch-size", help="Prompts per forward / generate batch."),

@@ -38,8 +38,30 @@ def _img(path: Path) -> str:
     return f"data:image/png;base64,{data}"
 
 
+# How to read each figure, for studies that did not say (keys match by prefix).
+DEFAULT_NOTES = {
+    ("knowledge", "heatmap"): "Each cell: the normalised effect of patching the true prompt's activation at (layer, position) "
+    "into the false run (0 = the false run, 1 = the true run). Side by side: base, post, base activations patched into "
+    "post, and the post - base difference; similar heatmaps mean facts are stored in the same places.",
+    ("knowledge", "attribution"): "Attribution patching estimates (one forward and one backward pass) against exact patching "
+    "effects for every (layer, position); points on the diagonal mean the fast estimate can stand in for the sweep.",
+    ("refusal", "cosine"): "Cosine between the base and post model's refusal directions per layer; near 0 means the two "
+    "models do not share a refusal direction.",
+    ("refusal", "refusal_scores"): "Fraction of greedy completions that refuse: harmful prompts with the direction ablated, "
+    "harmless prompts with it added, for the model's own direction and the other model's.",
+    ("refusal", "selection"): "Candidate (layer, position) directions scored on validation prompts by how much ablating "
+    "them removes refusal and adding them induces it; the chosen one is marked.",
+    ("confidence", "scatter"): "Last-layer MLP neurons: output-weight norm against the variance of their logit effect over "
+    "the vocabulary; entropy-neuron candidates (high norm, low variance) are marked.",
+    ("confidence", "iou"): "Overlap (intersection over union) of the models' entropy-neuron candidate sets; 1 = the same neurons.",
+}
+
+
 def _note(study: StudyResult, key: str) -> FigureNote:
-    return FigureNote(key.replace("_", " ").capitalize(), study.notes.get(key, ""))
+    text = study.notes.get(key, "")
+    if not text:
+        text = next((v for (st, pre), v in DEFAULT_NOTES.items() if st == study.study and key.startswith(pre)), "")
+    return FigureNote(key.replace("_", " ").capitalize(), text)
 
 
 def _findings_table(findings: Sequence[Finding]) -> str:

@@ -15,15 +15,15 @@ import torch
 import transformers
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from mechdiff.zoo.corpus import BASE_MIX, POST_MIX, corpus, corpus_texts
+from mechdiff.zoo.corpus import BASE_PHASES, LABEL_WEIGHT, POST_PHASES, SUPPORTED_FRACTION, corpus, corpus_texts
 from mechdiff.zoo.datasets import make_datasets, write_datasets
 from mechdiff.zoo.tokenizer import build_tokenizer
-from mechdiff.zoo.train import ModelSpec, StageSpec, new_model, train
+from mechdiff.zoo.train import ModelSpec, StageSpec, cpu_has_fast_bf16, new_model, train
 from mechdiff.zoo.world import make_world
 
 MODEL = ModelSpec()
-BASE = StageSpec(steps=640, lr=1e-3)
-POST = StageSpec(steps=160, lr=5e-4, warmup_frac=0.1)
+BASE = StageSpec(steps=3000, lr=1.5e-3, warmup_frac=0.03)
+POST = StageSpec(steps=240, lr=5e-4, warmup_frac=0.1)
 SAVE_DTYPE = torch.float16  # halves the shipped size; the models are trained and run in fp32
 N_THREADS = 2
 
@@ -74,10 +74,12 @@ def build_pair(
     t0 = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    base_spec, post_spec = BASE, POST
+    bf16 = cpu_has_fast_bf16()
+    base_spec = StageSpec(**{**BASE.asdict(), "bf16": bf16})
+    post_spec = StageSpec(**{**POST.asdict(), "bf16": bf16})
     if steps is not None:
-        base_spec = StageSpec(**{**BASE.asdict(), "steps": max(1, steps)})
-        post_spec = StageSpec(**{**POST.asdict(), "steps": max(1, round(steps * POST.steps / BASE.steps))})
+        base_spec = StageSpec(**{**base_spec.asdict(), "steps": max(1, steps)})
+        post_spec = StageSpec(**{**post_spec.asdict(), "steps": max(1, round(steps * POST.steps / BASE.steps))})
 
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(N_THREADS)
@@ -113,9 +115,13 @@ def build_pair(
                 def on_step(step: int, loss: float, tid=tid) -> None:
                     advance(tid, info=f"loss {loss:.3f}")
 
+                t_stage = time.time()
                 losses[stage] = train(model, data, spec, seed=s_seed, on_step=on_step)
                 models[stage] = model
                 _save(model, tok, out / stage)
+                if bar is not None:
+                    bar.console.log(f"{stage}: {spec.steps} steps in {time.time() - t_stage:.0f}s, "
+                                    f"final loss {_tail_mean(losses[stage]):.3f}")
 
             metrics: dict[str, dict[str, float]] = {}
             if evaluate:
@@ -127,6 +133,10 @@ def build_pair(
                     shipped = copy.deepcopy(models[stage]).to(SAVE_DTYPE).float().eval()
                     metrics[stage] = {k: round(v, 4) for k, v in behaviour(shipped, tok, ds, template).items()}
                     advance(tid)
+                    if bar is not None:
+                        m = metrics[stage]
+                        bar.console.log(f"{stage}: truth {m['truth_true']:.2f}/{m['truth_false']:.2f}, facts {m['facts']:.2f}, "
+                                        f"refusal {m['refusal_harmful']:.2f}/{m['refusal_harmless']:.2f}")
     finally:
         torch.set_num_threads(prev_threads)
 
@@ -141,8 +151,9 @@ def build_pair(
                   "saved_dtype": str(SAVE_DTYPE).removeprefix("torch."),
                   "n_params": sum(p.numel() for p in models["base"].parameters())},
         "training": {
-            "base": {**base_spec.asdict(), "mix": BASE_MIX, "seed": seed},
-            "post": {**post_spec.asdict(), "mix": POST_MIX, "seed": seed + 1, "init": "base"},
+            "base": {**base_spec.asdict(), "phases": BASE_PHASES, "seed": seed},
+            "post": {**post_spec.asdict(), "phases": POST_PHASES, "seed": seed + 1, "init": "base"},
+            "label_weight": LABEL_WEIGHT, "supported_fraction": SUPPORTED_FRACTION,
             "threads": N_THREADS,
         },
         "final_loss": {k: round(_tail_mean(v), 4) for k, v in losses.items()},
