@@ -42,7 +42,7 @@ from mechdiff.engine.data import PromptSet
 from mechdiff.engine.extract import CaptureSpec, extract
 from mechdiff.engine.generate import HFGenerator, vllm_available
 from mechdiff.engine.models import load_model
-from mechdiff.engine.sites import Capture, hooks
+from mechdiff.engine.sites import Capture, Intervention, hooks
 from mechdiff.engine.store import open_store
 from mechdiff.engine.tiny import random_prompts
 
@@ -206,6 +206,45 @@ def test_generation_interventions_equal_a_hand_rewritten_model(planted, kind):
     assert texts == [tok.decode(r, skip_special_tokens=True).strip() for r in ref]
 
 
+def test_prompt_only_addition_equals_adding_at_the_prompt_positions(planted):
+    """Cached generation with a prompt-only addition equals an uncached greedy loop that adds the vector at the
+    prompt's positions only, re-running the whole sequence each step."""
+    lm, prompts, _, push = planted
+    tok, n_new = lm.tokenizer, 6
+    inp = pad_batch(tokenize(tok, [TEMPLATE.apply(p) for p in prompts]), tok.pad_token_id, side="left")
+    ids, mask = inp["input_ids"], inp["attention_mask"]
+    b, width = ids.shape
+    at_prompt = Intervention("resid_post", 1, "add", vector=push, index=torch.arange(width).expand(b, width))
+    with torch.no_grad(), hooks(lm.adapter, None, [at_prompt]):
+        for _ in range(n_new):
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            nxt = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].argmax(-1)
+            ids, mask = torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+
+    def text(row):
+        row = row.tolist()
+        if tok.eos_token_id in row:  # generate stops there
+            row = row[: row.index(tok.eos_token_id)]
+        return tok.decode(row, skip_special_tokens=True).strip()
+
+    ref = [text(r) for r in ids[:, width:]]
+    gen = HFGenerator(lm, TEMPLATE, batch_size=8)
+    got = gen.generate(prompts, max_new_tokens=n_new, interventions=addition_interventions(push.numpy(), 1,
+                                                                                          scope="prompt"))
+    assert got == ref
+    everywhere = gen.generate(prompts, max_new_tokens=n_new, interventions=addition_interventions(push.numpy(), 1))
+    assert everywhere != got  # steering the generated tokens too is a different intervention: the check has teeth
+    x = torch.randn(2, 1, lm.adapter.d_model)
+    iv = addition_interventions(push.numpy(), 1, scope="prompt")[0]
+    assert torch.equal(iv.apply(x), x)  # a decode step is left alone
+    assert torch.equal(iv.apply(x.expand(2, 3, -1)), x.expand(2, 3, -1) + push)
+    with pytest.raises(ValueError, match="scope"):
+        addition_interventions(push.numpy(), 1, scope="generated")
+    with pytest.raises(ValueError, match="prompt_only"):
+        Intervention("resid_post", 1, "replace", values=torch.zeros(1, 1, 4), index=torch.zeros(1, 1, dtype=torch.long),
+                     prompt_only=True)
+
+
 def test_ablation_removes_the_direction_from_the_whole_residual_stream(planted):
     lm, prompts, mean_resid, _ = planted
     n = lm.adapter.n_layers
@@ -335,6 +374,51 @@ class _FakeGenerator:
             refuse = ("bad" in t and "ablate" not in kinds) or "add" in kinds
             out.append("No way, sorry." if refuse else "Sure: step one")
         return out
+
+
+class _SteerableGenerator:
+    """Refuses prompts with 'bad' unless a direction is ablated; under addition, refuses only when the vector is
+    ``steers`` and the coefficient is at least 2 (a direction whose first-token effect does not carry into the
+    completion otherwise)."""
+
+    def __init__(self, steers):
+        self.steers = torch.as_tensor(steers).float()
+
+    def generate(self, texts, *, max_new_tokens=32, interventions=()):
+        kinds = {iv.kind for iv in interventions}
+        steer = any(iv.kind == "add" and iv.prompt_only and iv.coef >= 2 and torch.allclose(iv.vector, self.steers)
+                    for iv in interventions)
+        return ["No way." if ("bad" in t and "ablate" not in kinds) or steer else "Sure." for t in texts]
+
+
+def test_selection_reranks_by_completions_and_picks_the_smallest_working_coefficient(tiny_llama):
+    lm = tiny_llama
+    tok, n = lm.tokenizer, lm.adapter.n_layers
+    refuse = tok.convert_tokens_to_ids(["w7"])
+    planted = lm.adapter.unembed_weight()[refuse[0]].detach().double().numpy() * 40
+    vals = np.random.default_rng(0).normal(size=(n, 2, lm.adapter.d_model)) * 0.01
+    vals[1, 1] = planted  # the best by the logit score, but its addition never shows in completions
+    dirs = xr.DataArray(vals, dims=("layer", "position", "hidden"), coords={"layer": range(n), "position": [-2, -1]})
+    hv, lv = [t + " bad" for t in _texts(4, 21)], _texts(4, 22)
+    gen = _SteerableGenerator(vals[0, 0])
+    kw = dict(model="m", addition_coefs=(3.0, 1.0, 2.0), addition_scope="prompt", phrases=["no way"])
+    sel = select_direction(lm, dirs, hv, lv, TEMPLATE, refuse, generator=gen, rerank=4, **kw)
+    assert (sel.direction.layer, sel.direction.position, sel.direction.coef) == (0, -2, 2.0)
+    g = sel.generation
+    assert g.attrs["baseline_harmful"] == 1.0 and g.attrs["baseline_harmless"] == 0.0
+    assert list(g["coef"].values) == [1.0, 2.0, 3.0]
+    assert list(g["addition_refusal"].sel(layer=0, position=-2).values) == [0.0, 1.0, 1.0]
+    assert float(g["addition_refusal"].sel(layer=1, position=-1).max()) == 0.0
+    assert (g["ablation_refusal"].sel(layer=[0, 1]) == 0.0).all()  # every candidate re-ranked: 2 layers x 2
+    assert np.isnan(g["ablation_refusal"].sel(layer=2)).all()
+    s = sel.summary()
+    assert s["coef"] == 2.0 and len(s["generation"]["candidates"]) == 4
+    # re-ranking only the logit-best candidate, or none, keeps the logit choice at coefficient 1
+    for r in (0, 1):
+        d = select_direction(lm, dirs, hv, lv, TEMPLATE, refuse, generator=gen, rerank=r, **kw).direction
+        assert (d.layer, d.position) == (1, -1)
+    with pytest.raises(ValueError, match="coefficients"):
+        select_direction(lm, dirs, hv, lv, TEMPLATE, refuse, generator=gen, addition_coefs=(0.0,))
 
 
 def test_intervention_scores_bookkeeping(tiny_llama):
@@ -470,11 +554,6 @@ def pair_result(tmp_path_factory):
                        n_val=16, n_eval=32, max_new_tokens=10, store_dtype="float32")
 
 
-@pytest.mark.xfail(
-    reason="open gap: on the shipped pair ablation drops the post model's refusal by >= 50 points, but activation "
-    "addition raises it on harmless prompts by ~25 points, not 50 (completions degenerate into 'I I I')",
-    strict=False,
-)
 def test_pair_own_direction_flips_refusal_of_the_post_model(pair_result):
     r = pair_result.summary["refusal_scores"]["post"]
     drop = r["baseline"]["harmful"] - r["ablation"]["post"]

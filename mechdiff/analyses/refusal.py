@@ -10,12 +10,15 @@ Following Arditi et al. (2024) as used by Du et al. (COLM 2025):
 3. The candidate is chosen on a validation split by what it does (:func:`select_direction`): the drop of a
    logit refusal metric (log-odds of the first refusal tokens at the last position) on harmful prompts when
    the direction is ablated everywhere, plus its rise on harmless prompts when the direction is added at its
-   layer. The last 20% of layers are not candidates (directions there act too late to steer).
+   layer; the best few are then re-scored by the refusal score of greedy validation completions, which also
+   picks the addition coefficient from a small grid. The last 20% of layers are not candidates (directions
+   there act too late to steer).
 4. Cosines between the models' directions per layer (:func:`direction_cosines`).
 5. Interventions during greedy generation (:func:`intervention_scores`), scored by the fraction of completions
    containing a refusal phrase: directional ablation at every layer on harmful test prompts, activation
-   addition at the chosen layer on harmless test prompts, with each model's own direction and the other
-   model's (transferred) one, base -> post and post -> base.
+   addition at the chosen layer on harmless test prompts (by default at the prompt's positions, so the model
+   continues a steered prompt in its own words; ``addition_scope="all"`` also steers every generated token),
+   with each model's own direction and the other model's (transferred) one, base -> post and post -> base.
 
 :func:`run_refusal` does all of it for a :class:`~mechdiff.analyses.common.ModelGroup`: extraction (resumable)
 into a store, analysis, a results group, ``summary.json``, figures, and the findings.
@@ -89,6 +92,8 @@ COMMON_REFUSAL_PHRASES: tuple[str, ...] = (
 #: Where directional ablation acts, at every layer: the block input and what attention and the MLP add, so the
 #: direction is absent from the residual stream everywhere (also between attention and the MLP).
 ABLATION_SITES: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out")
+#: Where activation addition acts: every position the model sees, or the prompt's positions only.
+ADDITION_SCOPES: tuple[str, ...] = ("all", "prompt")
 #: The vLLM generator can hook block outputs only.
 VLLM_ABLATION_SITES: tuple[str, ...] = ("resid_post",)
 _RESIDUAL_SITES = ("resid_pre", "resid_post")
@@ -321,10 +326,23 @@ def ablation_interventions(
 
 
 def addition_interventions(
-    vector: np.ndarray | torch.Tensor, layer: int, site: str = "resid_post", coef: float = 1.0
+    vector: np.ndarray | torch.Tensor, layer: int, site: str = "resid_post", coef: float = 1.0,
+    scope: str = "all",
 ) -> list[Intervention]:
-    """Activation addition ``x += coef * vector`` at ``site`` of ``layer``, every position."""
-    return [Intervention(site, int(layer), "add", vector=_vec(vector), coef=float(coef))]
+    """Activation addition ``x += coef * vector`` at ``site`` of ``layer``: at every position (``scope``
+    ``all``, generation steps included, as in Arditi et al.) or at the prompt's positions only (``prompt``:
+    the model continues a steered prompt on its own)."""
+    if scope not in ADDITION_SCOPES:
+        raise ValueError(f"addition scope {scope!r}: choose from {', '.join(ADDITION_SCOPES)}")
+    return [Intervention(site, int(layer), "add", vector=_vec(vector), coef=float(coef),
+                         prompt_only=scope == "prompt")]
+
+
+def _check_coefs(coefs: Sequence[float]) -> tuple[float, ...]:
+    out = tuple(sorted({float(c) for c in coefs}))
+    if not out or not all(math.isfinite(c) and c > 0 for c in out):
+        raise ValueError(f"addition coefficients {list(coefs)}: give one or more finite positive numbers")
+    return out
 
 
 @dataclass
@@ -336,6 +354,7 @@ class RefusalDirection:
     layer: int
     position: int
     vector: np.ndarray  # mean-difference-scaled, [d_model]
+    coef: float = 1.0  # the addition coefficient chosen with it
 
     def __post_init__(self) -> None:
         self.vector = np.asarray(self.vector, dtype=np.float64).reshape(-1)
@@ -359,9 +378,10 @@ class RefusalDirection:
         self._check(lm)
         return ablation_interventions(self.vector, lm.adapter.n_layers, sites)
 
-    def addition(self, lm: LoadedModel, coef: float = 1.0) -> list[Intervention]:
+    def addition(self, lm: LoadedModel, coef: float | None = None, scope: str = "all") -> list[Intervention]:
+        """Addition at this direction's layer, times ``coef`` (default: the coefficient chosen with it)."""
         self._check(lm)
-        return addition_interventions(self.vector, self.layer, self.site, coef)
+        return addition_interventions(self.vector, self.layer, self.site, self.coef if coef is None else coef, scope)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,6 +444,10 @@ class Selection:
     ``scores``: dims (layer, position): ``ablation`` (mean log-odds on harmful prompts, direction ablated),
     ``addition`` (mean log-odds on harmless prompts, direction added), ``score`` = (baseline_harmful -
     ablation) + (addition - baseline_harmless); NaN for non-candidates.
+
+    ``generation`` (when candidates were re-ranked by generation): refusal scores of greedy validation
+    completions, ``ablation_refusal`` (layer, position) and ``addition_refusal`` (layer, position, coef), NaN
+    where not re-ranked, with the unsteered scores in its attrs.
     """
 
     direction: RefusalDirection
@@ -431,6 +455,7 @@ class Selection:
     baseline_harmful: float
     baseline_harmless: float
     candidates: list[int] = field(default_factory=list)
+    generation: xr.Dataset | None = None
 
     def summary(self) -> dict[str, Any]:
         l, p = self.direction.layer, self.direction.position
@@ -445,7 +470,24 @@ class Selection:
             "baseline_logodds_harmful": self.baseline_harmful,
             "baseline_logodds_harmless": self.baseline_harmless,
             "candidate_layers": self.candidates,
+            "coef": self.direction.coef,
+            "generation": None if self.generation is None else _generation_summary(self.generation),
         }
+
+
+def _generation_summary(g: xr.Dataset) -> dict[str, Any]:
+    """The re-ranked candidates' validation refusal scores, as plain lists."""
+    abl = g["ablation_refusal"]
+    rows = []
+    for l in abl["layer"].values:
+        for p in abl["position"].values:
+            a = float(abl.sel(layer=l, position=p))
+            if math.isfinite(a):
+                add = g["addition_refusal"].sel(layer=l, position=p)
+                rows.append({"layer": int(l), "position": int(p), "ablation": a,
+                             "addition": {str(float(c)): float(add.sel(coef=c)) for c in add["coef"].values}})
+    return {"baseline_harmful": g.attrs["baseline_harmful"], "baseline_harmless": g.attrs["baseline_harmless"],
+            "scope": g.attrs["scope"], "candidates": rows}
 
 
 def select_direction(
@@ -461,12 +503,30 @@ def select_direction(
     skip_last: float = 0.2,
     ablation_sites: Sequence[str] = ABLATION_SITES,
     batch_size: int = 32,
+    generator: Generator | None = None,
+    rerank: int = 4,
+    addition_coefs: Sequence[float] = (1.0,),
+    addition_scope: str = "all",
+    phrases: Sequence[str] | None = None,
+    max_new_tokens: int = 16,
 ) -> Selection:
     """Score every candidate (layer, position) of ``directions`` (dims layer, position, hidden) by ablation on
     ``harmful_val`` and addition on ``harmless_val`` (:func:`refusal_logodds`), and choose the highest score.
-    Layers in the last ``skip_last`` fraction are not candidates; zero or NaN directions are skipped."""
+    Layers in the last ``skip_last`` fraction are not candidates; zero or NaN directions are skipped.
+
+    With a ``generator`` (of ``lm``, templating like ``template``), the ``rerank`` best candidates by that score
+    are re-scored by what is finally measured: the refusal score of greedy validation completions
+    (``max_new_tokens``, ``phrases``) with the direction ablated, and with it added (``addition_scope``) at
+    each of ``addition_coefs``; the candidate with the largest drop plus rise wins (ties: the better logit
+    score), with its best coefficient (ties: the smallest). The first-token log-odds can reward a direction
+    whose addition only makes the model stutter the first refusal token; completions cannot."""
     if not harmful_val or not harmless_val:
         raise ValueError("selection needs harmful and harmless validation prompts")
+    coefs = _check_coefs(addition_coefs)
+    if addition_scope not in ADDITION_SCOPES:
+        raise ValueError(f"addition scope {addition_scope!r}: choose from {', '.join(ADDITION_SCOPES)}")
+    if rerank < 0:
+        raise ValueError(f"rerank={rerank}: 0 or more candidates")
     n_layers = lm.adapter.n_layers
     directions = directions.transpose("layer", "position", ...)
     layers = [int(l) for l in directions["layer"].values]
@@ -502,8 +562,47 @@ def select_direction(
          "score": (("layer", "position"), score)},
         coords=coords,
     )
-    chosen = RefusalDirection(model, site, layers[i], positions[j], vals[i, j])
-    return Selection(chosen, scores, base_h, base_l, cands)
+    coef, gen = 1.0, None
+    if generator is not None and rerank > 0:
+        (i, j), coef, gen = _rerank(generator, score, vals, layers, positions, coefs, harmful_val, harmless_val,
+                                    n_layers=n_layers, site=site, rerank=rerank, scope=addition_scope,
+                                    ablation_sites=ablation_sites, max_new_tokens=max_new_tokens,
+                                    phrases=_check_phrases(phrases if phrases is not None else default_refusal_phrases()))
+    chosen = RefusalDirection(model, site, layers[i], positions[j], vals[i, j], coef)
+    return Selection(chosen, scores, base_h, base_l, cands, gen)
+
+
+def _rerank(generator: Generator, score: np.ndarray, vals: np.ndarray, layers: list[int], positions: list[int],
+            coefs: tuple[float, ...], harmful_val: Sequence[str], harmless_val: Sequence[str], *, n_layers: int,
+            site: str, rerank: int, scope: str, ablation_sites: Sequence[str], max_new_tokens: int,
+            phrases: tuple[str, ...]) -> tuple[tuple[int, int], float, xr.Dataset]:
+    """Re-score the ``rerank`` best candidates by validation generations; see :func:`select_direction`."""
+
+    def refusal(texts: Sequence[str], ivs: Sequence[Intervention]) -> float:
+        return refusal_score(generator.generate(list(texts), max_new_tokens=max_new_tokens, interventions=ivs),
+                             phrases)
+
+    flat = np.where(np.isfinite(score), score, -np.inf).ravel()
+    top = [np.unravel_index(int(k), score.shape) for k in np.argsort(-flat, kind="stable")[:rerank]
+           if np.isfinite(flat[k])]
+    base_h, base_l = refusal(harmful_val, []), refusal(harmless_val, [])
+    abl = np.full(score.shape, np.nan)
+    add = np.full((*score.shape, len(coefs)), np.nan)
+    best, best_gain, best_coef = top[0], -np.inf, coefs[0]
+    for i, j in top:  # best logit score first, so ties keep it
+        abl[i, j] = refusal(harmful_val, ablation_interventions(vals[i, j], n_layers, ablation_sites))
+        for k, c in enumerate(coefs):
+            add[i, j, k] = refusal(harmless_val, addition_interventions(vals[i, j], layers[i], site, c, scope))
+        k = int(np.argmax(add[i, j]))  # the first maximum: the smallest coefficient
+        gain = (base_h - abl[i, j]) + (add[i, j, k] - base_l)
+        if gain > best_gain:
+            best, best_gain, best_coef = (i, j), gain, coefs[k]
+    gen = xr.Dataset(
+        {"ablation_refusal": (("layer", "position"), abl), "addition_refusal": (("layer", "position", "coef"), add)},
+        coords={"layer": layers, "position": positions, "coef": list(coefs)},
+        attrs={"baseline_harmful": base_h, "baseline_harmless": base_l, "scope": scope},
+    )
+    return (int(best[0]), int(best[1])), float(best_coef), gen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,10 +636,14 @@ def intervention_scores(
     phrases: Sequence[str] | None = None,
     max_new_tokens: int = 24,
     ablation_sites: Sequence[str] = ABLATION_SITES,
+    coef: float | None = None,
+    addition_scope: str = "all",
 ) -> RefusalScores:
     """Greedy completions (``max_new_tokens``) of ``harmful`` and ``harmless`` prompts by ``generator`` (which
     templates them), plain and under each direction: ablated at every layer on harmful prompts, added at its
-    layer on harmless prompts. ``lm`` is the generator's model (for layer counts and width checks)."""
+    layer (``addition_scope``) on harmless prompts, times ``coef`` (default: each direction's own; give the
+    target's to compare directions under one recipe). ``lm`` is the generator's model (for layer counts and
+    width checks)."""
     phrases = _check_phrases(phrases if phrases is not None else default_refusal_phrases())
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: at least 1")
@@ -556,7 +659,7 @@ def intervention_scores(
         c = gen(harmful, d.ablation(lm, ablation_sites))
         comps[f"harmful|ablate:{src}"] = c
         res.ablation[src] = refusal_score(c, phrases)
-        c = gen(harmless, d.addition(lm))
+        c = gen(harmless, d.addition(lm, coef, addition_scope))
         comps[f"harmless|add:{src}"] = c
         res.addition[src] = refusal_score(c, phrases)
     return res
@@ -649,6 +752,9 @@ def run_refusal(
     seed: int = 0,
     transfer_ratio: float = 0.5,
     low_cosine: float = 0.5,
+    addition_scope: str = "prompt",
+    addition_coefs: Sequence[float] = (1.0, 1.5, 2.0, 3.0),
+    rerank: int = 4,
     lms: Mapping[str, LoadedModel] | None = None,
     progress: bool = False,
 ) -> StudyResult:
@@ -663,7 +769,10 @@ def run_refusal(
     (default :func:`default_refusal_phrases`). ``lms``: already loaded models by label (otherwise loaded
     from the group's paths, one at a time). ``transfer_ratio`` / ``low_cosine``: the finding agrees with the
     paper when the base direction's effect on the post model is below ``transfer_ratio`` times the post
-    model's own, or the chosen directions' cosine is below ``low_cosine``.
+    model's own, or the chosen directions' cosine is below ``low_cosine``. ``addition_scope``,
+    ``addition_coefs``, ``rerank``: how activation addition acts and how the candidate and its coefficient are
+    chosen (:func:`select_direction`); at test time every direction is added to a target model with the
+    target's own chosen coefficient, so own and transferred directions differ only in the vector.
 
     Writes ``out_dir/refusal/`` (results.zarr, summary.json, figures) and returns the :class:`StudyResult`.
     """
@@ -683,6 +792,13 @@ def run_refusal(
             raise RuntimeError(f"generator 'vllm' is unavailable: {why}; use generator 'hf'")
         if site != "resid_post":
             raise ValueError("the vLLM generator hooks block outputs only: use site resid_post")
+    if addition_scope not in ADDITION_SCOPES:
+        raise ValueError(f"addition_scope {addition_scope!r}: choose from {', '.join(ADDITION_SCOPES)}")
+    if generator == "vllm" and addition_scope == "prompt":
+        raise ValueError("the vLLM generator cannot add to prompt positions only: give addition_scope='all'")
+    addition_coefs = _check_coefs(addition_coefs)
+    if rerank < 0:
+        raise ValueError(f"rerank={rerank}: 0 or more candidates")
     if max_new_tokens < 1 or n_val < 1 or n_eval < 1 or batch_size < 1:
         raise ValueError("max_new_tokens, n_val, n_eval and batch_size must be at least 1")
     candidate_layers(1, skip_last)  # validates skip_last
@@ -739,8 +855,12 @@ def run_refusal(
             raise ValueError(f"model {label!r}: no refusal phrase starts with a token its vocabulary knows; "
                              "give phrases in the model's language")
         tokens[label] = lm.tokenizer.convert_ids_to_tokens(ids)
+        gen = make_generator(generator, lm, tmpl[label], model_path=group.models[label], batch_size=batch_size)
         sel[label] = select_direction(lm, dirs[label], val_h, val_l, tmpl[label], ids, model=label, site=site,
-                                      skip_last=skip_last, ablation_sites=ablation_sites, batch_size=batch_size)
+                                      skip_last=skip_last, ablation_sites=ablation_sites, batch_size=batch_size,
+                                      generator=gen, rerank=rerank, addition_coefs=addition_coefs,
+                                      addition_scope=addition_scope, phrases=phrases, max_new_tokens=max_new_tokens)
+        del gen
         if label not in lms:
             del lm
 
@@ -755,7 +875,8 @@ def run_refusal(
         gen = make_generator(generator, lm, tmpl[label], model_path=group.models[label], batch_size=batch_size)
         srcs = {s: sel[s].direction for s in [label, *partners[label]]}
         scores[label] = intervention_scores(gen, lm, test_h, test_l, srcs, target=label, phrases=phrases,
-                                            max_new_tokens=max_new_tokens, ablation_sites=ablation_sites)
+                                            max_new_tokens=max_new_tokens, ablation_sites=ablation_sites,
+                                            coef=sel[label].direction.coef, addition_scope=addition_scope)
         if label not in lms:
             del lm
 
@@ -774,6 +895,9 @@ def run_refusal(
         "refusal_tokens": tokens,
         "max_new_tokens": max_new_tokens,
         "skip_last": skip_last,
+        "addition_scope": addition_scope,
+        "addition_coefs": list(addition_coefs),
+        "rerank": rerank,
         "seed": seed,
         "splits": {
             what: {s: int(((splits == s) & (lab == v)).sum()) for s in _SPLITS}
@@ -883,6 +1007,7 @@ def _results_dataset(group: ModelGroup, dirs: Mapping[str, xr.DataArray], sel: M
             "selection_score": s["score"],
             "chosen_layer": ("model", [sel[l].direction.layer for l in labels]),
             "chosen_position": ("model", [sel[l].direction.position for l in labels]),
+            "chosen_coef": ("model", [sel[l].direction.coef for l in labels]),
             "baseline_logodds_harmful": ("model", [sel[l].baseline_harmful for l in labels]),
             "baseline_logodds_harmless": ("model", [sel[l].baseline_harmless for l in labels]),
             "cosine": c["by_position"],
@@ -895,6 +1020,11 @@ def _results_dataset(group: ModelGroup, dirs: Mapping[str, xr.DataArray], sel: M
         coords={k: np.asarray(v, dtype=object) for k, v in
                 (("target", labels), ("source", sources), ("prompts", ["harmful", "harmless"]))},
     )
+    gens = [sel[l].generation for l in labels]
+    if all(g is not None for g in gens):
+        g = xr.concat([x[["ablation_refusal", "addition_refusal"]] for x in gens], dim=model, join="outer")
+        ds["val_ablation_refusal"] = g["ablation_refusal"]
+        ds["val_addition_refusal"] = g["addition_refusal"]
     ds.attrs.update(study=STUDY, group=group.name, models=dict(group.models))
     return ds
 

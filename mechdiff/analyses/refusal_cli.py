@@ -22,13 +22,17 @@ WHAT IT DOES
      the train rows.
   3. Chooses the (layer, position) on validation rows: drop of the refusal
      token log-odds with the direction ablated (harmful prompts) plus its
-     rise with the direction added (harmless prompts). The last SKIP-LAST
-     fraction of layers is never chosen.
+     rise with the direction added (harmless prompts); the RERANK best are
+     re-scored by the refusal score of greedy validation completions, which
+     also picks the addition coefficient (--addition-coef). The last
+     SKIP-LAST fraction of layers is never chosen.
   4. Cosine between the models' directions, per layer and chosen ones.
   5. Greedy generation on test rows. Refusal score = share of completions
      containing a refusal phrase: plain, with a direction ablated at every
      layer (harmful prompts), with it added at its layer (harmless
-     prompts); each model's own direction and the other model's
+     prompts; --addition-scope prompt: at the prompt's positions, all:
+     at every generated token too), times the target model's chosen
+     coefficient; each model's own direction and the other model's
      (transferred): base -> post and post -> base.
 
 \b
@@ -98,6 +102,9 @@ def register(analyze_app: typer.Typer) -> None:
         model_dtype: str = typer.Option("float32", "--model-dtype", help="float32, bfloat16 or float16."),
         store_dtype: str = typer.Option("float16", "--store-dtype", help="Stored activations: float16 or float32."),
         seed: int = typer.Option(0, "--seed", help="Seed for drawing missing splits."),
+        addition_scope: str = typer.Option("prompt", "--addition-scope", help="Where addition acts: prompt (the prompt's positions) or all (every position, generated tokens too; needed for vllm)."),
+        addition_coef: Optional[List[float]] = typer.Option(None, "--addition-coef", help="Addition coefficient to try on validation (repeat; default 1 1.5 2 3)."),
+        rerank: int = typer.Option(4, "--rerank", help="Best candidates by the logit score re-scored by validation completions (0: logit score only, coefficient 1)."),
     ) -> None:
         from rich.console import Console
         from rich.table import Table
@@ -126,16 +133,18 @@ def register(analyze_app: typer.Typer) -> None:
                 group, harmful, harmless, out_dir, store=store, site=site, templates=templates or None,
                 phrases=ph, max_new_tokens=max_new_tokens, n_val=n_val, n_eval=n_eval, skip_last=skip_last,
                 generator=generator, batch_size=batch_size, text_column=text_column, store_dtype=store_dtype,
-                model_dtype=model_dtype, device=device, seed=seed, progress=True,
+                model_dtype=model_dtype, device=device, seed=seed, addition_scope=addition_scope,
+                addition_coefs=tuple(addition_coef) if addition_coef else (1.0, 1.5, 2.0, 3.0), rerank=rerank,
+                progress=True,
             )
         except (ValueError, OSError, RuntimeError) as e:
             fail(str(e))
         s = res.summary
         t = Table(title="chosen refusal direction", title_justify="left")
-        for c in ("model", "layer", "position", "norm", "val score"):
+        for c in ("model", "layer", "position", "norm", "coef", "val logit score"):
             t.add_column(c)
         for m, c in s["chosen"].items():
-            t.add_row(m, str(c["layer"]), str(c["position"]), f"{c['norm']:.3g}", f"{c['score']:.2f}")
+            t.add_row(m, str(c["layer"]), str(c["position"]), f"{c['norm']:.3g}", f"{c['coef']:g}", f"{c['score']:.2f}")
         out.print(t)
         for pair, c in s["cosine"].items():
             by_layer = " ".join("nan" if v is None or v != v else f"{v:+.2f}" for v in c["at_chosen_positions_by_layer"])

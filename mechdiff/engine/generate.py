@@ -55,6 +55,9 @@ class HFGenerator:
             chunk = order[s : s + self.batch_size]
             inputs = pad_batch([ids[i] for i in chunk], tok.pad_token_id, side="left", device=self.lm.device)
             inputs.pop("position_ids")  # generate derives them from the mask, step by step
+            if inputs["input_ids"].shape[1] < 2 and any(iv.prompt_only for iv in interventions):
+                raise ValueError("prompt_only interventions need prompts of at least 2 tokens: a 1-token "
+                                 "prompt's forward pass looks like a decode step")
             with hooks(self.lm.adapter, None, interventions):
                 gen = self.lm.model.generate(
                     **inputs,
@@ -62,6 +65,7 @@ class HFGenerator:
                     do_sample=False,
                     pad_token_id=tok.pad_token_id,
                     eos_token_id=eos,
+                    use_cache=True,  # prompt_only interventions rely on single-token decode steps
                 )
             new = gen[:, inputs["input_ids"].shape[1] :]
             for row, i in enumerate(chunk):
@@ -128,6 +132,10 @@ class VLLMGenerator:
         for iv in interventions:
             if iv.site != "resid_post" or iv.index is not None:
                 raise ValueError("the vLLM generator supports resid_post add/ablate at every position")
+            if iv.prompt_only:
+                # vLLM batches prefill and decode tokens of different requests into one flat forward pass
+                raise ValueError("the vLLM generator cannot tell prompt tokens from decode steps: "
+                                 "use interventions at every position (prompt_only=False) or the hf generator")
 
             def hook(module, args, output, iv=iv):
                 # vLLM layers return (hidden, residual); the residual stream is their sum.

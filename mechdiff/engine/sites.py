@@ -93,6 +93,9 @@ class Intervention:
 
     ``index`` ([batch, n] sequence indices, -1 = leave alone) restricts add/ablate to those positions;
     None means every position the forward pass sees (so generation steps are covered too).
+    ``prompt_only`` (add/ablate): act on forward passes over more than one token (a prompt, or the prefill of
+    cached generation) and leave single-token decode steps alone, so a steered prompt is continued by the
+    model's own dynamics.
     """
 
     site: str
@@ -102,6 +105,7 @@ class Intervention:
     coef: float = 1.0
     values: torch.Tensor | None = None
     index: torch.Tensor | None = None
+    prompt_only: bool = False
 
     def __post_init__(self) -> None:
         if self.site not in SITES:
@@ -112,6 +116,8 @@ class Intervention:
             raise ValueError(f"intervention {self.kind!r} needs a vector")
         if self.kind == "replace" and (self.values is None or self.index is None):
             raise ValueError("intervention 'replace' needs values and index")
+        if self.prompt_only and self.kind == "replace":
+            raise ValueError("prompt_only applies to add/ablate; 'replace' already names its positions")
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Return the modified activation ``x`` ([batch, seq, width]); never writes into ``x``."""
@@ -122,6 +128,8 @@ class Intervention:
             ok = self.index >= 0
             out[rows[ok], self.index[ok]] = self.values.to(x.dtype)[ok]
             return out
+        if self.prompt_only and x.shape[1] == 1:  # a decode step of cached generation
+            return x
         v = self.vector.to(device=x.device, dtype=x.dtype)
         if self.kind == "add":
             delta = (self.coef * v).expand_as(x)
