@@ -116,6 +116,10 @@ class StudyResult:
         d.mkdir(parents=True, exist_ok=True)
         ds = self.data.copy()
         ds.attrs = {k: json.dumps(to_jsonable(v)) if not isinstance(v, (str, int, float)) else v for k, v in ds.attrs.items()}
+        # Fixed-width numpy strings have no zarr v3 spec (other readers may not open them); variable-length do.
+        for name in list(ds.variables):
+            if ds[name].dtype.kind == "U":
+                ds[name] = ds[name].astype(object)
         ds.to_zarr(d / "results.zarr", mode="w", zarr_format=3, consolidated=False)
         payload = {
             "study": self.study,

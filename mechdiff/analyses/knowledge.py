@@ -35,6 +35,7 @@ it). :func:`slot_heatmaps` aligns pairs of different lengths on role slots for d
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -346,8 +347,6 @@ def _groups(pairs: PatchingPairs, token_budget: int, max_pairs: int = 64) -> lis
 
 
 def _forward_kwargs(model) -> dict[str, Any]:
-    import inspect
-
     params = inspect.signature(model.forward).parameters
     return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
@@ -519,7 +518,9 @@ def _record(target: LoadedModel, grp: _Group) -> None:
             past.update(key[:, :, :s], val[:, :, :s], k)
     handles = [adapter.layer(k).register_forward_pre_hook(make(k), with_kwargs=True) for k in range(adapter.n_layers)]
     try:
-        target.model(input_ids=grp.false_ids[:, s:], past_key_values=past, use_cache=s > 0,
+        # newer transformers name the cache argument ``cache`` (``past_key_values`` is deprecated there)
+        cache_arg = "cache" if "cache" in inspect.signature(target.model.forward).parameters else "past_key_values"
+        target.model(input_ids=grp.false_ids[:, s:], use_cache=s > 0, **{cache_arg: past},
                      **_forward_kwargs(target.model))
     finally:
         for h in handles:
