@@ -148,11 +148,7 @@ def test_refusal_behaviour(ds, base, post):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", [
-    pytest.param("base", marks=pytest.mark.xfail(
-        reason="open gap: the shipped base model scores 0.798 on held-out true statements (threshold 0.80)", strict=False)),
-    "post",
-])
+@pytest.mark.parametrize("which", ["base", "post"])
 def test_truth_and_facts(ds, which, request):
     model, tok = request.getfixturevalue(which)
     acc = truth_accuracy(model, tok, ds, split="test")

@@ -22,7 +22,7 @@ from mechdiff.zoo.train import ModelSpec, StageSpec, cpu_has_fast_bf16, new_mode
 from mechdiff.zoo.world import make_world
 
 MODEL = ModelSpec()
-BASE = StageSpec(steps=3000, lr=1.5e-3, warmup_frac=0.03)
+BASE = StageSpec(steps=3600, lr=1.5e-3, warmup_frac=0.03)
 POST = StageSpec(steps=240, lr=5e-4, warmup_frac=0.1)
 SAVE_DTYPE = torch.float16  # halves the shipped size; the models are trained and run in fp32
 N_THREADS = 2
