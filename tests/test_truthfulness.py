@@ -76,7 +76,7 @@ def planted(tmp_path_factory):
 
 def test_probe_analysis_against_numpy(planted):
     stores, Xs, y, topics, fit = planted
-    res, data = probe_analysis(stores, TruthSettings(intervene=False))
+    res, data = probe_analysis(stores, TruthSettings(intervene=False, probe_position=-1))
     assert list(res["fold"].values) == ["cities", "numbers", "words"]
     assert res["best_layer"].values.tolist() == [2, 2]  # chosen by validation accuracy, not given
     acc = res["transfer_acc"].mean("fold")
@@ -109,6 +109,30 @@ def test_probe_analysis_against_numpy(planted):
     # validation rows: training topics' test split
     val = ~fit & (topics != h)
     assert float(res["val_acc"].sel(model="a", fold=h, layer=l)) == pytest.approx(np.mean((s_a[val] > t_a) == (y[val] == 1)))
+
+
+def test_probe_position_is_chosen_on_validation(tmp_path):
+    """Truth written on the token before the period only: the automatic choice finds it there."""
+    rng = np.random.default_rng(3)
+    n, L, W = 240, 3, 12
+    topics = np.repeat(np.array(["t1", "t2", "t3"], dtype=object), n // 3)
+    y = np.arange(n) % 2
+    v = rng.normal(size=W)
+    stores = {}
+    for name in ("a", "b"):
+        X = rng.normal(size=(n, L, 2, W))
+        X[:, 1:, 0] += (2 * y - 1)[:, None, None] * 2.0 * v / np.linalg.norm(v)  # position -2 only
+        coords = {"label": y, "topic": topics, "text": np.array([f"s{i}" for i in range(n)], dtype=object)}
+        stores[name] = _store(tmp_path / f"{name}.zarr", X.astype(np.float32), coords)
+    res, _ = probe_analysis(stores, TruthSettings(intervene=False))
+    assert res.attrs["probe_position"] == -2
+    tried = json.loads(res.attrs["probe_position_val_acc"])
+    assert set(tried) == {"-1", "-2"} and tried["-2"] > 0.9 > 0.65 > tried["-1"]
+    assert float(res["transfer_acc"].sel(source="a", target="a", layer=2, mode="unrefit").mean()) > 0.9
+    fixed, _ = probe_analysis(stores, TruthSettings(intervene=False, probe_position=-1))
+    assert fixed.attrs["probe_position"] == -1 and list(json.loads(fixed.attrs["probe_position_val_acc"])) == ["-1"]
+    with pytest.raises(ValueError, match="probe_position"):
+        TruthSettings(probe_position=-3)
 
 
 def test_findings_from_stores_alone(planted, tmp_path):

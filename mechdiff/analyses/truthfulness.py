@@ -52,6 +52,8 @@ __all__ = [
 
 STUDY = "truthfulness"
 POSITIONS = "last:2"
+#: Probe positions tried when none is given, the period first (it wins ties).
+PROBE_POSITIONS = (-1, -2)
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ class TruthSettings:
     """Knobs of the truthfulness study (defaults follow the paper's protocol)."""
 
     site: str = "resid_post"
-    probe_position: int = -1  # the period; -2 = the token before it
+    probe_position: int | None = None  # -1: the period; -2: the token before it; None: chosen on validation
     heldout_topics: tuple[str, ...] | None = None  # None: every topic in turn
     center_by_topic: bool = False  # centre each topic's activations before the difference of means
     val_fraction: float = 0.25  # validation share of each topic when the data has no split column
@@ -85,8 +87,9 @@ class TruthSettings:
             raise ValueError(f"direction_layer {self.direction_layer!r}: each or best")
         if self.transfer_scale not in ("target", "source"):
             raise ValueError(f"transfer_scale {self.transfer_scale!r}: target or source")
-        if self.probe_position not in (-1, -2):
-            raise ValueError("probe_position must be -1 (the period) or -2 (the token before it)")
+        if self.probe_position not in (-1, -2, None):
+            raise ValueError("probe_position must be -1 (the period), -2 (the token before it) or None (chosen "
+                             "on validation)")
         if not 0 < self.val_fraction < 1:
             raise ValueError("val_fraction must be in (0, 1)")
         if self.n_shots < 0 or self.n_intervene < 2:
@@ -271,7 +274,32 @@ def probe_analysis(
 
     ``stores``: model label -> opened store (same statements in each). Returns the results Dataset and the
     statements' :class:`TruthData`. One dask pass per store for the class sums and one for the projections.
+
+    With ``settings.probe_position`` None, each final position is tried and the one whose best-layer validation
+    accuracy (mean over models) is highest is kept; ties go to the period, the usual choice. Models differ in
+    where they keep a statement's truth: one that judges truth after a prompt suffix may keep it on the last
+    word rather than the period. ``attrs``: ``probe_position`` and ``probe_position_val_acc`` (JSON).
     """
+    tries = [settings.probe_position] if settings.probe_position is not None else list(PROBE_POSITIONS)
+    best = None
+    scores: dict[int, float] = {}
+    for pos in tries:
+        res, data = _probe_analysis_at(stores, replace(settings, probe_position=pos), pairs=pairs, shots=shots)
+        scores[pos] = float(res["val_acc"].mean("fold").max("layer").mean("model"))
+        if best is None or scores[pos] > scores[best[0]]:
+            best = (pos, res, data)
+    _, res, data = best
+    res.attrs["probe_position_val_acc"] = json.dumps({str(k): v for k, v in scores.items()})
+    return res, data
+
+
+def _probe_analysis_at(
+    stores: Mapping[str, xr.Dataset],
+    settings: TruthSettings,
+    *,
+    pairs: Sequence[tuple[str, str]] | None = None,
+    shots: Mapping[str, Sequence[tuple[str, int]]] | None = None,
+) -> tuple[xr.Dataset, TruthData]:
     import dask
 
     if not stores:
@@ -912,10 +940,12 @@ def truthfulness_study(
     ``settings.intervene=False`` skips the intervention). Writes ``out_dir/truthfulness/``: results.zarr,
     summary.json and figures; returns the :class:`StudyResult`."""
     res, data = probe_analysis(stores, settings, pairs=pairs, shots=shots)
+    settings = replace(settings, probe_position=int(res.attrs["probe_position"]))
     iv = None
     if settings.intervene and models:
         iv = intervention_analysis(models, res, data, settings)
     summ = _summary(res, iv, settings)
+    summ["probe_position_val_acc"] = json.loads(res.attrs["probe_position_val_acc"])
     d = Path(out_dir) / STUDY
     d.mkdir(parents=True, exist_ok=True)
     figs = _figures(res, iv, d, settings)

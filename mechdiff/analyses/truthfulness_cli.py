@@ -23,7 +23,7 @@ def truthfulness_cmd(
     direction_layer: str = typer.Option("each", "--direction-layer", help="each: every intervened layer gets its own layer's direction; best: the direction at the model's best layer everywhere."),
     transfer_scale: str = typer.Option("target", "--transfer-scale", help="Scale of a transferred direction: target (the intervened model's mean difference) or source (the other model's)."),
     center_by_topic: bool = typer.Option(False, "--center-by-topic", help="Centre each topic's activations before the difference of means."),
-    probe_position: int = typer.Option(-1, "--probe-position", help="-1: the period; -2: the token before it."),
+    probe_position: Optional[int] = typer.Option(None, "--probe-position", help="-1: the period; -2: the token before it (default: the one with the better validation accuracy)."),
     n_intervene: int = typer.Option(100, "--n-intervene", help="Held-out statements intervened on per topic (balanced true/false)."),
     n_shots: int = typer.Option(4, "--n-shots", help="Few-shot examples in each intervention prompt."),
     suffix: str = typer.Option(" This statement is:", "--suffix", help="Text after the statement in the few-shot prompt."),
