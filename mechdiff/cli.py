@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -112,7 +113,7 @@ def extract(
 def run(
     sweep: Optional[Path] = typer.Argument(None, help="A sweep YAML file; without one, the embedded model pair and its datasets."),
     out_dir: Path = typer.Option(Path("mechdiff-out"), "--out", "-o", help="Output directory: store.zarr, results.json, report.html, one folder per study."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address for a sweep's extraction (default: a local Ray)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address for a sweep: its extraction and the studies' dask graphs run there (default: a local Ray for the extraction, local threads for dask)."),
     studies: str = typer.Option("knowledge,truthfulness,refusal,confidence", help="Comma-separated studies to run."),
     quick: bool = typer.Option(False, help="Smaller samples everywhere: a smoke run in about a minute."),
     device: str = typer.Option("cpu", help="cpu, cuda or auto."),
@@ -144,11 +145,20 @@ def run(
     import time
 
     t0 = time.perf_counter()
-    for group, inputs, out_g, opts_g in plans:
-        console.print(f"[bold]{group.name}[/]: {', '.join(f'{k} = {v}' for k, v in group.models.items())}")
-        outcome = run_group(group, inputs, out_g, opts_g, on_study=lambda n, s: console.print(f"  {n} done in {s:.1f}s"))
-        _print_findings(outcome)
-        out.print(f"wrote {outcome.results_json} and {outcome.report}")
+    # on a cluster the studies' dask reductions over the (shared) store run on its workers too
+    sched = contextlib.nullcontext("threads")
+    if sweep is not None and address is not None:
+        from mechdiff.cluster.dask_ray import dask_scheduler
+
+        sched = dask_scheduler(address)
+    with sched as where:
+        if where == "ray":
+            console.print(f"dask graphs run on the Ray cluster at {address}")
+        for group, inputs, out_g, opts_g in plans:
+            console.print(f"[bold]{group.name}[/]: {', '.join(f'{k} = {v}' for k, v in group.models.items())}")
+            outcome = run_group(group, inputs, out_g, opts_g, on_study=lambda n, s: console.print(f"  {n} done in {s:.1f}s"))
+            _print_findings(outcome)
+            out.print(f"wrote {outcome.results_json} and {outcome.report}")
     console.print(f"total {time.perf_counter() - t0:.1f}s")
 
 

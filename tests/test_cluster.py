@@ -509,3 +509,26 @@ def test_deploy_files_are_valid():
 
     docker = (deploy / "Dockerfile").read_text()
     assert 'index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}"' in docker
+
+
+def test_main_job_on_the_cluster_runs_its_dask_graphs_there(world, clean_run, cluster):
+    """`mechdiff run SWEEP --address`: extraction (already done: the units are skipped) and the studies, with
+    every dask graph of the studies scheduled on the cluster."""
+    from mechdiff.cli import app
+
+    conf = _sweep_yaml("out-clean").replace(
+        "studies:\n  truthfulness: {capture: resid, datasets: [cities]}",
+        "studies:\n  confidence: {capture: resid, datasets: [cities]}",
+    )
+    assert "confidence:" in conf
+    path = _write(world, "main-job.yaml", conf)
+    out = world / "main-job-out"
+    r = CliRunner().invoke(app, ["run", str(path), "--out", str(out), "--address", cluster.address, "--quick"],
+                           env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert f"dask graphs run on the Ray cluster at {cluster.address}" in r.output
+    import json
+
+    res = json.loads((out / "tiny" / "results.json").read_text())
+    assert set(res["studies"]) == {"confidence"}
+    assert 0.0 <= res["studies"]["confidence"]["findings"][0]["figures"]["iou"] <= 1.0

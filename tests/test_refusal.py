@@ -245,6 +245,23 @@ def test_prompt_only_addition_equals_adding_at_the_prompt_positions(planted):
                      prompt_only=True)
 
 
+def test_generator_stops_at_the_models_own_stop_tokens(planted):
+    """A chat model ends its turn with its own marker (listed in generation_config), not the tokenizer's eos:
+    completions must stop there instead of running on into an invented next turn."""
+    lm, prompts, _, _ = planted
+    gen = HFGenerator(lm, TEMPLATE, batch_size=8)
+    words = gen.generate(prompts[:1], max_new_tokens=6)[0].split()
+    k = next(i for i in range(1, len(words)) if words[i] not in words[:i])  # a word not said before
+    cfg = lm.model.generation_config
+    saved = cfg.eos_token_id
+    try:
+        cfg.eos_token_id = [lm.tokenizer.eos_token_id, lm.tokenizer.convert_tokens_to_ids(words[k])]
+        stopped = gen.generate(prompts[:1], max_new_tokens=6)[0]
+    finally:
+        cfg.eos_token_id = saved
+    assert stopped.split() == words[: k + 1]
+
+
 def test_ablation_removes_the_direction_from_the_whole_residual_stream(planted):
     lm, prompts, mean_resid, _ = planted
     n = lm.adapter.n_layers

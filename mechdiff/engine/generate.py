@@ -47,7 +47,10 @@ class HFGenerator:
         tok = self.lm.tokenizer
         prompts = [self.template.apply(t, tok) for t in texts]
         ids = tokenize(tok, prompts, add_special_tokens=self.template.spec != "chat")
-        eos = tok.eos_token_id
+        # the model's own stop tokens (a chat model's end-of-turn marker among them), else the tokenizer's
+        eos = getattr(getattr(self.lm.model, "generation_config", None), "eos_token_id", None)
+        if eos is None:
+            eos = tok.eos_token_id
         outs: list[str] = [""] * len(ids)
         # Longest first inside length order keeps padding low; results go back to input order.
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
