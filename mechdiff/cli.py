@@ -164,13 +164,16 @@ def run(
 
 def _print_findings(outcome) -> None:
     t = Table(title="Findings (vs the paper)", title_justify="left")
-    for c in ("study", "finding", "pair", "measured", "agrees"):
-        t.add_column(c)
+    # fold, never cut, the figures' names (a truncated name is a number nobody can look up); fits 80 columns
+    t.add_column("study: finding", ratio=3, overflow="fold")
+    t.add_column("pair", ratio=2, overflow="fold")
+    t.add_column("measured", ratio=4, overflow="fold", min_width=22)
+    t.add_column("agrees", min_width=6)
     for name, res in outcome.results.items():
         for f in res.findings:
             # the first figures are the ones a finding rests on; results.json and the report have all
             nums = "\n".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}" for k, v in list(f.figures.items())[:4])
-            t.add_row(name, f.finding, f.pair, nums, "[green]yes[/]" if f.agrees else "[red]no[/]")
+            t.add_row(f"{name}: {f.finding}", f.pair, nums, "[green]yes[/]" if f.agrees else "[red]no[/]")
     out.print(t)
 
 
