@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -113,7 +112,7 @@ def extract(
 def run(
     sweep: Optional[Path] = typer.Argument(None, help="A sweep YAML file; without one, the embedded model pair and its datasets."),
     out_dir: Path = typer.Option(Path("mechdiff-out"), "--out", "-o", help="Output directory: store.zarr, results.json, report.html, one folder per study."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address for a sweep: its extraction and the studies' dask graphs run there (default: a local Ray for the extraction, local threads for dask)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address for a sweep: its extraction, its studies (a task per model group, a GPU each where there are GPUs) and their dask graphs run there; OUT must be on storage the workers share (default: a local Ray extracts, the studies run here)."),
     studies: str = typer.Option("knowledge,truthfulness,refusal,confidence", help="Comma-separated studies to run."),
     quick: bool = typer.Option(False, help="Smaller samples everywhere: a smoke run in about a minute."),
     device: str = typer.Option("cpu", help="cpu, cuda or auto."),
@@ -145,15 +144,22 @@ def run(
     import time
 
     t0 = time.perf_counter()
-    # on a cluster the studies' dask reductions over the (shared) store run on its workers too
-    sched = contextlib.nullcontext("threads")
     if sweep is not None and address is not None:
-        from mechdiff.cluster.dask_ray import dask_scheduler
+        # on a cluster the studies run there too: one task per group where a model replica fits
+        from mechdiff.cluster.study_runner import run_groups_on_cluster
+        from mechdiff.cluster.sweep import load_sweep
 
-        sched = dask_scheduler(address)
-    with sched as where:
-        if where == "ray":
-            console.print(f"dask graphs run on the Ray cluster at {address}")
+        console.print(f"studies of {len(plans)} group(s) run on the Ray cluster at {address}, dask graphs too")
+        try:
+            runs = run_groups_on_cluster(plans, address, load_sweep(sweep).resources)
+        except Exception as e:  # a failed group: say which error, not a Ray traceback
+            fail(f"studies on the cluster failed: {str(e).strip().splitlines()[-1]}")
+        for (group, *_), r in zip(plans, runs):
+            console.print(f"[bold]{group.name}[/]: studies ran on {r.host} (pid {r.pid}) in "
+                          + ", ".join(f"{n} {s:.1f}s" for n, s in r.outcome.seconds.items()))
+            _print_findings(r.outcome)
+            out.print(f"wrote {r.outcome.results_json} and {r.outcome.report}")
+    else:
         for group, inputs, out_g, opts_g in plans:
             console.print(f"[bold]{group.name}[/]: {', '.join(f'{k} = {v}' for k, v in group.models.items())}")
             outcome = run_group(group, inputs, out_g, opts_g, on_study=lambda n, s: console.print(f"  {n} done in {s:.1f}s"))

@@ -512,8 +512,8 @@ def test_deploy_files_are_valid():
 
 
 def test_main_job_on_the_cluster_runs_its_dask_graphs_there(world, clean_run, cluster):
-    """`mechdiff run SWEEP --address`: extraction (already done: the units are skipped) and the studies, with
-    every dask graph of the studies scheduled on the cluster."""
+    """`mechdiff run SWEEP --address`: extraction (already done: the units are skipped), then the studies as a
+    task on the cluster (models load and run in a worker process, not here), their dask graphs there too."""
     from mechdiff.cli import app
 
     conf = _sweep_yaml("out-clean").replace(
@@ -526,7 +526,12 @@ def test_main_job_on_the_cluster_runs_its_dask_graphs_there(world, clean_run, cl
     r = CliRunner().invoke(app, ["run", str(path), "--out", str(out), "--address", cluster.address, "--quick"],
                            env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
-    assert f"dask graphs run on the Ray cluster at {cluster.address}" in r.output
+    text = " ".join(r.output.split())
+    assert f"studies of 1 group(s) run on the Ray cluster at {cluster.address}, dask graphs too" in text
+    import re
+
+    pid = int(re.search(r"tiny: studies ran on \S+ \(pid (\d+)\) in confidence", text).group(1))
+    assert pid != os.getpid()
     import json
 
     res = json.loads((out / "tiny" / "results.json").read_text())
