@@ -332,10 +332,14 @@ def addition_interventions(
     """Activation addition ``x += coef * vector`` at ``site`` of ``layer``: at every position (``scope``
     ``all``, generation steps included, as in Arditi et al.) or at the prompt's positions only (``prompt``:
     the model continues a steered prompt on its own)."""
-    if scope not in ADDITION_SCOPES:
-        raise ValueError(f"addition scope {scope!r}: choose from {', '.join(ADDITION_SCOPES)}")
+    _check_scope(scope)
     return [Intervention(site, int(layer), "add", vector=_vec(vector), coef=float(coef),
                          prompt_only=scope == "prompt")]
+
+
+def _check_scope(scope: str) -> None:
+    if scope not in ADDITION_SCOPES:
+        raise ValueError(f"addition scope {scope!r}: choose from {', '.join(ADDITION_SCOPES)}")
 
 
 def _check_coefs(coefs: Sequence[float]) -> tuple[float, ...]:
@@ -523,8 +527,7 @@ def select_direction(
     if not harmful_val or not harmless_val:
         raise ValueError("selection needs harmful and harmless validation prompts")
     coefs = _check_coefs(addition_coefs)
-    if addition_scope not in ADDITION_SCOPES:
-        raise ValueError(f"addition scope {addition_scope!r}: choose from {', '.join(ADDITION_SCOPES)}")
+    _check_scope(addition_scope)
     if rerank < 0:
         raise ValueError(f"rerank={rerank}: 0 or more candidates")
     n_layers = lm.adapter.n_layers
@@ -792,8 +795,7 @@ def run_refusal(
             raise RuntimeError(f"generator 'vllm' is unavailable: {why}; use generator 'hf'")
         if site != "resid_post":
             raise ValueError("the vLLM generator hooks block outputs only: use site resid_post")
-    if addition_scope not in ADDITION_SCOPES:
-        raise ValueError(f"addition_scope {addition_scope!r}: choose from {', '.join(ADDITION_SCOPES)}")
+    _check_scope(addition_scope)
     if generator == "vllm" and addition_scope == "prompt":
         raise ValueError("the vLLM generator cannot add to prompt positions only: give addition_scope='all'")
     addition_coefs = _check_coefs(addition_coefs)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -42,14 +42,8 @@ def _run_here(group: "ModelGroup", inputs: "StudyInputs", out: Path, opts: "RunO
     torch.set_num_threads(threads)
     # the task's own progress bars would interleave in the driver's log: studies report when done
     with dask_scheduler(address):
-        outcome = run_group(group, inputs, out, _quiet(opts))
+        outcome = run_group(group, inputs, out, replace(opts, progress=False))
     return GroupRun(outcome, socket.gethostname(), os.getpid())
-
-
-def _quiet(opts: "RunOptions") -> "RunOptions":
-    import dataclasses
-
-    return dataclasses.replace(opts, progress=False)
 
 
 def run_groups_on_cluster(
