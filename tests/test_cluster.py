@@ -511,7 +511,7 @@ def test_deploy_files_are_valid():
     assert 'index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}"' in docker
 
 
-def test_main_job_on_the_cluster_runs_its_dask_graphs_there(world, clean_run, cluster):
+def test_main_job_on_the_cluster_runs_its_studies_in_a_worker(world, clean_run, cluster):
     """`mechdiff run SWEEP --address`: extraction (already done: the units are skipped), then the studies as a
     task on the cluster (models load and run in a worker process, not here), their dask graphs there too."""
     from mechdiff.cli import app

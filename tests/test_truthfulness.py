@@ -129,6 +129,9 @@ def test_probe_position_is_chosen_on_validation(tmp_path):
     tried = json.loads(res.attrs["probe_position_val_acc"])
     assert set(tried) == {"-1", "-2"} and tried["-2"] > 0.9 > 0.65 > tried["-1"]
     assert float(res["transfer_acc"].sel(source="a", target="a", layer=2, mode="unrefit").mean()) > 0.9
+    alone, _ = probe_analysis(stores, TruthSettings(intervene=False, probe_position=-2))  # no shared class sums
+    for v in ("direction", "null_cosine", "val_acc", "transfer_acc", "fold_direction"):
+        np.testing.assert_array_equal(res[v].values, alone[v].values, err_msg=v)
     fixed, _ = probe_analysis(stores, TruthSettings(intervene=False, probe_position=-1))
     assert fixed.attrs["probe_position"] == -1 and list(json.loads(fixed.attrs["probe_position_val_acc"])) == ["-1"]
     with pytest.raises(ValueError, match="probe_position"):

@@ -283,8 +283,10 @@ def probe_analysis(
     tries = [settings.probe_position] if settings.probe_position is not None else list(PROBE_POSITIONS)
     best = None
     scores: dict[int, float] = {}
+    sums: dict[str, Any] = {}  # the class sums cover every position: one pass over the stores serves all tries
     for pos in tries:
-        res, data = _probe_analysis_at(stores, replace(settings, probe_position=pos), pairs=pairs, shots=shots)
+        res, data = _probe_analysis_at(stores, replace(settings, probe_position=pos), pairs=pairs, shots=shots,
+                                       sums_cache=sums)
         scores[pos] = float(res["val_acc"].mean("fold").max("layer").mean("model"))
         if best is None or scores[pos] > scores[best[0]]:
             best = (pos, res, data)
@@ -299,6 +301,7 @@ def _probe_analysis_at(
     *,
     pairs: Sequence[tuple[str, str]] | None = None,
     shots: Mapping[str, Sequence[tuple[str, int]]] | None = None,
+    sums_cache: dict[str, Any] | None = None,
 ) -> tuple[xr.Dataset, TruthData]:
     import dask
 
@@ -330,11 +333,16 @@ def _probe_analysis_at(
     for t in data.topic_names:
         idx = np.flatnonzero(topics == t)
         shuffled[idx] = rng.permutation(shuffled[idx])
-    lazy = {n: mean_diff_sums(stores[n], settings.site, data.labels, rows=fit, center_by=topics, compute=False) for n in names}
-    lazy_null = {n: mean_diff_sums(stores[n], settings.site, shuffled, rows=fit, center_by=topics, compute=False) for n in names}
-    totals = dask.compute(*[lazy[n].total for n in names], *[lazy_null[n].total for n in names])
-    sums = {n: lazy[n].finish(t) for n, t in zip(names, totals[: len(names)])}
-    null_sums = {n: lazy_null[n].finish(t) for n, t in zip(names, totals[len(names):])}
+    if sums_cache and "sums" in sums_cache:
+        sums, null_sums = sums_cache["sums"], sums_cache["null_sums"]
+    else:
+        lazy = {n: mean_diff_sums(stores[n], settings.site, data.labels, rows=fit, center_by=topics, compute=False) for n in names}
+        lazy_null = {n: mean_diff_sums(stores[n], settings.site, shuffled, rows=fit, center_by=topics, compute=False) for n in names}
+        totals = dask.compute(*[lazy[n].total for n in names], *[lazy_null[n].total for n in names])
+        sums = {n: lazy[n].finish(t) for n, t in zip(names, totals[: len(names)])}
+        null_sums = {n: lazy_null[n].finish(t) for n, t in zip(names, totals[len(names):])}
+        if sums_cache is not None:
+            sums_cache.update(sums=sums, null_sums=null_sums)
     centred = settings.center_by_topic
     topic_keys = [t for t in data.topic_names if t in sums[names[0]].groups]
 
