@@ -173,6 +173,8 @@ def test_exact_equals_naive(models, arch, sites):
     everything = exact_patching(lm, None, pp, sites=sites, skip_unchanged=False)
     assert everything.attrs["variants_skipped"] == 0
     assert_same(everything, naive)
+    whole = exact_patching(lm, None, pp, sites=sites, skip_unchanged=False, reuse_prefix=False)  # every position
+    assert_same(whole, naive)
     hooked = exact_patching(lm, None, pp, sites=sites, method="hooked")
     assert hooked.attrs["execution"] == "hooked"
     assert_same(hooked, naive)
@@ -334,6 +336,26 @@ def test_attribution_is_gradient_times_difference(tiny_dir):
         assert est == pytest.approx(by_hand, rel=1e-9, abs=1e-12), (site, layer, p)
         fd = (metric(1e-3) - metric(-1e-3)) / 2e-3
         assert est == pytest.approx(fd, rel=1e-3, abs=1e-6), (site, layer, p, fd, est)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "gemma2"])
+def test_attribution_from_a_shared_prefix_equals_full_prompts(models, arch):
+    """Running only the tokens after a batch's first difference (from the prefix's cached keys/values) gives the
+    full-prompt estimates: exactly 0 before the difference, the same values after it."""
+    lm = models[arch]
+    # equal lengths, so the pairs share one batch; changed words 2 and 4: the prefix ends at the earlier one
+    pp = prepared(lm, make_pairs([5, 5, 5], seed=8, changed=[2, 4, 3]))
+    sites = ("resid_post", "attn_out", "mlp_out")
+    full = attribution_patching(lm, None, pp, sites=sites, reuse_prefix=False)
+    cut = attribution_patching(lm, None, pp, sites=sites)
+    assert full.attrs["prefix_tokens_shared"] == 0
+    first = min(int(np.argmax(np.asarray(t) != np.asarray(f))) for t, f in zip(pp.true_ids, pp.false_ids))
+    assert first >= 4  # w5 w6 + the two unchanged words of the earliest change
+    assert cut.attrs["prefix_tokens_shared"] == 3 * first
+    np.testing.assert_allclose(cut["patched"].values, full["patched"].values, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(cut["ld_true"].values, full["ld_true"].values, atol=1e-5)
+    est = (full["patched"] - full["ld_false"]).isel(position=slice(0, first))  # before any change
+    assert float(np.abs(est).max()) < 1e-6
 
 
 def test_attribution_correlates_with_exact(models):

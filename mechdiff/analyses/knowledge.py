@@ -334,11 +334,13 @@ def _resolve_sites(sites: str | Sequence[str]) -> tuple[str, ...]:
     return out
 
 
-def _groups(pairs: PatchingPairs, token_budget: int, max_pairs: int = 64) -> list[list[int]]:
-    """Pairs of one token length together (no padding at all), at most ``token_budget`` tokens per prompt batch."""
+def _groups(pairs: PatchingPairs, token_budget: int, max_pairs: int = 64,
+            order: np.ndarray | None = None) -> list[list[int]]:
+    """Pairs of one token length together (no padding at all), at most ``token_budget`` tokens per prompt batch;
+    within a length, pairs go in ``order`` (default: as given)."""
     by_len: dict[int, list[int]] = {}
-    for i, n in enumerate(pairs.lengths):
-        by_len.setdefault(int(n), []).append(i)
+    for i in (range(len(pairs)) if order is None else order):
+        by_len.setdefault(int(pairs.lengths[i]), []).append(int(i))
     out = []
     for n, idx in sorted(by_len.items()):
         size = max(1, min(max_pairs, token_budget // max(1, n)))
@@ -462,17 +464,40 @@ def _caches(source: LoadedModel, target: LoadedModel, pairs: PatchingPairs, idx:
         tgt = {(s, l): acts[(s, l)] for s in sites for l in layers}
         rows = slice(0, g)
     resid = [acts[("resid_pre", k)] for k in range(L)] + [acts[("resid_post", L - 1)]]
-    kv = None
-    if want_kv:
-        cache = out.past_key_values
-        try:
-            kv = [(cache.layers[k].keys[rows], cache.layers[k].values[rows]) for k in range(L)]
-        except (AttributeError, IndexError, TypeError):
-            kv = None  # not a layered cache: resuming from a prefix is not possible, only from position 0
-        # a sliding-window layer shorter than the prompt keeps only its last keys: no prefix to slice
-        if kv is not None and any(k.dim() != 4 or k.shape[-2] != t_ids.shape[1] for k, _ in kv):
-            kv = None
+    kv = _layer_kv(out.past_key_values, rows, L, t_ids.shape[1]) if want_kv else None
     return _Group(idx, int(t_ids.shape[1]), answers, ld_true, ld_false, f_ids, resid, src, tgt, kv)
+
+
+def _layer_kv(cache: Any, rows: slice, n_layers: int, n_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Keys and values per layer of ``rows`` of a forward's cache, or None where no prefix can be cut from it."""
+    try:
+        kv = [(cache.layers[k].keys[rows], cache.layers[k].values[rows]) for k in range(n_layers)]
+    except (AttributeError, IndexError, TypeError):
+        return None  # not a layered cache: resuming from a prefix is not possible, only from position 0
+    # a sliding-window layer shorter than the prompt keeps only its last keys: no prefix to slice
+    if any(k.dim() != 4 or k.shape[-2] != n_tokens for k, _ in kv):
+        return None
+    return kv
+
+
+def _prefix_cache(model, kv: list[tuple[torch.Tensor, torch.Tensor]], s: int, rows: torch.Tensor | None = None,
+                  first_layer: int = 0):
+    """A fresh cache holding the first ``s`` positions' keys/values (of ``rows``, default all) of the layers from
+    ``first_layer`` on, to run a suffix on."""
+    from transformers import DynamicCache
+
+    past = DynamicCache(config=model.config)
+    for k, (key, val) in enumerate(kv):
+        key, val = key[:, :, :s], val[:, :, :s]
+        if rows is not None:
+            key, val = key.index_select(0, rows), val.index_select(0, rows)
+        past.update(key, val, first_layer + k)
+    return past
+
+
+def _cache_arg(model) -> str:
+    # newer transformers name the cache argument ``cache`` (``past_key_values`` is deprecated there)
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _expand(x: Any, src: torch.Tensor, g: int, cache: Any) -> Any:
@@ -500,8 +525,6 @@ def _record(target: LoadedModel, grp: _Group) -> None:
     With a prefix (start > 0) the model sees the prefix's keys/values in its cache, so the recorded position
     embeddings, masks and cache positions are exactly those of the suffix.
     """
-    from transformers import DynamicCache
-
     adapter = target.adapter
     s = grp.start
     records: dict[int, tuple[tuple, dict]] = {}
@@ -511,16 +534,10 @@ def _record(target: LoadedModel, grp: _Group) -> None:
             records[k] = (tuple(args), dict(kwargs))
         return pre
 
-    past = None
-    if s > 0:
-        past = DynamicCache(config=target.model.config)
-        for k, (key, val) in enumerate(grp.kv):
-            past.update(key[:, :, :s], val[:, :, :s], k)
+    past = _prefix_cache(target.model, grp.kv, s) if s > 0 else None
     handles = [adapter.layer(k).register_forward_pre_hook(make(k), with_kwargs=True) for k in range(adapter.n_layers)]
     try:
-        # newer transformers name the cache argument ``cache`` (``past_key_values`` is deprecated there)
-        cache_arg = "cache" if "cache" in inspect.signature(target.model.forward).parameters else "past_key_values"
-        target.model(input_ids=grp.false_ids[:, s:], use_cache=s > 0, **{cache_arg: past},
+        target.model(input_ids=grp.false_ids[:, s:], use_cache=s > 0, **{_cache_arg(target.model): past},
                      **_forward_kwargs(target.model))
     finally:
         for h in handles:
@@ -531,14 +548,10 @@ def _record(target: LoadedModel, grp: _Group) -> None:
 
 
 def _call_block(target: LoadedModel, grp: _Group, k: int, hidden: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    from transformers import DynamicCache
-
     args, kwargs = grp.records[k]
     cache = None
     if grp.start > 0:
-        cache = DynamicCache(config=target.model.config)
-        key, val = grp.kv[k]
-        cache.update(key[:, :, : grp.start].index_select(0, src), val[:, :, : grp.start].index_select(0, src), k)
+        cache = _prefix_cache(target.model, grp.kv[k : k + 1], grp.start, src, first_layer=k)
     g = len(grp.idx)
     a = _expand(args[1:], src, g, cache)
     kw = _expand(kwargs, src, g, cache)
@@ -728,6 +741,7 @@ def exact_patching(
     skip_unchanged: bool = True,
     positions: str = "all",
     token_budget: int = 8192,
+    reuse_prefix: bool = True,
 ) -> xr.Dataset:
     """Exact activation patching of every (site, layer, position): ``source``'s true-prompt activations into
     ``target``'s false run (``target=None`` or ``source``: within one model).
@@ -737,6 +751,8 @@ def exact_patching(
     ``skip_unchanged``: answer patches that replace a value by an identical one from the false run.
     ``positions``: ``all``, or ``statement`` (leave the context before the statement unpatched: NaN there).
     ``token_budget``: rows x recomputed tokens per batched pass.
+    ``reuse_prefix``: a resumed patch recomputes only the positions from the patched one on, attending to the
+    false run's cached keys/values before it; False recomputes every position from the patched layer on.
 
     Returns a Dataset with ``effect`` (normalised: 0 = false run, 1 = true run) and ``patched`` (raw logit
     difference) over (site, pair, layer, position), ``ld_true`` / ``ld_false`` per pair, and attrs with the
@@ -760,7 +776,7 @@ def exact_patching(
     validated: set[bool] = set()
     with torch.no_grad():
         for idx in _groups(pairs, token_budget):
-            grp = _caches(source, target, pairs, idx, sites, layers, want_kv=resume_ok)
+            grp = _caches(source, target, pairs, idx, sites, layers, want_kv=resume_ok and reuse_prefix)
             allowed = torch.as_tensor(np.stack([_position_mask(pairs, i, positions) for i in idx]),
                                       device=grp.false_ids.device)
             rows, skipped = _rows(grp, sites, layers, skip_unchanged, allowed)
@@ -926,10 +942,15 @@ def attribution_patching(
     layers: str | Sequence[int] = "all",
     positions: str = "all",
     token_budget: int = 8192,
+    reuse_prefix: bool = True,
 ) -> xr.Dataset:
     """Linear estimate of every patch at once: effect(l, p) ~ (x_true - x_false)(l, p) . d metric / d x(l, p),
     the gradient taken at the false run. Per batch of pairs: the true-run forward(s), then one forward and one
-    backward of the false run. Same layout as :func:`exact_patching` (``patched`` = false run + estimate)."""
+    backward of the false run. Same layout as :func:`exact_patching` (``patched`` = false run + estimate).
+
+    ``reuse_prefix`` (within one model): the positions before a batch's first differing token hold the same
+    activations in both runs, so their estimate is exactly 0; that prefix runs once, without gradients, and
+    both runs and the backward pass cover only the tokens after it (from its cached keys/values)."""
     t0 = time.perf_counter()
     target = source if target is None else target
     _check_patchable(source, target)
@@ -937,40 +958,62 @@ def attribution_patching(
     sites = _resolve_sites(sites)
     layers = parse_layers(layers, target.adapter.n_layers)
     dev = target.device
+    model = target.model
     values: dict[int, np.ndarray] = {}
     ld_t = np.zeros(len(pairs))
     ld_f = np.zeros(len(pairs))
-    for idx in _groups(pairs, token_budget):
+    within = source is target
+    first_diff = np.array([int(np.argmax(np.asarray(t) != np.asarray(f))) for t, f in zip(pairs.true_ids, pairs.false_ids)])
+    # Pairs that differ late together, so that a batch's shared prefix is long.
+    order = np.argsort(first_diff, kind="stable") if within and reuse_prefix else None
+    n_prefix = 0
+    for idx in _groups(pairs, token_budget, order=order):
         t_ids = torch.tensor([pairs.true_ids[i] for i in idx], device=dev)
         f_ids = torch.tensor([pairs.false_ids[i] for i in idx], device=dev)
         answers = torch.as_tensor(pairs.answers[idx], device=dev)
+        n_tok = t_ids.shape[1]
+        start, kv = 0, None
+        if within and reuse_prefix and int(first_diff[idx].min()) > 0:
+            start = int(first_diff[idx].min())
+            with torch.no_grad():
+                out = model(input_ids=f_ids[:, :start], use_cache=True, **_forward_kwargs(model))
+            kv = _layer_kv(out.past_key_values, slice(None), target.adapter.n_layers, start)
+            if kv is None:
+                start = 0
+        n_prefix += start * len(idx)
+
+        def suffix(lm: LoadedModel, ids: torch.Tensor, capture: Capture | None = None, ivs: Sequence = ()) -> Any:
+            kw: dict[str, Any] = {"use_cache": False}
+            if start > 0:  # the same tokens in both prompts before ``start``: one prefix cache serves both
+                kw = {"use_cache": True, _cache_arg(lm.model): _prefix_cache(lm.model, kv, start)}
+            with hooks(lm.adapter, capture, ivs):
+                return lm.model(input_ids=ids[:, start:], **kw, **_forward_kwargs(lm.model))
+
         with torch.no_grad():
             cap = Capture(sites, layers)
-            out = _run(source, t_ids, cap, use_cache=False)
-            lt = _metric(out.logits[:, -1], answers) if source is target else \
+            out = suffix(source, t_ids, cap)
+            lt = _metric(out.logits[:, -1], answers) if within else \
                 _metric(_run(target, t_ids, None, use_cache=False).logits[:, -1], answers)
         taps: dict[tuple[str, int], torch.Tensor] = {}
         with torch.enable_grad():
-            ivs = [_Tap(s, l, taps) for l in layers for s in sites]
-            with hooks(target.adapter, None, ivs):
-                out = target.model(input_ids=f_ids, use_cache=False, **_forward_kwargs(target.model))
+            out = suffix(target, f_ids, None, [_Tap(s, l, taps) for l in layers for s in sites])
             m = _metric(out.logits[:, -1], answers)
             keys = list(taps)
             grads = torch.autograd.grad(m.sum(), [taps[k] for k in keys], allow_unused=True)
-        est = np.zeros((len(idx), len(sites), len(layers), t_ids.shape[1]))
+        est = np.zeros((len(idx), len(sites), len(layers), n_tok))
         with torch.no_grad():
             for k, gr in zip(keys, grads):
                 site, l = k
                 if gr is None:  # the metric does not depend on it (cannot happen for a causal LM's sites)
                     continue
                 d = (cap.acts[k].double() - taps[k].detach().double()) * gr.double()
-                est[:, sites.index(site), layers.index(l)] = d.sum(-1).cpu().numpy()
+                est[:, sites.index(site), layers.index(l), start:] = d.sum(-1).cpu().numpy()
         mf = m.detach().double().cpu().numpy()
         for j, i in enumerate(idx):
             values[i] = np.where(_position_mask(pairs, i, positions), mf[j] + est[j], np.nan)
             ld_t[i], ld_f[i] = float(lt[j]), float(mf[j])
     attrs = {"method": "attribution", "source": source.model_id, "target": target.model_id,
-             "seconds": time.perf_counter() - t0}
+             "prefix_tokens_shared": int(n_prefix), "seconds": time.perf_counter() - t0}
     return _dataset(values, pairs, sites, layers, ld_t, ld_f, attrs)
 
 
