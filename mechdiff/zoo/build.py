@@ -22,10 +22,11 @@ from mechdiff.zoo.train import ModelSpec, StageSpec, cpu_has_fast_bf16, new_mode
 from mechdiff.zoo.world import make_world
 
 MODEL = ModelSpec()
-BASE = StageSpec(steps=3600, lr=1.5e-3, warmup_frac=0.03)
+BASE = StageSpec(steps=3000, lr=2.5e-3, warmup_frac=0.03)
 POST = StageSpec(steps=240, lr=5e-4, warmup_frac=0.1)
 SAVE_DTYPE = torch.float16  # halves the shipped size; the models are trained and run in fp32
 N_THREADS = 2
+SEED = 1  # the shipped pair's
 
 
 def sha256_of(path: Path) -> str:
@@ -61,7 +62,7 @@ def build_pair(
     out_dir: str | Path,
     *,
     steps: int | None = None,
-    seed: int = 0,
+    seed: int = SEED,
     progress: bool = True,
     evaluate: bool = True,
 ) -> Path:

@@ -13,13 +13,13 @@ zoo_app = typer.Typer(help="The embedded default model pair and its datasets.", 
 def build(
     out: Path = typer.Option(..., "--out", help="Directory to write base/, post/, data/ and manifest.json into."),
     steps: int | None = typer.Option(None, "--steps", help="Base-model step budget (default: the shipped recipe)."),
-    seed: int = typer.Option(0, "--seed", help="World and training seed."),
+    seed: int | None = typer.Option(None, "--seed", help="World and training seed (default: the shipped pair's)."),
     evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Measure behaviour into the manifest."),
 ) -> None:
     """Rebuild the pair from its seed on CPU."""
     from mechdiff.zoo.build import build_pair
 
-    path = build_pair(out, steps=steps, seed=seed, progress=True, evaluate=evaluate)
+    path = build_pair(out, steps=steps, progress=True, evaluate=evaluate, **({} if seed is None else {"seed": seed}))
     typer.echo(str(path))
 
 
