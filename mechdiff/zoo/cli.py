@@ -17,9 +17,9 @@ def build(
     evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Measure behaviour into the manifest."),
 ) -> None:
     """Rebuild the pair from its seed on CPU."""
-    from mechdiff.zoo.build import build_pair
+    from mechdiff.zoo.build import SEED, build_pair
 
-    path = build_pair(out, steps=steps, progress=True, evaluate=evaluate, **({} if seed is None else {"seed": seed}))
+    path = build_pair(out, steps=steps, seed=SEED if seed is None else seed, progress=True, evaluate=evaluate)
     typer.echo(str(path))
 
 
