@@ -11,7 +11,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mechdiff.cli_common import EXPECTED, ErrorLineGroup, check_output_dir, fail
+
 app = typer.Typer(
+    cls=ErrorLineGroup,  # every command ends an error with one line and exit 2
     name="mechdiff",
     help=(
         "Compare a base LLM with its post-trained versions from the inside.\n\n"
@@ -46,15 +49,19 @@ console = Console(stderr=True)
 out = Console()
 
 
-def fail(msg: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {msg}", highlight=False)
-    raise typer.Exit(code)
+@app.callback()
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="On an error, show the full traceback instead of one line."),
+) -> None:
+    # read by ErrorLineGroup from the root context's params; nothing to do here
+    pass
 
 
 @app.command()
 def extract(
-    model: str = typer.Option(..., "--model", "-m", help="Local model directory or hub id (AutoModelForCausalLM)."),
+    model: str = typer.Option(..., "--model", "-m", help="Local model directory, a .gguf file or a hub id (AutoModelForCausalLM)."),
     data: Path = typer.Option(..., "--data", "-d", help="CSV, JSON or JSONL with a text, statement, instruction or goal column; other columns become coords."),
+    gguf_file: Optional[str] = typer.Option(None, "--gguf-file", help="A GGUF file inside the --model directory (or hub repo). GGUF loads through transformers, dequantized to --model-dtype; needs `pip install mechdiff[gguf]`, and no --allow-pickle: GGUF is not pickle."),
     out_store: str = typer.Option(..., "--out", "-o", help="Store root: a local path or an fsspec URL (s3://, gs://)."),
     sites: str = typer.Option("resid_post", help="Comma-separated: resid_pre, resid_post, attn_out, mlp_out, mlp_act."),
     layers: str = typer.Option("all", help="all, a list 0,3,5, or a range 2:6 (end exclusive); negatives count from the end."),
@@ -69,38 +76,42 @@ def extract(
     shard_size: int = typer.Option(256, help="Examples per shard: the unit of resumption and of chunking."),
     truncate: bool = typer.Option(False, help="Keep the last tokens of prompts longer than the context instead of refusing."),
     compression: str = typer.Option("zstd", help="zstd or none."),
-    allow_pickle: bool = typer.Option(False, help="Allow non-safetensors weights (runs pickled code)."),
+    allow_pickle: bool = typer.Option(False, help="Allow pickle weights (.bin/.pt: runs pickled code); safetensors and GGUF need no opt-in."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the model's repository."),
 ) -> None:
     """Capture activations of MODEL on DATA into a Zarr store; re-running resumes where it stopped.
 
     Every input is checked before the model loads, and the store is left untouched on an error.
     """
-    from mechdiff.engine.data import DataError, load_prompts
+    from mechdiff.engine import models
+    from mechdiff.engine.data import load_prompts
     from mechdiff.engine.extract import CaptureSpec, default_group, extract as run_extract
-    from mechdiff.engine.models import load_model
-    from mechdiff.engine.positions import PositionError
-    from mechdiff.engine.sites import SiteError, parse_layers
 
+    try:
+        gg = models.gguf_source(model, gguf_file)
+        if gg is not None and gg.is_local:
+            model, gguf_file = gg.model_id, None  # one path names the file from here on (and in provenance)
+    except EXPECTED as e:
+        fail(e)
+    group = group or default_group(model, str(data))
     try:
         prompts = load_prompts(data, text_column=text_column)
         spec = CaptureSpec(
             sites=sites, layers=layers, positions=positions, template=template, dtype=dtype,
             compression=None if compression == "none" else compression,
         )
-        parse_layers(layers, _config_layers(model, trust_remote_code))
-        _check_output(out_store)
-        _check_same_model(out_store, group or default_group(model, str(data)), model, allow_pickle)
-    except (DataError, SiteError, PositionError, ValueError, OSError) as e:
-        fail(str(e))
+        check_output_dir(out_store)
+        _precheck(model, prompts, spec, out_store, group, shard_size=shard_size, truncate=truncate,
+                  allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+    except EXPECTED as e:
+        fail(e)
     try:
-        lm = load_model(model, dtype=model_dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-        rep = run_extract(
-            lm, prompts, spec, out_store, group or default_group(model, str(data)),
-            token_budget=token_budget, shard_size=shard_size, truncate=truncate,
-        )
-    except (ValueError, OSError) as e:
-        fail(str(e))
+        lm = models.load_model(model, dtype=model_dtype, device=device, allow_pickle=allow_pickle,
+                               trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+        rep = run_extract(lm, prompts, spec, out_store, group, token_budget=token_budget, shard_size=shard_size,
+                          truncate=truncate)
+    except EXPECTED as e:
+        fail(e)
     out.print(
         f"{rep.group}: {rep.n_examples} examples, {rep.shards_written} shards written, "
         f"{rep.shards_skipped} already done, {rep.tokens:,} tokens in {rep.seconds:.1f}s "
@@ -126,6 +137,7 @@ def run(
     from mechdiff.pipeline import RunOptions, embedded_group, embedded_inputs, run_group
 
     try:
+        check_output_dir(out_dir)  # a file or a read-only directory is refused before any study runs
         opts = RunOptions(studies=tuple(s.strip() for s in studies.split(",") if s.strip()), quick=quick, device=device)
         if sweep is None:
             jobs = [(embedded_group(), embedded_inputs(), out_dir)]
@@ -139,8 +151,8 @@ def run(
             here = tuple(s for s in opts.studies if all(p is not None for p in inputs.files(s)))
             inputs.check(here)
             plans.append((group, inputs, out_g, dataclasses.replace(opts, studies=here)))
-    except (ValueError, OSError) as e:
-        fail(str(e))
+    except EXPECTED as e:
+        fail(e)
     import time
 
     t0 = time.perf_counter()
@@ -185,53 +197,32 @@ def _print_findings(outcome) -> None:
 
 def _config_layers(model: str, trust_remote_code: bool) -> int:
     """The model's layer count from its config alone, so layer ranges are checked before weights load."""
-    from transformers import AutoConfig
+    from mechdiff.engine.precheck import config_n_layers, read_config
 
-    try:
-        cfg = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
-    except Exception as e:  # HF raises OSError or ValueError variants; one clear line is what matters
-        raise OSError(f"model {model}: cannot read its config ({str(e).splitlines()[0]})") from None
-    cfg = getattr(cfg, "text_config", None) or cfg
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(getattr(cfg, key, None), int):
-            return getattr(cfg, key)
-    raise ValueError(f"model {model}: its config names no layer count")
+    return config_n_layers(read_config(model, trust_remote_code=trust_remote_code), model)
 
 
-def _check_same_model(url: str, group: str, model: str, allow_pickle: bool) -> None:
-    """Refuse, before loading any weights, to append to a group made by another local model."""
-    from mechdiff.engine.models import local_weights_hash
-    from mechdiff.engine.store import ActivationStore, StoreMismatchError
+def _precheck(
+    model: str, prompts, spec, url: str, group: str, *, shard_size: int, truncate: bool, allow_pickle: bool,
+    trust_remote_code: bool, gguf_file: str | None = None,
+) -> None:
+    """What ``extract`` would refuse after loading the weights, refused before: layers out of range, prompts
+    longer than the context, and an existing group made by another model, tokenizer, dataset or spec."""
+    from mechdiff.engine.models import load_tokenizer, local_weights_hash
+    from mechdiff.engine.precheck import check_store_group, config_max_positions, config_n_layers, early_provenance, read_config
 
+    cfg = read_config(model, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+    n_layers = config_n_layers(cfg, model)
+    spec.resolve_layers(n_layers)  # a bad --layers fails before the tokenizer loads
+    tok = load_tokenizer(model, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+    early = early_provenance(tok, n_layers, config_max_positions(cfg), prompts, spec, truncate=truncate)
     if "://" not in url and not Path(url).exists():
         return  # opening would create the directory; a new store has nothing to compare
-    try:
-        st = ActivationStore.open(url, group)
-    except Exception:  # no such group yet (or unreadable: extraction reports that itself)
-        return
-    have = st.provenance.get("weights_hash")
-    want = local_weights_hash(model, allow_pickle=allow_pickle)
-    if want is not None and have is not None and want != have:
-        raise StoreMismatchError(
-            f"store {url} group {group} was made by model {st.provenance.get('model_id')!r} "
-            f"(weights {have[:16]}..), this run uses model {model!r} (weights {want[:16]}..); "
-            "use another group or remove this one"
-        )
-
-
-def _check_output(url: str) -> None:
-    import os
-
-    if "://" in url and not url.startswith("file://"):
-        return
-    p = Path(url.removeprefix("file://")).resolve()
-    probe = p
-    while not probe.exists():
-        probe = probe.parent
-    if probe == p and not p.is_dir():
-        raise OSError(f"output {url} exists and is not a directory")
-    if not os.access(probe, os.W_OK):
-        raise OSError(f"output {url} is not writable ({probe} does not allow writing)")
+    early["model_id"] = model
+    weights = local_weights_hash(model, allow_pickle=allow_pickle, gguf_file=gguf_file)  # None for a hub id; cached for load_model
+    if weights is not None:
+        early["weights_hash"] = weights
+    check_store_group(url, group, early, shard_size=shard_size)
 
 
 @store_app.command("info")
@@ -243,12 +234,13 @@ def store_info_cmd(
 
     try:
         infos = store_info(store)
-    except (ValueError, OSError, FileNotFoundError) as e:
-        fail(str(e))
+    except EXPECTED as e:  # StoreIncompleteError included: a group whose creation was interrupted
+        fail(e)
     if not infos:
         fail(f"{store} holds no activation group")
     for g in infos:
-        t = Table(title=f"{g.group}  ({g.fraction_done:.0%} done)", title_justify="left")
+        damaged = f"; shards {g.damaged_shards} damaged (a chunk missing): re-run the extraction to rewrite them" if g.damaged_shards else ""
+        t = Table(title=f"{g.group}  ({g.fraction_done:.0%} done{damaged})", title_justify="left")
         for c in ("array", "shape", "dtype", "chunks"):
             t.add_column(c)
         for a in g.arrays:
@@ -264,27 +256,49 @@ def store_info_cmd(
 def store_verify_cmd(
     store: str = typer.Argument(..., help="Store root: a local path or an fsspec URL."),
     group: Optional[str] = typer.Option(None, help="Group to check [default: the only group]."),
-    sample: int = typer.Option(8, help="How many random finished examples to re-run."),
+    sample: int = typer.Option(8, help="How many random finished examples to re-run (0: none, check the chunks only)."),
+    repair: bool = typer.Option(False, help="Take down the done flags of damaged shards, so that the next extraction rewrites exactly those."),
     model: Optional[str] = typer.Option(None, help="Model to use instead of the one in the store's provenance."),
     device: str = typer.Option("cpu", help="cpu, cuda or auto."),
     seed: int = typer.Option(0, help="Seed for picking examples."),
 ) -> None:
-    """Re-run SAMPLE stored examples through the model and report the largest difference from what is stored.
+    """Check every chunk of every finished shard (present, and its crc32c matching its bytes), then re-run
+    SAMPLE stored examples through the model and report the largest difference from what is stored.
 
-    Exits 1 when a difference exceeds the stored dtype's rounding.
+    Exits 1 when a chunk is missing or corrupt, or a difference exceeds the stored dtype's rounding. The
+    model is not re-run on a damaged group.
     """
     from mechdiff.engine.verify import verify_store
 
+    if sample < 0:
+        fail(f"--sample {sample}: give 0 or more examples to re-run (0 checks the stored chunks only)")
     try:
-        rep = verify_store(store, group, sample=sample, model=model, device=device, seed=seed)
-    except (ValueError, OSError, KeyError) as e:
-        fail(str(e))
-    t = Table(title=f"{rep.group}: {len(rep.examples)} examples re-run", title_justify="left")
-    for c in ("site", "max |diff|", "max |diff| / max |x|", "ok"):
-        t.add_column(c)
-    for s in rep.sites:
-        t.add_row(s.site, f"{s.max_abs_diff:.3g}", f"{s.max_rel_diff:.3g}", "yes" if s.max_rel_diff <= rep.tolerance else "NO")
-    out.print(t)
+        rep = verify_store(store, group, sample=sample, model=model, device=device, seed=seed, repair=repair)
+    except (*EXPECTED, KeyError) as e:
+        fail(e)
+    ig = rep.integrity
+    if ig is not None:
+        out.print(f"{rep.group}: {ig.summary()}", highlight=False)
+        for p in ig.problems[:10]:
+            out.print(f"  shard {p.shard if p.shard is not None else '-'}: {p.array} chunk {p.key} is {p.problem}", highlight=False)
+        if len(ig.problems) > 10:
+            out.print(f"  ... and {len(ig.problems) - 10} more", highlight=False)
+        if rep.repaired:
+            out.print(f"done flags taken down for shards {rep.repaired}: re-run the extraction to rewrite exactly those", highlight=False)
+        elif ig.group_damaged:
+            out.print("coords written at the group's creation are damaged: remove the group and extract it again", highlight=False)
+        elif not ig.ok:
+            out.print(f"run `mechdiff store verify {store} --group {rep.group or '/'} --repair`, then the extraction "
+                      "again: it rewrites exactly the damaged shards", highlight=False, soft_wrap=True)
+    if rep.sites:
+        t = Table(title=f"{rep.group}: {len(rep.examples)} examples re-run", title_justify="left")
+        for c in ("site", "max |diff|", "max |diff| / max |x|", "ok"):
+            t.add_column(c)
+        for s in rep.sites:
+            t.add_row(s.site, f"{s.max_abs_diff:.3g}", f"{s.max_rel_diff:.3g}", "yes" if s.max_rel_diff <= rep.tolerance else "NO")
+        out.print(t)
+    elif ig is not None and ig.ok:
+        out.print(f"{rep.group}: no examples re-run (--sample 0)", highlight=False)
     if not rep.ok:
         raise typer.Exit(1)
 
@@ -293,6 +307,7 @@ _mount()
 
 
 def main() -> None:  # pragma: no cover
+    """The console script: ``app`` itself ends errors with one line (see ErrorLineGroup)."""
     app()
 
 

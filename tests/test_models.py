@@ -437,3 +437,96 @@ def test_output_helpers():
         hidden_from_output((None, w))
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
     assert position_ids_from_attention_mask(mask).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+
+
+# -- GGUF as a model source (no real file needed; the real model is in test_real_model.py) ------------------
+
+
+def _fake_gguf(path: Path, file_type: int = 3) -> Path:
+    """A GGUF header with a few key-values (a string, an array of strings, general.file_type) and no tensors."""
+    import struct
+
+    def s(x: str) -> bytes:
+        b = x.encode()
+        return struct.pack("<Q", len(b)) + b
+
+    kvs = [
+        s("general.architecture") + struct.pack("<I", 8) + s("llama"),
+        s("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 2) + s("a") + s("bc"),
+        s("llama.block_count") + struct.pack("<II", 4, 2),
+        s("general.file_type") + struct.pack("<II", 4, file_type),
+    ]
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, len(kvs)) + b"".join(kvs))
+    return path
+
+
+def test_gguf_sources_are_recognised(tmp_path):
+    from mechdiff.engine.models import gguf_source
+
+    f = _fake_gguf(tmp_path / "m.Q4_1.gguf")
+    gg = gguf_source(f)
+    assert (gg.source, gg.file, gg.is_local, gg.model_id) == (str(tmp_path), "m.Q4_1.gguf", True, str(f))
+    assert gguf_source(tmp_path, "m.Q4_1.gguf") == gg  # a directory plus --gguf-file names the same file
+    assert gguf_source(f, "m.Q4_1.gguf") == gg
+    assert gguf_source(tmp_path) is None and gguf_source("org/name") is None  # safetensors dir, hub id
+    hub = gguf_source("org/name-GGUF", "model.Q8_0.gguf")
+    assert (hub.source, hub.file, hub.is_local) == ("org/name-GGUF", "model.Q8_0.gguf", False)
+    with pytest.raises(ModelLoadError, match="file name"):
+        gguf_source(tmp_path, "sub/m.gguf")
+
+
+def test_gguf_header_gives_the_quantization_and_the_hash_is_the_files(tmp_path):
+    import hashlib
+
+    from mechdiff.engine.models import gguf_source, local_weights_hash
+
+    f = _fake_gguf(tmp_path / "m.gguf", file_type=7)
+    assert gguf_source(f).quantization() == "Q8_0"
+    assert gguf_source(_fake_gguf(tmp_path / "n.gguf", file_type=3)).quantization() == "Q4_1"
+    (tmp_path / "bad.gguf").write_bytes(b"nope")
+    assert gguf_source(tmp_path / "bad.gguf").quantization() is None
+    pytest.importorskip("gguf")
+    assert local_weights_hash(str(f)) == "sha256:" + hashlib.sha256(f.read_bytes()).hexdigest()
+    assert local_weights_hash(str(tmp_path), gguf_file="m.gguf") == local_weights_hash(str(f))
+
+
+def test_a_missing_gguf_package_is_one_clear_line(tmp_path, monkeypatch):
+    import sys
+
+    from mechdiff.engine.models import load_tokenizer
+    from mechdiff.engine.precheck import read_config
+
+    f = _fake_gguf(tmp_path / "m.gguf")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf now fails, find_spec says None
+    for call in (lambda: load_model(f), lambda: load_tokenizer(f), lambda: read_config(f),
+                 lambda: load_model(tmp_path, gguf_file="m.gguf")):
+        with pytest.raises(ModelLoadError) as e:
+            call()
+        msg = str(e.value)
+        assert "pip install mechdiff[gguf]" in msg and "\n" not in msg, msg
+
+
+def test_a_missing_gguf_file_is_named(tmp_path):
+    pytest.importorskip("gguf")
+    for call in (lambda: load_model(tmp_path / "nope.gguf"), lambda: load_model(tmp_path, gguf_file="nope.gguf")):
+        with pytest.raises(ModelLoadError, match="GGUF file .*nope.gguf does not exist"):
+            call()
+
+
+def test_cli_extract_without_the_gguf_package_says_how_to_install_it(tmp_path, monkeypatch):
+    import sys
+
+    from typer.testing import CliRunner
+
+    from mechdiff.cli import app
+
+    f = _fake_gguf(tmp_path / "m.gguf")
+    data = tmp_path / "d.csv"
+    data.write_text("text\nhello\n")
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    r = CliRunner().invoke(app, ["extract", "--model", str(f), "--data", str(data), "--out", str(tmp_path / "s.zarr")])
+    assert r.exit_code == 2
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "pip install mechdiff[gguf]" in lines[0], r.output
+    r = CliRunner().invoke(app, ["extract", "--help"])
+    assert "gguf" in r.output.lower() and "not pickle" in " ".join(r.output.split())

@@ -192,8 +192,10 @@ def test_chunks_and_compression(tmp_path):
     assert g["resid_post"].chunks == (SHARD, 1, 3, 16)
     assert g["mlp_act"].chunks == (SHARD, 1, 24)
     assert g["resid_post"].dtype == np.float16 and g["mlp_act"].dtype == np.float32
-    assert [type(c).__name__ for c in g["resid_post"].compressors] == ["ZstdCodec"]
-    assert g["attn_out"].compressors == ()
+    # every chunk carries a crc32c of its bytes, compressed or not
+    assert [type(c).__name__ for c in g["resid_post"].compressors] == ["ZstdCodec", "Crc32cCodec"]
+    assert [type(c).__name__ for c in g["attn_out"].compressors] == ["Crc32cCodec"]
+    assert [type(c).__name__ for c in g["token_ids"].compressors] == ["ZstdCodec", "Crc32cCodec"]
     done = g["_progress/done"]
     assert done.shape == (5,) and done.chunks == (1,) and done.dtype == bool
     assert list(g["resid_post"].metadata.dimension_names) == ["example", "layer", "position", "hidden"]
@@ -317,7 +319,7 @@ def test_flag_only_after_data(tmp_path, monkeypatch):
     assert st.done_shards() == [] and 2 in st.missing_shards()
     ds = open_store(url)
     np.testing.assert_array_equal(ds["mlp_act"].values[10:15, 1:], data["mlp_act"])
-    assert not (url / "base/cities/_progress/done/c/2").exists()
+    assert not (url / "base/cities/_progress/done/c.2").exists()
 
     # a failure half-way through the arrays leaves no flag either
     calls = []
@@ -336,7 +338,7 @@ def test_flag_only_after_data(tmp_path, monkeypatch):
     assert st.done_shards() == []
     st.write_shard(2, data)  # the retry succeeds and sets the flag
     assert st.done_shards() == [2]
-    assert (url / "base/cities/_progress/done/c/2").exists()
+    assert (url / "base/cities/_progress/done/c.2").exists()
 
 
 def test_overflow_raises_and_writes_nothing(tmp_path):

@@ -11,6 +11,8 @@ from typing import Any, Sequence
 import numpy as np
 import xarray as xr
 
+from mechdiff.errors import MechdiffError
+
 __all__ = ["ModelGroup", "StoreRequirementError", "require", "StudyResult", "Finding", "to_jsonable"]
 
 
@@ -42,7 +44,7 @@ class ModelGroup:
         return [(self.labels[0], p) for p in self.labels[1:]]
 
 
-class StoreRequirementError(ValueError):
+class StoreRequirementError(MechdiffError, ValueError):
     """A store lacks what a study needs; the message says what to extract."""
 
 

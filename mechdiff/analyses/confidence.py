@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from mechdiff.errors import MechdiffError
 from mechdiff.analyses.common import Finding, ModelGroup, StudyResult
 from mechdiff.engine.batching import length_batches, pad_batch, tokenize
 from mechdiff.engine.models import LoadedModel
@@ -51,7 +52,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class ArchitectureMismatchError(ValueError):
+class ArchitectureMismatchError(MechdiffError, ValueError):
     """Neuron indices of two models are only comparable within one architecture and shape."""
 
 

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from mechdiff.analyses.knowledge_cli import _fail, _findings_table, _out, group_from_options, man_help
+from mechdiff.analyses.knowledge_cli import _findings_table, _out, group_from_options, man_help
+from mechdiff.cli_common import EXPECTED, check_output_dir, fail
 
 __all__ = ["register", "confidence"]
 
@@ -61,6 +62,7 @@ def confidence(
     from mechdiff.analyses.confidence import ArchitectureMismatchError, run_confidence
 
     try:
+        check_output_dir(out)  # before the ablations, not when their results are saved
         group = group_from_options(base, post, labels, name)
         if not 0 < q <= 1:
             raise ValueError(f"-q must be a fraction in (0, 1], got {q}")
@@ -72,15 +74,15 @@ def confidence(
 
             load_prompts(texts, text_column=text_column)  # bad files fail before any model loads
             text_arg = texts
-    except (ValueError, OSError) as e:
-        _fail(str(e))
+    except EXPECTED as e:
+        fail(e)
     try:
         result = run_confidence(
             group, text_arg, out, q=q, n=n, layer=layer, controls=controls, text_column=text_column, limit=limit,
             seed=seed, device=device, dtype=dtype, token_budget=token_budget,
         )
-    except (ArchitectureMismatchError, ValueError, OSError) as e:
-        _fail(str(e))
+    except (ArchitectureMismatchError, *EXPECTED) as e:
+        fail(e)
     _out.print(_findings_table(result))
     _out.print(f"results: {out / 'confidence'}")
 

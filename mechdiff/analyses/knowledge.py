@@ -50,6 +50,7 @@ import pandas as pd
 import torch
 import xarray as xr
 
+from mechdiff.errors import MechdiffError
 from mechdiff.analyses.common import Finding, ModelGroup, StudyResult
 from mechdiff.engine.adapter import hidden_from_output, replace_hidden_in_output
 from mechdiff.engine.models import LoadedModel
@@ -84,11 +85,11 @@ ROLES: tuple[str, ...] = ("context", "subject", "object", "final")
 _PAD_ROLE = -1
 
 
-class PairError(ValueError):
+class PairError(MechdiffError, ValueError):
     """A patching pair that cannot be used (unequal token lengths, identical prompts, bad answers, ...)."""
 
 
-class ModelMismatchError(ValueError):
+class ModelMismatchError(MechdiffError, ValueError):
     """Two models that cannot be patched into each other (different tokenizers or shapes)."""
 
 

@@ -9,15 +9,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mechdiff.cli_common import EXPECTED, check_output_dir, fail
+
 __all__ = ["register", "knowledge", "group_from_options", "man_help"]
 
-_err = Console(stderr=True)
 _out = Console()
-
-
-def _fail(msg: str, code: int = 2) -> None:
-    _err.print(f"[bold red]error:[/] {msg}", highlight=False)
-    raise typer.Exit(code)
 
 
 def man_help(doc: str | None) -> str:
@@ -115,6 +111,7 @@ def knowledge(
     from mechdiff.engine.sites import SiteError, parse_sites
 
     try:
+        check_output_dir(out)  # before the sweep, not when its results are saved
         group = group_from_options(base, post, labels, name)
         parse_sites(sites)
         if positions not in ("statement", "all"):
@@ -122,8 +119,8 @@ def knowledge(
         shots_arg = None if shots == "none" else shots
         if pairs is not None:
             load_pairs(pairs)  # bad files fail before any model loads
-    except (ValueError, OSError) as e:
-        _fail(str(e))
+    except EXPECTED as e:
+        fail(e)
     try:
         result = run_knowledge(
             group, pairs, out, shots=shots_arg, sites=tuple(s.strip() for s in sites.split(",") if s.strip()),
@@ -131,8 +128,8 @@ def knowledge(
             device=device,
             dtype=dtype, token_budget=token_budget,
         )
-    except (PairError, ModelMismatchError, SiteError, ValueError, OSError) as e:
-        _fail(str(e))
+    except (PairError, ModelMismatchError, SiteError, *EXPECTED) as e:
+        fail(e)
     _out.print(_findings_table(result))
     _out.print(f"results: {out / 'knowledge'}")
 

@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import typer
 
+from mechdiff.cli_common import EXPECTED, check_output_dir, fail
+
 __all__ = ["register", "read_phrases"]
 
 HELP = """Find each model's refusal direction; test whether base and post-trained
@@ -112,13 +114,9 @@ def register(analyze_app: typer.Typer) -> None:
         from mechdiff.analyses.common import ModelGroup
         from mechdiff.analyses.refusal import run_refusal
 
-        err, out = Console(stderr=True), Console()
-
-        def fail(msg: str) -> None:
-            err.print(f"[bold red]error:[/] {msg}", highlight=False)
-            raise typer.Exit(2)
-
+        out = Console()
         try:
+            check_output_dir(out_dir)
             group = ModelGroup(name, base, tuple(post))
             templates = {}
             if base_template:
@@ -137,8 +135,8 @@ def register(analyze_app: typer.Typer) -> None:
                 addition_coefs=tuple(addition_coef) if addition_coef else (1.0, 1.5, 2.0, 3.0), rerank=rerank,
                 progress=True,
             )
-        except (ValueError, OSError, RuntimeError) as e:
-            fail(str(e))
+        except (*EXPECTED, RuntimeError) as e:
+            fail(e)
         s = res.summary
         t = Table(title="chosen refusal direction", title_justify="left")
         for c in ("model", "layer", "position", "norm", "coef", "val logit score"):

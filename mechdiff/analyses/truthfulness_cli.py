@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import typer
 
+from mechdiff.cli_common import EXPECTED, check_output_dir, fail
+
 __all__ = ["register", "truthfulness_cmd"]
 
 
@@ -76,13 +78,8 @@ def truthfulness_cmd(
     from mechdiff.analyses.truthfulness import TruthSettings, load_statements, run_truthfulness
     from mechdiff.engine.data import DataError
 
-    err = Console(stderr=True)
-
-    def fail(msg: str) -> None:
-        err.print(f"[bold red]error:[/] {msg}", highlight=False)
-        raise typer.Exit(2)
-
     try:
+        check_output_dir(out)
         if base is None or not post:
             from mechdiff.zoo.paths import zoo_path
 
@@ -110,16 +107,16 @@ def truthfulness_cmd(
             miss = [t for t in heldout_topic if t not in have]
             if miss:
                 raise ValueError(f"--heldout-topic {miss} not among the statements' topics {sorted(have)}")
-    except (DataError, ValueError, OSError) as e:
-        fail(str(e))
+    except (DataError, *EXPECTED) as e:
+        fail(e)
     try:
         res = run_truthfulness(
             group, statements, out, store=store, shots=shot_map, settings=settings, device=device,
             model_dtype=model_dtype, store_dtype=store_dtype, shard_size=shard_size, token_budget=token_budget,
             progress=True,
         )
-    except (StoreRequirementError, DataError, ValueError, OSError) as e:
-        fail(str(e))
+    except (StoreRequirementError, DataError, *EXPECTED) as e:
+        fail(e)
 
     s = res.summary
     t = Table(title="truth direction: base vs post-trained")
@@ -154,17 +151,9 @@ def _parse_layers(spec: str, model: str) -> tuple[int, ...]:
 
 
 def _n_layers(model: str) -> int:
-    from transformers import AutoConfig
+    from mechdiff.engine.precheck import config_n_layers, read_config
 
-    try:
-        cfg = AutoConfig.from_pretrained(model)
-    except Exception as e:  # HF raises OSError / ValueError variants: one line is what matters
-        raise OSError(f"model {model}: cannot read its config ({str(e).splitlines()[0]})") from None
-    cfg = getattr(cfg, "text_config", None) or cfg
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(getattr(cfg, key, None), int):
-            return int(getattr(cfg, key))
-    raise ValueError(f"model {model}: its config names no layer count")
+    return config_n_layers(read_config(model), model)
 
 
 def register(analyze_app: typer.Typer) -> None:

@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mechdiff.cli_common import fail as _fail
+
 __all__ = ["register", "sweep_app"]
 
 sweep_app = typer.Typer(
@@ -16,11 +18,6 @@ sweep_app = typer.Typer(
 )
 _err = Console(stderr=True)
 _out = Console()
-
-
-def _fail(msg: str, code: int = 2) -> None:
-    _err.print(f"[bold red]error:[/] {msg}", highlight=False)
-    raise typer.Exit(code)
 
 
 @sweep_app.command("run")

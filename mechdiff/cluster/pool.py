@@ -22,13 +22,14 @@ from typing import Any, Callable, Iterable, Sequence
 
 import ray
 
+from mechdiff.errors import MechdiffError
 from mechdiff.cluster.ray_env import FORWARDED_ENV
 from mechdiff.cluster.sweep import CaptureEntry, ModelSpec
 
 __all__ = ["ModelWorker", "ActorPool", "Task", "Slot", "PoolEvent", "PoolReport", "PoolError", "UnitResult", "replicas_that_fit"]
 
 
-class PoolError(RuntimeError):
+class PoolError(MechdiffError, RuntimeError):
     """Tasks failed after their retries; ``.failures`` maps each task's name to its last error."""
 
     def __init__(self, failures: dict[str, str]):

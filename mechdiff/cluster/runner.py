@@ -2,11 +2,14 @@
 
 The order of things, each step only after the previous one succeeded:
 
-1. parse and plan (datasets loaded, layer ranges checked, existing groups read): bad input stops here;
-2. per target with shards missing, one actor holding its model tokenizes the dataset (``prepare``)
+1. parse and plan (datasets loaded, layer ranges checked, existing groups read, read-only): bad input
+   stops here;
+2. connect to Ray (an address where no cluster answers fails within seconds, naming it), all before any
+   store or output folder is created;
+3. per target with shards missing, one actor holding its model tokenizes the dataset (``prepare``)
    and sends back coords, token ids and provenance; the driver creates (or re-opens and checks) the
    store group with them;
-3. the missing shards become work units, one store shard each, so no two actors ever write one
+4. the missing shards become work units, one store shard each, so no two actors ever write one
    chunk; actors open the group and write their shard into it, and the store sets a shard's done
    flag only after its data is written. A re-run skips done shards (and whole done groups without
    loading their model).
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from mechdiff.errors import MechdiffError
 from mechdiff.engine.extract import identity_keys
 from mechdiff.cluster.sweep import StatusRow, Sweep, SweepPlan, Target, TargetPlan, load_sweep, plan_sweep
 
@@ -44,7 +48,7 @@ class SweepReport:
         return self.tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
-class SweepFailed(RuntimeError):
+class SweepFailed(MechdiffError, RuntimeError):
     """Some units failed after their retries; ``.report`` has the rest, ``.report.failures`` the reasons."""
 
     def __init__(self, report: SweepReport):
@@ -83,9 +87,15 @@ def run_sweep(
     """
     if not isinstance(sweep, Sweep):
         sweep = load_sweep(sweep)
-    plan = plan_sweep(sweep)
+    plan = plan_sweep(sweep)  # reads the stores, creates nothing
     todo = [p for p in plan.targets if p.missing > 0]
     if not todo:
+        if address is not None and pool is None:
+            # nothing to run, but an --address where no cluster answers is still an error, not a success
+            from mechdiff.cluster.ray_env import check_reachable
+
+            if not _connected():
+                check_reachable(address)
         return _report(sweep, plan, 0, 0.0, 0, 0, {})
 
     import ray
@@ -96,6 +106,8 @@ def run_sweep(
     from mechdiff.engine.store import ActivationStore
 
     res = sweep.resources
+    # Ray first (an unreachable address fails here, in seconds, naming it): no store or folder is created
+    # before the cluster answered
     with ray_session(address):
         own_pool = pool is None
         if own_pool:
@@ -131,7 +143,10 @@ def run_sweep(
                 return []
             p = by_key[task.info]
             t = p.target
-            _check_room(t.url, ActivationStore.estimate_nbytes_for(value["n_examples"], value["arrays"]))
+            # room for what is left to write, not for the whole store
+            n, size = value["n_examples"], sweep.shard_size
+            left = n - sum(min(size, n - i * size) for i in p.done)
+            _check_room(t.url, ActivationStore.estimate_nbytes_for(left, value["arrays"]))
             store = ActivationStore.create_or_open(
                 t.url, t.group, n_examples=value["n_examples"], shard_size=sweep.shard_size,
                 arrays=value["arrays"], coords=value["coords"], token_ids=value["token_ids"],
@@ -174,6 +189,13 @@ def run_sweep(
     if failures:
         raise SweepFailed(report)
     return report
+
+
+def _connected() -> bool:
+    import sys
+
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
 
 
 def _report(sweep: Sweep, plan: SweepPlan, units: int, seconds: float, retries: int, deaths: int,

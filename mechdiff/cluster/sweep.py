@@ -51,11 +51,13 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from mechdiff.errors import MechdiffError
 from mechdiff.engine.data import DataError, PromptSet, load_prompts
 from mechdiff.engine.extract import CaptureSpec
 
 __all__ = [
     "SweepError",
+    "StoreReuseError",
     "ModelSpec",
     "DatasetSpec",
     "CaptureEntry",
@@ -81,7 +83,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _MODEL_DTYPES = ("float32", "bfloat16", "float16")
 
 
-class SweepError(ValueError):
+class SweepError(MechdiffError, ValueError):
     """A sweep file that cannot be run; the message names the file, the line and the key."""
 
 
@@ -403,7 +405,19 @@ def _output(n: _N, base: Path, storage_options: dict | None) -> str:
     if storage_options:
         raise n.error("storage_options are for fsspec URLs (s3://, gs://); this output is a local path")
     p = Path(out.removeprefix("file://")).expanduser()
-    return str(p if p.is_absolute() else (base / p).resolve())
+    p = p if p.is_absolute() else (base / p).resolve()
+    bad = _not_a_folder(p)
+    if bad is not None:
+        raise n.error(f"{bad} is a file, not a folder; name another output or move that file away")
+    return str(p)
+
+
+def _not_a_folder(p: Path) -> Path | None:
+    """The first existing path on the way to ``p`` (``p`` included) that is not a directory, if any."""
+    for q in (p, *p.parents):
+        if q.exists() or q.is_symlink():
+            return None if q.is_dir() else q
+    return None
 
 
 def _model_ref(n: _N, base: Path) -> tuple[str, str | None]:
@@ -647,22 +661,27 @@ def _load_datasets(sweep: Sweep) -> dict[str, PromptSet]:
     return out
 
 
+def _config_n_layers(path: str) -> int | None:
+    """A local model's layer count from its config.json (no weights); None for hub ids or odd configs."""
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        return None
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        return None
+    cfg = cfg.get("text_config") or cfg
+    return next((cfg[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(cfg.get(k), int)), None)
+
+
 def _check_local_layers(sweep: Sweep) -> None:
     """Layer selections against the layer count of local models (read from config.json, no weights)."""
     from mechdiff.engine.sites import parse_layers
 
     for m in sweep.models:
-        cfg_path = Path(m.path) / "config.json"
-        if not cfg_path.is_file():
-            continue  # a hub id: checked when the replica loads it
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except (OSError, ValueError):
-            continue
-        cfg = cfg.get("text_config") or cfg
-        n_layers = next((cfg[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(cfg.get(k), int)), None)
+        n_layers = _config_n_layers(m.path)
         if n_layers is None:
-            continue
+            continue  # a hub id: checked when the replica loads it
         for c in sweep.captures.values():
             if m.group in c.groups:
                 try:
@@ -671,39 +690,109 @@ def _check_local_layers(sweep: Sweep) -> None:
                     raise SweepError(f"{sweep.file}: captures.{c.name}.layers: model {m.key} ({n_layers} layers): {e}") from None
 
 
-def _open_existing(t: Target, storage_options: dict | None):
-    from mechdiff.engine.store import ActivationStore, StoreIncompleteError, StoreMismatchError
+class StoreReuseError(SweepError):
+    """An existing store group was made by another model (weights), dataset or capture spec than the sweep
+    names; the message lists every differing field with both values. Nothing is reused or overwritten."""
 
+
+def _open_existing(t: Target, storage_options: dict | None):
+    """The target's store group if it exists (read without creating anything), else None."""
+    from mechdiff.engine.store import ActivationStore, StoreIncompleteError, StoreMismatchError, _open_zgroup
+
+    if "://" not in t.url or t.url.startswith("file://"):
+        bad = _not_a_folder(Path(t.url.removeprefix("file://")))
+        if bad is not None:
+            raise SweepError(f"target {t.key}: store path {bad} is a file, not a folder; use another output or move it away")
     try:
+        # read-only first: opening for writing would create the store's folders for a target not yet started
+        if _open_zgroup(t.url, t.group, storage_options, mode="r", missing_ok=True) is None:
+            return None
         return ActivationStore.open(t.url, t.group, storage_options)
     except FileNotFoundError:
         return None
-    except (StoreMismatchError, StoreIncompleteError, ValueError) as e:
+    except (StoreMismatchError, StoreIncompleteError, ValueError, OSError) as e:
         raise SweepError(f"target {t.key}: {e}") from None
 
 
+def _model_n_layers(m: ModelSpec, prov: Mapping[str, Any]) -> int | None:
+    """The layer count the sweep's capture resolves against: the local config, else the store's record of the
+    model it was made by (the same weights have the same layers: the weights are compared separately)."""
+    n = _config_n_layers(m.path)
+    if n is not None:
+        return n
+    arch = prov.get("architecture")
+    if isinstance(arch, str):
+        try:
+            arch = json.loads(arch)
+        except ValueError:
+            arch = None
+    n = arch.get("n_layers") if isinstance(arch, Mapping) else None
+    return n if isinstance(n, int) else None
+
+
+def _show(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, (list, dict)) else repr(v)
+
+
 def _check_done_store(sweep: Sweep, t: Target, store, prompts: PromptSet) -> None:
-    """A group that will not be touched again still has to be the one this sweep describes."""
+    """An existing group (done or partial) has to be the one this sweep describes: the same weights, dataset and
+    whole capture spec (sites, layers resolved against the model's layer count, positions, template, dtype,
+    compression) and shard size. Otherwise :class:`StoreReuseError` names each differing field with both values."""
+    from mechdiff.engine.models import local_weights_hash
+
     prov = store.provenance
+    where = f"store {t.url} group {t.group}"
     problems = []
-    if prov.get("model_id") not in (None, t.model.path):
-        problems.append(f"was made by model {prov.get('model_id')!r}, the sweep names {t.model.path!r}")
+    stored_w = prov.get("weights_hash")
+    want_w = None
+    if Path(t.model.path).is_dir():
+        try:
+            want_w = local_weights_hash(t.model.path, allow_pickle=t.model.allow_pickle)
+        except (OSError, ValueError) as e:
+            raise StoreReuseError(f"{where}: cannot hash the weights of model {t.model.path} to compare ({e})") from None
+    if want_w is not None and stored_w is not None:
+        # local weights are known by their content: a moved directory still matches, other weights at the same
+        # path do not
+        if stored_w != want_w:
+            problems.append(f"weights_hash: the store has {stored_w} (model {prov.get('model_id')}), "
+                            f"model {t.model.key} at {t.model.path} has {want_w}")
+    elif prov.get("model_id") not in (None, t.model.path):
+        problems.append(f"model_id: the store has {prov.get('model_id')!r}, the sweep names {t.model.path!r}")
+    elif want_w is None and t.model.revision is not None and prov.get("revision") not in (None, t.model.revision):
+        problems.append(f"revision: the store has {prov.get('revision')!r}, the sweep names {t.model.revision!r}")
     if prov.get("dataset_hash") not in (None, prompts.hash):
-        problems.append(f"holds another version of dataset {t.dataset.name} ({t.dataset.path} changed)")
-    try:
-        stored = json.loads(prov.get("capture_spec", "{}"))
-    except ValueError:
-        stored = {}
-    want = {"sites": list(t.capture.spec.sites), "positions": t.capture.spec.positions,
-            "template": t.capture.spec.template, "dtype": t.capture.spec.dtype}
-    diff = [k for k, v in want.items() if k in stored and stored[k] != v]
-    if diff:
-        problems.append(f"was captured with {diff[0]} {stored[diff[0]]!r}, captures.{t.capture.name} asks for {want[diff[0]]!r}")
+        problems.append(f"dataset_hash: the store has {prov.get('dataset_hash')}, dataset {t.dataset.name} "
+                        f"({t.dataset.path}) now has {prompts.hash}")
+    raw = prov.get("capture_spec")
+    if raw is not None:
+        try:
+            stored = json.loads(raw) if isinstance(raw, str) else dict(raw)
+        except (TypeError, ValueError):
+            stored = None
+        if not isinstance(stored, dict):
+            problems.append(f"capture_spec: the store's record {raw!r} is not a capture spec")
+        else:
+            n_layers = _model_n_layers(t.model, prov)
+            spec = t.capture.spec
+            try:
+                want = json.loads(spec.identity(n_layers)) if n_layers is not None else None
+            except ValueError as e:  # layers out of range for this model
+                raise SweepError(f"{sweep.file}: captures.{t.capture.name}.layers: model {t.model.key}: {e}") from None
+            if want is None:  # layer count unknown (hub model, old store): compare what needs no resolving
+                want = json.loads(json.dumps({k: v for k, v in spec.__dict__.items() if k != "layers"}))
+                want["sites"] = list(spec.sites)
+                if isinstance(spec.layers, tuple) and all(x >= 0 for x in spec.layers):
+                    want["layers"] = list(spec.layers)
+            for k in sorted(set(want) | set(stored)):
+                if k in want and stored.get(k) != want[k]:
+                    problems.append(f"capture_spec.{k}: the store has {_show(stored.get(k))}, "
+                                    f"captures.{t.capture.name} asks for {_show(want[k])}")
     if store.shard_size != sweep.shard_size:
-        problems.append(f"has shard_size {store.shard_size}, the sweep {sweep.shard_size}")
+        problems.append(f"shard_size: the store has {store.shard_size}, the sweep {sweep.shard_size}")
     if problems:
-        raise SweepError(
-            f"store {t.url} group {t.group} " + "; ".join(problems) + "; use another output or remove that group"
+        raise StoreReuseError(
+            f"{where} does not match the sweep: " + "; ".join(problems)
+            + "; use another output (or another capture name), or remove that group"
         )
 
 
@@ -725,7 +814,9 @@ def plan_sweep(sweep: Sweep) -> SweepPlan:
                 f"store {t.url} group {t.group} holds {store.n_examples} examples, dataset {t.dataset.name} has "
                 f"{len(ps)}; use another output or remove that group"
             )
-        plans.append(TargetPlan(t, ps, store.n_shards, store.done_shards(), True))
+        # one listing: flagged shards with a chunk missing are left to do, like unflagged ones
+        todo = set(store.missing_shards())
+        plans.append(TargetPlan(t, ps, store.n_shards, [i for i in range(store.n_shards) if i not in todo], True))
     return SweepPlan(sweep, plans)
 
 

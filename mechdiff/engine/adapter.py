@@ -40,6 +40,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from mechdiff.errors import MechdiffError
+
 __all__ = [
     "ArchAdapter",
     "UnsupportedArchitectureError",
@@ -50,7 +52,7 @@ __all__ = [
 ]
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(MechdiffError, ValueError):
     """The model lacks a piece mechdiff needs; the message names the class and the missing pieces."""
 
 

@@ -7,10 +7,12 @@ from typing import Sequence
 
 import torch
 
+from mechdiff.errors import MechdiffError
+
 __all__ = ["PromptTemplate", "TokenizeError", "tokenize", "length_batches", "pad_batch"]
 
 
-class TokenizeError(ValueError):
+class TokenizeError(MechdiffError, ValueError):
     """A prompt that cannot be fed to the model as asked (e.g. longer than its context)."""
 
 
@@ -57,6 +59,11 @@ def tokenize(
 ) -> list[list[int]]:
     """Token ids per text. A text longer than ``max_length`` is refused unless ``truncate``, which keeps its
     end (positions are counted from the end, so the end is what studies read)."""
+    # Lengths are checked below (refused or truncated); the tokenizer's own warning about them would be a
+    # second, vaguer line next to the error. It warns once per tokenizer: mark it as given.
+    warned = getattr(tokenizer, "deprecation_warnings", None)
+    if isinstance(warned, dict):
+        warned.setdefault("sequence-length-is-longer-than-the-specified-maximum", True)
     # Chat-templated texts already carry their special tokens.
     enc = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
     out = []

@@ -23,6 +23,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from mechdiff.errors import MechdiffError
+
 __all__ = ["DataError", "PromptSet", "load_prompts", "TEXT_COLUMNS"]
 
 #: Column names tried, in order, when ``text_column`` is not given.
@@ -35,7 +37,7 @@ _TRUE = {"1", "true"}
 _FALSE = {"0", "false"}
 
 
-class DataError(ValueError):
+class DataError(MechdiffError, ValueError):
     """A prompt file could not be loaded; the message names the file, row and problem."""
 
 

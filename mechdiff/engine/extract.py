@@ -28,7 +28,7 @@ from mechdiff.engine.positions import Positions, gather_index
 from mechdiff.engine.sites import Capture, hooks, parse_layers, parse_sites, site_width
 from mechdiff.engine.store import ActivationStore, ArraySpec
 
-__all__ = ["CaptureSpec", "ExtractReport", "PreparedExtraction", "prepare", "extract", "run_shards"]
+__all__ = ["CaptureSpec", "ExtractReport", "PreparedExtraction", "tokenize_prompts", "prepare", "extract", "run_shards"]
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,36 @@ def default_group(model_id: str, dataset_source: str) -> str:
     return f"{clean(model_id)}/{clean(dataset_source)}"
 
 
+def tokenize_prompts(
+    tokenizer,
+    n_layers: int,
+    max_positions: int | None,
+    prompts: PromptSet,
+    spec: CaptureSpec,
+    *,
+    max_length: int | None = None,
+    truncate: bool = False,
+) -> tuple[tuple[int, ...], Positions, list[list[int]], list[int]]:
+    """The part of :func:`prepare` that needs only the tokenizer and the config (so it also runs before the
+    weights load): the layers, the positions, each prompt's token ids and its kept-position count. Raises on
+    an empty dataset, bad layers or positions, prompts longer than the context (unless ``truncate``) or a
+    missing position marker."""
+    if len(prompts) == 0:
+        raise ValueError(f"dataset {prompts.source} is empty")
+    layers = spec.resolve_layers(n_layers)
+    pos = Positions.parse(spec.positions)
+    template = PromptTemplate(spec.template)
+    texts = [template.apply(t, tokenizer) for t in prompts.texts]
+    # A chat template already writes the special tokens; adding them again would double the BOS.
+    ids = tokenize(tokenizer, texts, max_length=max_length or max_positions, truncate=truncate,
+                   add_special_tokens=template.spec != "chat")
+    marker_ids = None
+    if pos.kind in ("from", "post_instruction"):
+        marker = pos.marker if pos.kind == "from" else template.suffix(tokenizer)
+        marker_ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+    return layers, pos, ids, pos.counts(ids, marker_ids)
+
+
 def prepare(
     lm: LoadedModel,
     prompts: PromptSet,
@@ -123,21 +153,10 @@ def prepare(
 ) -> PreparedExtraction:
     """Validate and resolve a capture before touching any store: raises on bad layers, sites, positions or
     prompts that do not fit the model."""
-    if len(prompts) == 0:
-        raise ValueError(f"dataset {prompts.source} is empty")
     adapter = lm.adapter
-    layers = spec.resolve_layers(adapter.n_layers)
-    pos = Positions.parse(spec.positions)
-    template = PromptTemplate(spec.template)
-    texts = [template.apply(t, lm.tokenizer) for t in prompts.texts]
-    limit = max_length or adapter.max_positions
-    # A chat template already writes the special tokens; adding them again would double the BOS.
-    ids = tokenize(lm.tokenizer, texts, max_length=limit, truncate=truncate, add_special_tokens=template.spec != "chat")
-    marker_ids = None
-    if pos.kind in ("from", "post_instruction"):
-        marker = pos.marker if pos.kind == "from" else template.suffix(lm.tokenizer)
-        marker_ids = lm.tokenizer(marker, add_special_tokens=False)["input_ids"]
-    counts = pos.counts(ids, marker_ids)
+    layers, pos, ids, counts = tokenize_prompts(
+        lm.tokenizer, adapter.n_layers, adapter.max_positions, prompts, spec, max_length=max_length, truncate=truncate
+    )
     width = max(counts)
     n_pos = width if pos.keeps_position_dim else None
     arrays = [
@@ -181,16 +200,30 @@ def _check_disk(url: str, nbytes: int) -> None:
         probe = probe.parent
     if not probe.is_dir():
         raise ValueError(f"output {url}: {probe} is not a directory")
-    import os
+    import tempfile
 
-    if not os.access(probe, os.W_OK):
-        raise PermissionError(f"output {url}: {probe} is not writable")
+    # A real write, not os.access: as root, access() says yes on a read-only mount.
+    try:
+        with tempfile.TemporaryFile(dir=probe, prefix=".mechdiff-probe-"):
+            pass
+    except OSError as e:
+        raise PermissionError(f"output {url}: {probe} is not writable ({e.strerror or e})") from None
     free = shutil.disk_usage(probe).free
     if nbytes > free:
         raise OSError(
             f"output {url} needs up to {nbytes / 1e9:.2f} GB (uncompressed estimate) but {probe} has "
             f"{free / 1e9:.2f} GB free"
         )
+
+
+def _bytes_to_write(url: str, group: str, prep: PreparedExtraction, n_examples: int, storage_options: dict | None) -> int:
+    """Uncompressed bytes still to write: the whole group when it is new, else only its missing shards."""
+    try:
+        st = ActivationStore.open(url, group, storage_options)
+    except Exception:  # no such group yet (or unreadable: create_or_open says why)
+        return ActivationStore.estimate_nbytes_for(n_examples, prep.arrays)
+    todo = sum(len(st.shard_range(i)) for i in st.missing_shards())
+    return ActivationStore.estimate_nbytes_for(todo, prep.arrays)
 
 
 def identity_keys(provenance: dict) -> tuple[str, ...]:
@@ -338,7 +371,7 @@ def extract(
     out = str(out)
     group = group or default_group(lm.model_id, prompts.source)
     prep = prepare(lm, prompts, spec, max_length=max_length, truncate=truncate)
-    _check_disk(out, ActivationStore.estimate_nbytes_for(len(prompts), prep.arrays))
+    _check_disk(out, _bytes_to_write(out, group, prep, len(prompts), storage_options))
     store = ActivationStore.create_or_open(
         out,
         group,
@@ -351,7 +384,9 @@ def extract(
         identity_keys=identity_keys(prep.provenance),
         storage_options=storage_options,
     )
-    todo = [s for s in (shards if shards is not None else range(store.n_shards)) if s in set(store.missing_shards())]
+    # one listing of the store: shards not flagged done, and flagged ones with a chunk missing
+    missing = set(store.missing_shards())
+    todo = [s for s in (shards if shards is not None else range(store.n_shards)) if s in missing]
     skipped = (len(shards) if shards is not None else store.n_shards) - len(todo)
     total_tokens = sum(len(prep.token_ids[i]) for s in todo for i in store.shard_range(s))
     t0 = time.perf_counter()

@@ -12,12 +12,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from mechdiff.errors import MechdiffError
 from mechdiff.engine.adapter import ArchAdapter
 
-__all__ = ["LoadedModel", "ModelLoadError", "load_model", "resolve_device", "resolve_dtype", "tokenizer_hash"]
+__all__ = [
+    "GGUF_INSTALL_HINT", "GGUFSource", "LoadedModel", "ModelLoadError", "check_model_path", "gguf_source",
+    "load_model", "load_tokenizer", "local_weights_hash", "resolve_device", "resolve_dtype", "tokenizer_hash",
+]
 
 
-class ModelLoadError(OSError):
+class ModelLoadError(MechdiffError, OSError):
     """A model could not be loaded; the message says why and what to do."""
 
 
@@ -94,11 +98,15 @@ def _weights_hash(files: list[Path]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def local_weights_hash(path_or_id: str, *, allow_pickle: bool = False) -> str | None:
-    """The ``weights_hash`` a local model directory will load with, without loading it (None for hub ids).
+def local_weights_hash(path_or_id: str, *, allow_pickle: bool = False, gguf_file: str | None = None) -> str | None:
+    """The ``weights_hash`` a local model directory or GGUF file will load with, without loading it (None
+    for hub ids).
 
     Lets a caller refuse a store made by another model before spending time on loading weights.
     """
+    gg = gguf_source(path_or_id, gguf_file)
+    if gg is not None:
+        return gg.weights_hash() if gg.is_local else None
     local = Path(path_or_id).expanduser()
     if not local.exists():
         return None
@@ -133,6 +141,136 @@ def _hub_commit(model_id: str, revision: str | None) -> str | None:
         return extract_commit_hash(resolved, None)
     except Exception:  # provenance is best effort; loading already succeeded
         return None
+
+
+# -- GGUF checkpoints --------------------------------------------------------------------------------
+
+GGUF_INSTALL_HINT = "pip install mechdiff[gguf]"
+
+# GGUF general.file_type values (llama.cpp's LLAMA_FTYPE_*), the names llama.cpp gives the files
+_GGUF_FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
+    12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K",
+    19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL",
+    26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16",
+    36: "TQ1_0", 37: "TQ2_0",
+}
+
+
+@dataclass(frozen=True)
+class GGUFSource:
+    """A GGUF checkpoint: the directory (or hub id) transformers loads from and the file name in it."""
+
+    source: str
+    file: str
+    is_local: bool
+
+    @property
+    def path(self) -> Path:
+        return Path(self.source) / self.file
+
+    @property
+    def model_id(self) -> str:
+        """What provenance records: the file's path (a later run can load it from that alone)."""
+        return str(self.path) if self.is_local else f"{self.source}:{self.file}"
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.file}
+
+    def check(self) -> None:
+        """The file exists and the ``gguf`` package transformers reads it with is installed."""
+        if self.is_local and not self.path.is_file():
+            raise ModelLoadError(f"GGUF file {self.path} does not exist")
+        require_gguf(self.model_id)
+
+    def weights_hash(self) -> str:
+        """sha256 of the file itself (what ``sha256sum`` prints), so a store made from it is recognised again."""
+        return "sha256:" + _file_sha256(self.path)
+
+    def quantization(self) -> str | None:
+        """The file's quantization type (general.file_type: Q4_1, Q8_0, F16, ...); None if unreadable."""
+        if not self.is_local:
+            return None
+        try:
+            ftype = _gguf_file_type(self.path)
+        except (OSError, ValueError):
+            return None
+        if ftype is None:
+            return None
+        return _GGUF_FILE_TYPES.get(ftype, f"file_type {ftype}")
+
+
+def require_gguf(what: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError(f"loading the GGUF model {what} needs the gguf package: {GGUF_INSTALL_HINT}")
+
+
+def gguf_source(path_or_id: str | os.PathLike[str], gguf_file: str | None = None) -> GGUFSource | None:
+    """The GGUF checkpoint a model argument names, or None for a safetensors directory / hub id.
+
+    ``path/to/model.gguf`` names a file; a directory (or hub id) plus ``gguf_file`` names the file inside it.
+    """
+    model_id = os.fspath(path_or_id)
+    local = Path(model_id).expanduser()
+    if gguf_file:
+        name = os.fspath(gguf_file)
+        if Path(name).name != name:
+            raise ModelLoadError(f"--gguf-file {name!r} must be a file name inside the model directory")
+        if local.is_file() and local.name == name:  # the file itself, named twice
+            return GGUFSource(str(local.parent), name, True)
+        if local.exists() or _looks_like_path(model_id):
+            if local.exists() and not local.is_dir():
+                raise ModelLoadError(f"model path {model_id!r} is not a directory (with --gguf-file, give its directory)")
+            return GGUFSource(str(local), name, True)
+        return GGUFSource(model_id, name, False)
+    if local.suffix.lower() == ".gguf" and (local.is_file() or not local.exists()):
+        return GGUFSource(str(local.parent), local.name, True)
+    return None
+
+
+def _gguf_file_type(path: Path) -> int | None:
+    """general.file_type from a GGUF header, read directly (the key-value section only, not the tensors)."""
+    import struct
+
+    scalar = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+    with open(path, "rb") as f:
+        def read(fmt: str):
+            size = struct.calcsize(fmt)
+            b = f.read(size)
+            if len(b) != size:
+                raise ValueError("truncated GGUF header")
+            return struct.unpack(fmt, b)[0]
+
+        def skip_value(vtype: int) -> None:
+            if vtype in scalar:
+                f.seek(struct.calcsize(scalar[vtype]), 1)
+            elif vtype == 8:
+                f.seek(read("<Q"), 1)
+            elif vtype == 9:
+                itype, count = read("<I"), read("<Q")
+                if itype in scalar:
+                    f.seek(struct.calcsize(scalar[itype]) * count, 1)
+                else:
+                    for _ in range(count):
+                        skip_value(itype)
+            else:
+                raise ValueError(f"unknown GGUF value type {vtype}")
+
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        version = read("<I")
+        if version < 2:
+            raise ValueError(f"GGUF version {version} is not supported")
+        read("<Q")  # tensor count
+        for _ in range(read("<Q")):
+            key = f.read(read("<Q")).decode("utf-8", "replace")
+            vtype = read("<I")
+            if key == "general.file_type" and vtype in scalar:
+                return int(read(scalar[vtype]))
+            skip_value(vtype)
+    return None
 
 
 # -- the loaded model --------------------------------------------------------------------------
@@ -184,8 +322,22 @@ class LoadedModel:
 
 
 def _looks_like_path(s: str) -> bool:
-    # Hub ids are "name" or "org/name"; anything else that is not on disk is a path the user meant.
-    return s.startswith(("/", "./", "../", "~", ".\\")) or s.count("/") > 1 or (os.sep != "/" and os.sep in s)
+    # Hub ids are "name" or "org/name" and never start with "."; anything else that is not on disk is a
+    # path the user meant. (A single "/" is os.sep on POSIX, but "org/name" is how hub ids are written.)
+    return s.startswith((".", "/", "~")) or s.count("/") > 1 or (os.sep != "/" and os.sep in s)
+
+
+def check_model_path(path_or_id: str | os.PathLike[str], gguf_file: str | None = None) -> None:
+    """Refuse a model that is meant as a local directory (or GGUF file) but is not there, before anything
+    asks the hub (whose message for such a string is about repo-id syntax); a GGUF model also needs the
+    ``gguf`` package."""
+    model_id = os.fspath(path_or_id)
+    gg = gguf_source(model_id, gguf_file)
+    if gg is not None:
+        gg.check()
+        return
+    if not Path(model_id).expanduser().exists() and _looks_like_path(model_id):
+        raise ModelLoadError(f"model directory {model_id} does not exist")
 
 
 def _check_local_dir(path: Path, allow_pickle: bool) -> list[Path]:
@@ -220,12 +372,15 @@ def load_model(
     device_map: str | dict[str, Any] | None = None,
     attn_implementation: str | None = None,
     padding_side: str | None = None,
+    gguf_file: str | None = None,
 ) -> LoadedModel:
-    """Load a causal LM + tokenizer from a local directory or a hub id, in eval mode.
+    """Load a causal LM + tokenizer from a local directory, a GGUF file or a hub id, in eval mode.
 
     Args:
-        path_or_id: a local directory (``save_pretrained`` layout) or a hub id ("org/name").
-            With ``HF_HUB_OFFLINE=1`` hub ids resolve from the local cache only.
+        path_or_id: a local directory (``save_pretrained`` layout), a ``.gguf`` file or a hub id ("org/name").
+            With ``HF_HUB_OFFLINE=1`` hub ids resolve from the local cache only. A GGUF checkpoint loads
+            through transformers' GGUF support (the ``gguf`` package: ``pip install mechdiff[gguf]``),
+            dequantized to ``dtype``; it is not pickle, so it needs no ``allow_pickle``.
         revision: hub branch / tag / commit (ignored for local directories, but recorded).
         dtype: "float32" | "float16" | "bfloat16" or a ``torch.dtype``.
         device: "cpu" | "cuda" | "cuda:N" | "auto". Ignored when ``device_map`` is given.
@@ -234,16 +389,24 @@ def load_model(
         device_map: passed to ``from_pretrained`` (e.g. "auto" to shard over GPUs).
         attn_implementation: "eager" | "sdpa" | ...; None keeps the transformers default.
         padding_side: "left" | "right"; None keeps the tokenizer's own.
+        gguf_file: the GGUF file's name inside ``path_or_id`` (a directory or hub id); not needed when
+            ``path_or_id`` is the ``.gguf`` file itself.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    gg = gguf_source(path_or_id, gguf_file)
+    if gg is not None:
+        return _load_gguf_model(
+            gg, revision=revision, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+            device_map=device_map, attn_implementation=attn_implementation, padding_side=padding_side,
+        )
 
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device) if device_map is None else None
     model_id = os.fspath(path_or_id)
     local = Path(model_id).expanduser()
+    check_model_path(model_id)
     is_local = local.exists()
-    if not is_local and _looks_like_path(model_id):
-        raise ModelLoadError(f"model directory {model_id!r} does not exist")
 
     weight_files = _check_local_dir(local, allow_pickle) if is_local else []
     source = str(local) if is_local else model_id
@@ -273,14 +436,8 @@ def load_model(
         model = model.to(dev)
     model.eval()
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **common)
-        tokenizer = _honour_tokenizer_json(tokenizer, source, common)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"could not load the tokenizer of {model_id!r}: {e}") from e
-    _ensure_pad_token(tokenizer, model)
-    if padding_side is not None:
-        tokenizer.padding_side = padding_side
+    tokenizer = load_tokenizer(model_id, revision=revision, trust_remote_code=trust_remote_code, padding_side=padding_side)
+    _set_generation_pad(tokenizer, model)
 
     adapter = ArchAdapter(model)
     if is_local:
@@ -301,6 +458,130 @@ def load_model(
         is_local=is_local,
         device_map=device_map,
     )
+
+
+def _load_gguf_model(
+    gg: GGUFSource,
+    *,
+    revision: str | None,
+    dtype: str | torch.dtype,
+    device: str | torch.device,
+    trust_remote_code: bool,
+    device_map: str | dict[str, Any] | None,
+    attn_implementation: str | None,
+    padding_side: str | None,
+) -> LoadedModel:
+    """:func:`load_model` for a GGUF checkpoint: transformers dequantizes its tensors to ``dtype``."""
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device) if device_map is None else None
+    gg.check()
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, **gg.kwargs()}
+    if revision is not None and not gg.is_local:
+        kwargs["revision"] = revision
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    dense = _gguf_dequantize_config()
+    if dense is not None:
+        kwargs["quantization_config"] = dense
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gg.source, **kwargs)
+    except ImportError as e:  # transformers' own check of gguf / accelerate
+        raise ModelLoadError(f"could not load the GGUF model {gg.model_id}: {str(e).splitlines()[0]} ({GGUF_INSTALL_HINT})") from e
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(f"could not load the GGUF model {gg.model_id}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    # dequantized weights come out as float32 whatever was asked; the run's dtype is the one asked for
+    model = model.to(dtype=torch_dtype) if device_map is None else model
+    if dev is not None:
+        model = model.to(dev)
+    model.eval()
+    tokenizer = load_tokenizer(gg.source, revision=revision, trust_remote_code=trust_remote_code,
+                               padding_side=padding_side, gguf_file=gg.file)
+    _set_generation_pad(tokenizer, model)
+    adapter = ArchAdapter(model)
+    weights_hash = gg.weights_hash() if gg.is_local else f"unresolved:{revision or 'main'}:{gg.file}"
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        adapter=adapter,
+        model_id=gg.model_id,
+        revision=revision,
+        weights_hash=weights_hash,
+        tokenizer_hash=tokenizer_hash(tokenizer),
+        dtype=torch_dtype,
+        device=dev if dev is not None else adapter.embed.weight.device,
+        is_local=gg.is_local,
+        device_map=device_map,
+        extra={"format": "gguf", "gguf_file": gg.file, "gguf_quantization": gg.quantization()},
+    )
+
+
+def _gguf_dequantize_config() -> Any:
+    """Ask transformers for plain dense weights. Recent transformers can keep GGUF blocks packed behind
+    kernel-backed linear modules (when the ``kernels`` package is there); hooks, weight reads and
+    interventions need ordinary ``nn.Linear`` weights in the run's dtype. None on a transformers that
+    always dequantizes."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return None
+    import inspect
+
+    if "dequantize" not in inspect.signature(GgufConfig.__init__).parameters:
+        return None
+    return GgufConfig(dequantize=True)
+
+
+def load_tokenizer(
+    path_or_id: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    padding_side: str | None = None,
+    gguf_file: str | None = None,
+) -> Any:
+    """The tokenizer :func:`load_model` gives a model, without its weights: same class, pad token and so
+    ``tokenizer_hash``, so checks against a store's provenance can run before the weights load. A GGUF
+    checkpoint (a ``.gguf`` path, or a directory plus ``gguf_file``) carries its tokenizer inside."""
+    from transformers import AutoTokenizer
+
+    gg = gguf_source(path_or_id, gguf_file)
+    if gg is not None:
+        gg.check()
+        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, **gg.kwargs()}
+        if revision is not None and not gg.is_local:
+            kwargs["revision"] = revision
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gg.source, **kwargs)
+        except ImportError as e:
+            raise ModelLoadError(f"could not load the tokenizer of {gg.model_id}: {str(e).splitlines()[0]} ({GGUF_INSTALL_HINT})") from e
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelLoadError(f"could not load the tokenizer of {gg.model_id}: {e}") from e
+        _ensure_pad_token(tokenizer)
+        if padding_side is not None:
+            tokenizer.padding_side = padding_side
+        return tokenizer
+
+    model_id = os.fspath(path_or_id)
+    check_model_path(model_id)
+    local = Path(model_id).expanduser()
+    is_local = local.exists()
+    source = str(local) if is_local else model_id
+    common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision is not None and not is_local:
+        common["revision"] = revision
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+        tokenizer = _honour_tokenizer_json(tokenizer, source, common)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load the tokenizer of {model_id!r}: {e}") from e
+    _ensure_pad_token(tokenizer)
+    if padding_side is not None:
+        tokenizer.padding_side = padding_side
+    return tokenizer
 
 
 def _backend_model_type(tokenizer: Any) -> str | None:
@@ -338,9 +619,10 @@ def _honour_tokenizer_json(tokenizer: Any, source: str, common: dict[str, Any]) 
     return PreTrainedTokenizerFast.from_pretrained(source, **common)
 
 
-def _ensure_pad_token(tokenizer: Any, model: nn.Module) -> None:
+def _ensure_pad_token(tokenizer: Any, model: nn.Module | None = None) -> None:
     """Batching needs a pad token. Reuse eos (padded positions are masked, so which id does not
-    matter) rather than adding a token, which would change the vocabulary."""
+    matter) rather than adding a token, which would change the vocabulary. With ``model``, its
+    generation config pads with it too."""
     if tokenizer.pad_token is None:
         for candidate in (tokenizer.eos_token, tokenizer.bos_token, tokenizer.unk_token):
             if candidate is not None:
@@ -350,6 +632,11 @@ def _ensure_pad_token(tokenizer: Any, model: nn.Module) -> None:
             raise ModelLoadError(
                 f"tokenizer {type(tokenizer).__name__} has no pad, eos, bos or unk token to pad batches with"
             )
+    if model is not None:
+        _set_generation_pad(tokenizer, model)
+
+
+def _set_generation_pad(tokenizer: Any, model: nn.Module) -> None:
     gen = getattr(model, "generation_config", None)
     if gen is not None and getattr(gen, "pad_token_id", None) is None:
         gen.pad_token_id = tokenizer.pad_token_id

@@ -10,10 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
+from mechdiff.errors import MechdiffError
+
 __all__ = ["Positions", "PositionError", "example_ends", "find_marker_start"]
 
 
-class PositionError(ValueError):
+class PositionError(MechdiffError, ValueError):
     """A position selector that is malformed or cannot be resolved for an example."""
 
 

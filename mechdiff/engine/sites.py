@@ -19,6 +19,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from mechdiff.errors import MechdiffError
 from mechdiff.engine.adapter import ArchAdapter, hidden_from_output, replace_hidden_in_output
 
 __all__ = [
@@ -35,7 +36,7 @@ __all__ = [
 SITES: tuple[str, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out", "mlp_act")
 
 
-class SiteError(ValueError):
+class SiteError(MechdiffError, ValueError):
     """An unknown site or a layer out of range."""
 
 

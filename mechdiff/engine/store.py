@@ -32,13 +32,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import numpy as np
+
+from mechdiff.errors import MechdiffError, StoreCorruptError
+
+if TYPE_CHECKING:
+    from mechdiff.engine.integrity import ArrayGrid, IntegrityReport
 
 __all__ = [
     "ArraySpec",
@@ -47,7 +55,9 @@ __all__ = [
     "GroupInfo",
     "StoreMismatchError",
     "StoreIncompleteError",
+    "StoreCorruptError",
     "open_store",
+    "resolve_group",
     "list_groups",
     "store_info",
     "MAX_CHUNK_BYTES",
@@ -55,24 +65,30 @@ __all__ = [
 
 #: Upper bound on the uncompressed size of one chunk of activations.
 MAX_CHUNK_BYTES = 16 * 2**20
-FORMAT_VERSION = 1
+# 2: every array ends its codec chain with crc32c, and coords are written even where they equal the fill value
+FORMAT_VERSION = 2
 
 _MARKER = "mechdiff_store"
+# Set while a group is being created and replaced by the marker as the creation's last write.
+_PENDING = "mechdiff_pending"
 # "coordinates" is written by xarray itself (coords that no data var carries, e.g. token_ids).
-_RESERVED_ATTRS = (_MARKER, "created", "n_examples", "shard_size", "n_shards", "coordinates")
+_RESERVED_ATTRS = (_MARKER, _PENDING, "created", "n_examples", "shard_size", "n_shards", "coordinates")
 _PROGRESS = "_progress"
 _DONE = "done"
 _DIMS = ("example", "layer", "position", "hidden", "neuron", "tok")
 _RESERVED_NAMES = set(_DIMS) | {"token_ids", _PROGRESS}
 _DTYPES = ("float16", "float32")
+# Chunk keys "c.0.3.1" in one directory per array, not a directory per index: listing a store (what proves it
+# complete, and plans a resume) then reads a few directories instead of one per example chunk and layer.
+_FLAT_KEYS = {"name": "default", "separator": "."}
 
 
-class StoreMismatchError(ValueError):
+class StoreMismatchError(MechdiffError, ValueError):
     """An existing group was made by a different model / tokenizer / dataset / capture spec."""
 
 
-class StoreIncompleteError(RuntimeError):
-    """A group exists but its creation never finished (no done flags)."""
+class StoreIncompleteError(MechdiffError, RuntimeError):
+    """A group exists but its creation never finished, or is still running in another process."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +170,7 @@ class GroupInfo:
     shard_size: int = 0
     n_shards: int = 0
     done_shards: list[int] = field(default_factory=list)
+    damaged_shards: list[int] = field(default_factory=list)  # flagged done but a chunk is missing
 
 
 class ActivationStore:
@@ -171,6 +188,11 @@ class ActivationStore:
         self._zgroup = zgroup
         attrs = dict(zgroup.attrs)
         if _MARKER not in attrs:
+            if _PENDING in attrs:
+                raise StoreIncompleteError(
+                    f"store {url} group {group or '/'} is incomplete: its creation was interrupted or is still "
+                    "running; the same extraction command recreates it"
+                )
             raise StoreMismatchError(f"store {url} group {group or '/'} exists and is not a mechdiff activation group")
         meta = attrs[_MARKER]
         self.n_examples: int = int(attrs["n_examples"])
@@ -181,15 +203,12 @@ class ActivationStore:
         self.created: str = str(attrs.get("created", ""))
         self.layers: tuple[int, ...] = tuple(meta["layers"])
         self.n_positions: int | None = meta["n_positions"]
+        self.format: int = int(meta.get("format", 1))
         self._specs = {s.name: s for s in self.arrays}
-        try:
-            self._zarrays = {s.name: zgroup[s.name] for s in self.arrays}
-            self._done = zgroup[f"{_PROGRESS}/{_DONE}"]
-        except KeyError as e:
-            raise StoreIncompleteError(
-                f"store {url} group {group or '/'} is incomplete ({e} missing): its creation was "
-                "interrupted or is still running; remove the group and create it again"
-            ) from None
+        # write_empty_chunks: a finished shard always has all of its chunks, whatever their values
+        self._zarrays = {s.name: _member(zgroup, s.name, url, group).with_config({"write_empty_chunks": True}) for s in self.arrays}
+        self._done = _member(zgroup, f"{_PROGRESS}/{_DONE}", url, group)
+        self._grids_cache: list[ArrayGrid] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -229,6 +248,10 @@ class ActivationStore:
         layout = _Layout.build(n_examples, shard_size, specs, coords, token_ids)  # bad arguments fail first
         # Probe read-only so that a mismatch or an error leaves no trace (r+ would make directories).
         existing = _open_zgroup(url, group, storage_options, mode="r", missing_ok=True)
+        if existing is not None and _MARKER not in existing.attrs and _interrupted(existing.attrs.get(_PENDING)):
+            # a creation that was killed: no shard can have been written into it, so it is safe to redo
+            _delete_group(url, group, storage_options)
+            existing = None
         if existing is None:
             try:
                 _create(url, group, layout, prov, storage_options)
@@ -239,10 +262,12 @@ class ActivationStore:
         return store
 
     @classmethod
-    def open(cls, url: str | Path, group: str | None, storage_options: dict | None = None) -> ActivationStore:
-        """Open an existing activation group for writing shards and reading progress."""
+    def open(
+        cls, url: str | Path, group: str | None, storage_options: dict | None = None, *, read_only: bool = False
+    ) -> ActivationStore:
+        """Open an existing activation group for writing shards (or, ``read_only``, for reading progress)."""
         url, group = _norm_url(url), _norm_group(group)
-        return cls(url, group, _open_zgroup(url, group, storage_options, mode="r+"), storage_options)
+        return cls(url, group, _open_zgroup(url, group, storage_options, mode="r" if read_only else "r+"), storage_options)
 
     def _check_same(
         self, prov: dict[str, Any], keys: tuple[str, ...], n_examples: int, shard_size: int, specs: list[ArraySpec]
@@ -263,7 +288,7 @@ class ActivationStore:
                         f"was made by model {_short(old)}{_weights(w_old)}, this run uses model {_short(new)}{_weights(w_new)}"
                     )
                 else:
-                    parts.append(f"{k} differs: stored {_short(old)}, this run {_short(new)}")
+                    parts.append(_field_diff(k, old, new))
             raise StoreMismatchError(f"{where} " + "; ".join(parts) + "; use another group or remove this one")
         structural = []
         if self.n_examples != n_examples:
@@ -305,8 +330,13 @@ class ActivationStore:
                 f"write_shard({i}): missing arrays {missing}, unexpected arrays {extra}; expected {sorted(self._specs)}"
             )
         prepared = {name: self._prepare(spec, data[name], rng) for name, spec in self._specs.items()}
+        # A rewrite (a retry, or a repair of a damaged shard) first takes the flag down, so that a kill
+        # halfway leaves the shard unfinished rather than flagged over a mix of chunks.
+        self._clear_flag(i)
         for name, values in prepared.items():
             self._write_array(name, rng, values)
+        # Durable in order: the data reaches the disk before the flag that vouches for it.
+        self._sync([f"{g.name}/{k}" for g in self._grids() if g.per_shard for k in g.keys(i)])
         self._mark_done(i)
 
     def _prepare(self, spec: ArraySpec, values: Any, rng: range) -> np.ndarray:
@@ -350,17 +380,101 @@ class ActivationStore:
 
     def _mark_done(self, i: int) -> None:
         self._done[i] = True
+        self._sync([self._flag_key(i)])
+
+    def _flag_key(self, i: int) -> str:
+        return f"{_PROGRESS}/{_DONE}/{self._done.metadata.encode_chunk_key((i,))}"
+
+    def _clear_flag(self, i: int) -> None:
+        from zarr.core.sync import sync
+
+        key = f"{self.group}/{self._flag_key(i)}" if self.group else self._flag_key(i)
+        try:
+            sync(self._zgroup.store.delete(key))
+        except (FileNotFoundError, KeyError):
+            pass  # not flagged
+
+    def clear_done(self, shards: Iterable[int]) -> None:
+        """Take down the done flags of ``shards`` (e.g. damaged ones), so the next extraction rewrites them."""
+        for i in shards:
+            self.shard_range(i)  # validates
+            self._clear_flag(i)
+
+    def _sync(self, keys: Iterable[str]) -> None:
+        """fsync the files behind ``keys`` (relative to the group) and their directories, on local stores.
+
+        Object stores need nothing here: a PUT is durable once acknowledged, and zarr awaits each PUT
+        before the next write, so the done flag is only sent after its shard's data was accepted."""
+        root = getattr(self._zgroup.store, "root", None)
+        if not isinstance(root, Path):
+            return
+        base = root / self.group if self.group else root
+        dirs = set()
+        for k in keys:
+            path = base / k
+            _fsync(path)
+            dirs.add(path.parent)
+        for d in dirs:
+            _fsync(d)
+
+    def _grids(self) -> list[ArrayGrid]:
+        """The chunk grid of every array: which chunks each shard (or the creation) writes."""
+        if self._grids_cache is None:
+            from mechdiff.engine.integrity import ArrayGrid
+
+            grids = []
+            for s in self.arrays:
+                idx = [self.layers.index(layer) for layer in s.layers]
+                pos = None
+                if s.n_positions is not None:
+                    assert self.n_positions is not None
+                    pos = (self.n_positions - s.n_positions, self.n_positions)
+                grids.append(ArrayGrid.for_array(self._zarrays[s.name], s.name, self.shard_size, layer_index=idx, positions=pos))
+            if self.format >= 2:  # format 1 skipped coord chunks equal to the fill value: nothing to expect
+                for name, za in self._zgroup.arrays():
+                    if name not in self._specs:
+                        grids.append(ArrayGrid.for_array(za, name, self.shard_size))
+            self._grids_cache = grids
+        return self._grids_cache
+
+    def _listing(self) -> tuple[set[str], list[int]]:
+        """One listing of the group: every key in it, and the flagged shards read off the flags' keys."""
+        from mechdiff.engine.integrity import list_keys
+
+        keys = list_keys(self._zgroup.store, self.group)
+        sep = getattr(self._done.metadata.chunk_key_encoding, "separator", "/")
+        head = f"{_PROGRESS}/{_DONE}/c{sep}"
+        done = []
+        for k in keys:
+            if k.startswith(head):
+                tail = k[len(head):]
+                if tail.isdigit() and int(tail) < self.n_shards:
+                    done.append(int(tail))
+        return keys, sorted(done)
+
+    def check(self, checksums: bool = False) -> IntegrityReport:
+        """An :class:`~mechdiff.engine.integrity.IntegrityReport`: every chunk that the flagged shards and the
+        creation wrote is present (one listing); with ``checksums``, every such chunk is read and its crc32c
+        checked too."""
+        from mechdiff.engine.integrity import IntegrityReport, check_chunks
+
+        keys, done = self._listing()
+        problems, n = check_chunks(self._zgroup.store, self.group, self._grids(), done, checksums=checksums, present=keys)
+        return IntegrityReport(self.url, self.group, "checksum" if checksums else "listing", self.n_shards, done, problems, n)
 
     def done_shards(self) -> list[int]:
-        """Shards whose data is completely written."""
-        return np.flatnonzero(self._done[:]).tolist()
+        """Shards flagged done (read from one listing; :meth:`check` proves their chunks are there)."""
+        return self._listing()[1]
 
     def missing_shards(self) -> list[int]:
-        done = self._done[:]
-        return np.flatnonzero(~done).tolist()
+        """Shards to (re)write: those not flagged done, and flagged ones with a chunk missing. One listing."""
+        rep = self.check()
+        done = set(rep.done) - set(rep.damaged_shards)
+        return [i for i in range(self.n_shards) if i not in done]
 
     def fraction_done(self) -> float:
-        return float(np.count_nonzero(self._done[:])) / self.n_shards
+        rep = self.check()
+        return (len(rep.done) - len(rep.damaged_shards)) / self.n_shards
 
     # ------------------------------------------------------------------ sizes
 
@@ -387,16 +501,19 @@ class ActivationStore:
             )
             for s in self.arrays
         ]
-        done = self.done_shards()
+        rep = self.check()
+        damaged = rep.damaged_shards
+        complete = [i for i in rep.done if i not in set(damaged)]
         return GroupInfo(
             group=self.group,
             arrays=arrays,
             provenance=dict(self.provenance),
-            fraction_done=len(done) / self.n_shards,
+            fraction_done=len(complete) / self.n_shards,
             n_examples=self.n_examples,
             shard_size=self.shard_size,
             n_shards=self.n_shards,
-            done_shards=done,
+            done_shards=complete,
+            damaged_shards=damaged,
         )
 
 
@@ -408,30 +525,55 @@ def open_store(url: str | Path, group: str | None = None, storage_options: dict 
     """Open an activation group as a lazy, dask-backed ``xarray.Dataset``.
 
     ``group=None``: the root if it holds arrays, else the single activation group below it, else a
-    ValueError listing the groups. Unwritten shards read as NaN; check ``ActivationStore.open(...)
-    .missing_shards()`` before trusting a reduction.
+    ValueError listing the groups. Unwritten shards read as NaN (``ActivationStore.open(...).missing_shards()``
+    lists them). A finished shard with a missing chunk is refused here, from one listing of the group,
+    with :class:`StoreCorruptError`; a chunk whose bytes fail their checksum raises it when it is read.
     """
     import xarray as xr
 
     url = _norm_url(url)
-    if group is None:
-        root = _open_zgroup(url, "", storage_options, mode="r")
-        if _MARKER in root.attrs or any(True for _ in root.array_keys()):
-            group = ""
-        else:
-            groups = _walk(root)
-            if len(groups) != 1:
-                listed = ", ".join(groups) if groups else "none"
-                raise ValueError(f"store {url} holds {len(groups)} activation groups ({listed}); pass group=")
-            group = groups[0]
-    group = _norm_group(group)
-    store = _make_store(url, storage_options, read_only=True)
+    group = resolve_group(url, group, storage_options)
+    from mechdiff.engine.integrity import CheckedStore
+
+    st = ActivationStore.open(url, group, storage_options, read_only=True)
+    rep = st.check()
+    if not rep.ok:
+        raise StoreCorruptError(f"{rep.problems[0].line(url, group)} ({len(rep.problems)} damaged chunk(s) in all); {repair_hint(url, group, rep)}")
+    store = CheckedStore(_make_store(url, storage_options, read_only=True), url, group, st._grids(), rep.done,
+                         repair_hint(url, group, rep))
     # consolidated=False: mechdiff's readers always see the current hierarchy, never a stale copy.
-    ds = xr.open_zarr(store, group=group or None, consolidated=False, zarr_format=3)
+    try:
+        ds = xr.open_zarr(store, group=group or None, consolidated=False, zarr_format=3)
+    except (ValueError, KeyError, TypeError) as e:  # e.g. an array's zarr.json that does not parse
+        raise StoreCorruptError(f"store {url} group {group or '/'} cannot be read: {_first_line(e)}") from None
     # Where it came from, so analyses can name it in messages and reopen it for progress.
     ds.attrs["store_url"] = url
     ds.attrs["group"] = group
     return ds
+
+
+def repair_hint(url: str, group: str, rep: IntegrityReport | None = None) -> str:
+    """The fix for a damaged group, as one clause of an error message."""
+    if rep is not None and rep.group_damaged:
+        return "the group's coords are damaged: remove the group and extract it again"
+    return (f"run `mechdiff store verify {url} --group {group or '/'} --repair`, then the same extraction again: "
+            "it rewrites exactly the damaged shards")
+
+
+def resolve_group(url: str | Path, group: str | None, storage_options: dict | None = None) -> str:
+    """``group`` normalised; for None, the root if it holds arrays, else the single activation group below it,
+    else a ValueError listing the groups."""
+    if group is not None:
+        return _norm_group(group)
+    url = _norm_url(url)
+    root = _open_zgroup(url, "", storage_options, mode="r")
+    if _MARKER in root.attrs or any(True for _ in root.array_keys()):
+        return ""
+    groups = _walk(root)
+    if len(groups) != 1:
+        listed = ", ".join(groups) if groups else "none"
+        raise ValueError(f"store {url} holds {len(groups)} activation groups ({listed}); pass group=")
+    return groups[0]
 
 
 def list_groups(url: str | Path, storage_options: dict | None = None) -> list[str]:
@@ -548,7 +690,8 @@ def _create(url: str, group: str, layout: _Layout, provenance: dict[str, Any], s
         empty = da.empty(shape, dtype=s.dtype, chunks=shape)
         attrs = {"site": s.site, "captured_layers": list(s.layers), "n_positions": s.n_positions}
         data_vars[s.name] = xr.Variable(s.dims, empty, attrs=attrs)
-        encoding[s.name] = {"chunks": chunks, "compressors": _compressors(s.compression), "fill_value": np.nan}
+        encoding[s.name] = {"chunks": chunks, "compressors": _compressors(s.compression, crc=True), "fill_value": np.nan,
+                            "chunk_key_encoding": _FLAT_KEYS}
 
     T = layout.token_ids.shape[1]
     coords: dict[str, Any] = {
@@ -562,26 +705,39 @@ def _create(url: str, group: str, layout: _Layout, provenance: dict[str, Any], s
     for name, arr in layout.coords.items():
         coords[name] = ("example", arr)
     encoding["token_ids"] = {"chunks": _chunk_shape((n, T), layout.shard_size, 4, has_position=False, layer_dim=False)}
+    for name in coords:
+        encoding.setdefault(name, {}).update(compressors=_compressors("zstd", crc=True), chunk_key_encoding=_FLAT_KEYS)
 
+    marker = {
+        "format": FORMAT_VERSION,
+        "arrays": [s.to_json() for s in layout.specs],
+        "layers": list(layout.layers),
+        "n_positions": P,
+    }
     attrs = {
         **provenance,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "n_examples": n,
         "shard_size": layout.shard_size,
         "n_shards": layout.n_shards,
-        _MARKER: {
-            "format": FORMAT_VERSION,
-            "arrays": [s.to_json() for s in layout.specs],
-            "layers": list(layout.layers),
-            "n_positions": P,
-        },
+        _PENDING: {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()},
     }
-    ds = xr.Dataset(data_vars, coords=coords, attrs=attrs)
-    store = _make_store(url, storage_options)
-    # compute=False writes metadata and the (numpy) coords now, and no chunk of the data vars.
-    ds.to_zarr(store, group=group or None, mode="w-", compute=False, zarr_format=3, consolidated=False, encoding=encoding)
-
     import zarr
+    from zarr.errors import ContainsArrayError, ContainsGroupError
+
+    store = _make_store(url, storage_options)
+    # The group's own zarr.json comes first and says "being created": a kill at any later point leaves a
+    # group that the next create_or_open recognises as interrupted and makes again.
+    try:
+        zarr.open_group(store, path=group, mode="w-", zarr_format=3, attributes=_jsonable(attrs), use_consolidated=False)
+    except (ContainsGroupError, ContainsArrayError):
+        raise FileExistsError(f"store {url} group {group or '/'} exists") from None
+    ds = xr.Dataset(data_vars, coords=coords, attrs=attrs)
+    # compute=False writes metadata and the (numpy) coords now, and no chunk of the data vars;
+    # write_empty_chunks: a coord chunk equal to the fill value (a label column of zeros) is still written,
+    # so that every coord chunk can be proven present.
+    ds.to_zarr(store, group=group or None, mode="a", compute=False, zarr_format=3, consolidated=False,
+               encoding=encoding, write_empty_chunks=True)
 
     zg = zarr.open_group(store, path=group, mode="r+", zarr_format=3, use_consolidated=False)
     progress = zg.create_group(_PROGRESS)
@@ -594,8 +750,68 @@ def _create(url: str, group: str, layout: _Layout, provenance: dict[str, Any], s
         fill_value=False,
         compressors=None,
         dimension_names=("shard",),
+        chunk_key_encoding=_FLAT_KEYS,
     )
+    # The last write of the creation: the marker replaces the pending note (one atomic document write).
+    final = {k: v for k, v in dict(zg.attrs).items() if k != _PENDING}
+    final[_MARKER] = marker
+    zg.attrs.put(final)
     _consolidate_root(store)
+
+
+def _interrupted(pending: Any) -> bool:
+    """Whether a pending creation note belongs to a creation that is gone (killed), not one still running."""
+    if not isinstance(pending, Mapping):
+        return False  # no note: not a group this code was creating
+    if pending.get("host") == socket.gethostname():
+        pid = int(pending.get("pid", -1))
+        if pid == os.getpid():
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    # another machine: a creation takes seconds, so one pending for minutes was killed
+    return time.time() - float(pending.get("started", 0)) > 600
+
+
+def _delete_group(url: str, group: str, storage_options: dict | None) -> None:
+    from zarr.core.sync import sync
+
+    sync(_make_store(url, storage_options).delete_dir(group))
+
+
+def _member(zgroup: Any, name: str, url: str, group: str) -> Any:
+    """An array of the group, with a message naming it when it is absent or its metadata does not parse."""
+    try:
+        return zgroup[name]
+    except KeyError:
+        raise StoreIncompleteError(
+            f"store {url} group {group or '/'} is incomplete ({name} missing): its creation was interrupted; "
+            "remove the group and create it again"
+        ) from None
+    except (ValueError, TypeError) as e:
+        path = f"{group}/{name}" if group else name
+        raise StoreCorruptError(
+            f"store {url}: the metadata of {path} ({path}/zarr.json) is unreadable ({_first_line(e)}); "
+            "remove the group and extract it again"
+        ) from None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
 
 def _consolidate_root(store: Any) -> None:
@@ -645,9 +861,16 @@ def _has_inf(x: np.ndarray) -> bool:
     return bool(np.isinf(x).any())
 
 
-def _compressors(compression: str | None) -> list[Any] | None:
+def _compressors(compression: str | None, crc: bool = False) -> list[Any] | None:
+    """The bytes-to-bytes codecs: the compression, then (``crc``) a crc32c of the stored bytes, so that a
+    flipped or truncated chunk fails when it is read instead of decoding to wrong numbers."""
+    tail: list[Any] = []
+    if crc:
+        from zarr.codecs import Crc32cCodec
+
+        tail = [Crc32cCodec()]
     if compression is None:
-        return None
+        return tail or None
     if compression == "zstd" or compression.startswith("zstd:"):
         from zarr.codecs import ZstdCodec
 
@@ -657,7 +880,7 @@ def _compressors(compression: str | None) -> list[Any] | None:
                 level = int(compression.split(":", 1)[1])
             except ValueError:
                 raise ValueError(f"bad compression {compression!r}; use 'zstd', 'zstd:<level>' or None") from None
-        return [ZstdCodec(level=level)]
+        return [ZstdCodec(level=level), *tail]
     raise ValueError(f"bad compression {compression!r}; use 'zstd', 'zstd:<level>' or None")
 
 
@@ -698,8 +921,11 @@ def _open_zgroup(url: str, group: str, storage_options: dict | None, *, mode: st
             return None
         raise FileNotFoundError(f"no zarr group {group or '/'} in store {url}") from e
     except (ValueError, TypeError) as e:
-        # e.g. a path that holds an array, or a zarr v2 store
-        raise ValueError(f"store {url} group {group or '/'} cannot be opened as a zarr v3 group: {e}") from e
+        # e.g. a path that holds an array, a zarr v2 store, or a zarr.json that does not parse
+        where = f"{group}/zarr.json" if group else "zarr.json"
+        raise StoreCorruptError(
+            f"store {url} group {group or '/'} cannot be opened as a zarr v3 group ({where}: {_first_line(e)})"
+        ) from None
 
 
 def _jsonable(obj: Any) -> Any:
@@ -728,6 +954,20 @@ def _short(v: Any, limit: int = 80) -> str:
     if len(s) > limit:
         s = s[: limit - 3] + "..."
     return repr(s) if isinstance(v, str) else s
+
+
+def _field_diff(key: str, old: Any, new: Any) -> str:
+    """``key differs: ...`` naming the fields that differ when both values are JSON objects (a capture
+    spec), so that two long specs never look alike in a message cut to a line."""
+    try:
+        a, b = json.loads(old), json.loads(new)
+    except (TypeError, ValueError):
+        a = b = None
+    if isinstance(a, dict) and isinstance(b, dict):
+        fields = [f for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)]
+        shown = "; ".join(f"{f} stored {_short(a.get(f))}, this run {_short(b.get(f))}" for f in fields)
+        return f"{key} differs in {', '.join(fields)}: {shown}"
+    return f"{key} differs: stored {_short(old)}, this run {_short(new)}"
 
 
 def _weights(h: Any) -> str:

@@ -1,16 +1,17 @@
-"""A store checks itself against its model: re-run stored examples and compare."""
+"""A store checks itself: every chunk of its finished shards, then stored examples re-run through the model."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from mechdiff.engine.extract import CaptureSpec, PreparedExtraction, forward_capture
 from mechdiff.engine.models import LoadedModel, load_model
 from mechdiff.engine.positions import Positions
-from mechdiff.engine.store import ActivationStore, open_store
+from mechdiff.engine.integrity import IntegrityReport
+from mechdiff.engine.store import ActivationStore, open_store, resolve_group
 
 __all__ = ["SiteCheck", "VerifyReport", "verify_store"]
 
@@ -28,10 +29,13 @@ class VerifyReport:
     examples: list[int]
     sites: list[SiteCheck]
     tolerance: float
+    integrity: IntegrityReport | None = None
+    repaired: list[int] = field(default_factory=list)  # shards whose done flags were taken down
 
     @property
     def ok(self) -> bool:
-        return all(s.max_rel_diff <= self.tolerance for s in self.sites)
+        chunks_ok = self.integrity is None or self.integrity.ok
+        return chunks_ok and all(s.max_rel_diff <= self.tolerance for s in self.sites)
 
 
 def verify_store(
@@ -43,9 +47,26 @@ def verify_store(
     seed: int = 0,
     device: str = "cpu",
     storage_options: dict | None = None,
+    checksums: bool = True,
+    repair: bool = False,
 ) -> VerifyReport:
-    """Re-run ``sample`` random finished examples through the model (the one named in the store's provenance
-    unless ``model`` is given), from the stored token ids, and report the largest difference per site."""
+    """Check a group: every chunk of every finished shard is present and (``checksums``) matches its crc32c;
+    then re-run ``sample`` random finished examples through the model (the one named in the store's
+    provenance unless ``model`` is given), from the stored token ids, and report the largest difference per
+    site. ``sample=0`` checks the chunks only. ``repair`` takes down the done flags of damaged shards, so that
+    the next extraction rewrites exactly those; the model is not re-run on a damaged group."""
+    if sample < 0:
+        raise ValueError(f"--sample {sample}: the number of examples to re-run must be >= 0 (0: check chunks only)")
+    group = resolve_group(url, group, storage_options)
+    st = ActivationStore.open(url, group, storage_options=storage_options, read_only=not repair)
+    integrity = st.check(checksums=checksums)
+    if integrity.group_damaged:
+        repair = False  # a shard rewrite cannot restore coords written at creation
+    repaired = integrity.damaged_shards if repair else []
+    st.clear_done(repaired)
+    if not integrity.ok or sample == 0:
+        return VerifyReport(group, [], [], _tolerance(st), integrity, repaired)
+
     ds = open_store(url, group=group, storage_options=storage_options)
     prov = ds.attrs
     spec = CaptureSpec(**{k: (tuple(v) if k in ("sites", "layers") else v) for k, v in json.loads(prov["capture_spec"]).items()})
@@ -55,10 +76,9 @@ def verify_store(
             f"model {lm.model_id} (weights {lm.weights_hash[:12]}) is not the store's model "
             f"{prov['model_id']} (weights {str(prov.get('weights_hash'))[:12]})"
         )
-    st = ActivationStore.open(url, ds.attrs["group"], storage_options=storage_options)
-    done = np.asarray([i for s in st.done_shards() for i in st.shard_range(s)], dtype=np.int64)
+    done = np.asarray([i for s in integrity.done for i in st.shard_range(s)], dtype=np.int64)
     if len(done) == 0:
-        raise ValueError(f"store {url} has no finished examples to verify")
+        raise ValueError(f"store {url} group {group or '/'} has no finished examples to re-run (use --sample 0 to check chunks only)")
     rng = np.random.default_rng(seed)
     picks = np.sort(rng.choice(done, size=min(sample, len(done)), replace=False))
     tok = ds["token_ids"].values[picks]
@@ -75,10 +95,13 @@ def verify_store(
         new = fresh[site]
         if spec.dtype == "float16":
             new = new.astype(np.float16).astype(np.float32)
-        ok = ~np.isnan(stored)
+        ok = ~np.isnan(stored)  # layers / positions this array never captured
         diff = np.abs(stored - new)[ok]
-        scale = float(np.abs(stored[ok]).max()) or 1.0
+        scale = float(np.abs(stored[ok]).max()) if ok.any() else 1.0
         mx = float(diff.max()) if diff.size else 0.0
-        checks.append(SiteCheck(site, mx, mx / scale))
-    tol = 2e-3 if spec.dtype == "float16" else 1e-5
-    return VerifyReport(ds.attrs["group"], [int(p) for p in picks], checks, tol)
+        checks.append(SiteCheck(site, mx, mx / (scale or 1.0)))
+    return VerifyReport(group, [int(p) for p in picks], checks, _tolerance(st), integrity, repaired)
+
+
+def _tolerance(st: ActivationStore) -> float:
+    return 2e-3 if all(a.dtype == "float16" for a in st.arrays) else 1e-5

@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import platform
+import secrets
 import shutil
 import time
 from contextlib import nullcontext
@@ -15,6 +17,7 @@ import torch
 import transformers
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from mechdiff.errors import MechdiffError
 from mechdiff.zoo.corpus import BASE_PHASES, LABEL_WEIGHT, POST_PHASES, SUPPORTED_FRACTION, corpus, corpus_texts
 from mechdiff.zoo.datasets import make_datasets, write_datasets
 from mechdiff.zoo.tokenizer import build_tokenizer
@@ -27,6 +30,10 @@ POST = StageSpec(steps=240, lr=5e-4, warmup_frac=0.1)
 SAVE_DTYPE = torch.float16  # halves the shipped size; the models are trained and run in fp32
 N_THREADS = 2
 SEED = 1  # the shipped pair's
+
+
+class BuildTargetError(MechdiffError, OSError):
+    """The build's output directory is not a new or empty directory; nothing is overwritten."""
 
 
 def sha256_of(path: Path) -> str:
@@ -71,10 +78,44 @@ def build_pair(
     ``steps`` overrides the base model's step budget (the post stage gets the same fraction of
     it as in the default recipe); ``None`` means the shipped recipe. ``evaluate`` measures the
     behaviour figures on held-out data and records them in the manifest. Deterministic given
-    ``seed`` (on the same torch build and thread count)."""
-    t0 = time.time()
+    ``seed`` (on the same torch build and thread count).
+
+    ``out_dir`` must not exist or be empty (:class:`BuildTargetError` otherwise, before any work). The
+    pair is built in a temporary directory beside it and renamed into place at the end, so an interrupted
+    build leaves no half-written ``out_dir``."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_target(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.building-{secrets.token_hex(4)}"
+    tmp.mkdir()  # not mkdtemp: its 0700 mode would become the pair's
+    try:
+        _build_into(tmp, steps=steps, seed=seed, progress=progress, evaluate=evaluate)
+    except BaseException:  # an error or Ctrl-C: no half-built pair left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        check_target(out)  # something may have been written there during the build
+    except BuildTargetError as e:
+        raise BuildTargetError(f"{e}; the built pair is kept in {tmp}") from None
+    if out.exists():
+        out.rmdir()  # empty, checked just above (Windows cannot rename onto a directory)
+    os.replace(tmp, out)
+    return out
+
+
+def check_target(out: Path) -> None:
+    """Refuse an output that would lose or mix files: anything but a missing or empty directory."""
+    if out.exists() and not out.is_dir():
+        raise BuildTargetError(f"zoo build: --out {out} exists and is not a directory; give a new directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise BuildTargetError(
+            f"zoo build: --out {out} is not empty; give a new or empty directory (nothing there is overwritten)"
+        )
+
+
+def _build_into(out: Path, *, steps: int | None, seed: int, progress: bool, evaluate: bool) -> None:
+    """The build itself, into the existing, empty directory ``out``."""
+    t0 = time.time()
     bf16 = cpu_has_fast_bf16()
     base_spec = StageSpec(**{**BASE.asdict(), "bf16": bf16})
     post_spec = StageSpec(**{**POST.asdict(), "bf16": bf16})
@@ -164,7 +205,6 @@ def build_pair(
                      "python": platform.python_version()},
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return out
 
 
 def _rows(path: Path) -> int:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from mechdiff.cli_common import EXPECTED, fail
+
 zoo_app = typer.Typer(help="The embedded default model pair and its datasets.", no_args_is_help=True)
 
 
@@ -16,10 +18,17 @@ def build(
     seed: int | None = typer.Option(None, "--seed", help="World and training seed (default: the shipped pair's)."),
     evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Measure behaviour into the manifest."),
 ) -> None:
-    """Rebuild the pair from its seed on CPU."""
+    """Rebuild the pair from its seed on CPU (about 15 minutes) into OUT, which must be new or empty.
+
+    The pair is built in a hidden directory beside OUT and renamed to OUT when complete, so an
+    interrupted build leaves no half-written OUT.
+    """
     from mechdiff.zoo.build import SEED, build_pair
 
-    path = build_pair(out, steps=steps, seed=SEED if seed is None else seed, progress=True, evaluate=evaluate)
+    try:
+        path = build_pair(out, steps=steps, seed=SEED if seed is None else seed, progress=True, evaluate=evaluate)
+    except EXPECTED as e:
+        fail(e)
     typer.echo(str(path))
 
 

@@ -1,0 +1,142 @@
+"""Checks of an extraction that need only the model's config and tokenizer, run before its weights load.
+
+Loading weights is the slow part of a run; a store group made with another capture spec, dataset or
+tokenizer, a prompt longer than the context or a missing position marker should be refused before it.
+The provenance compared here is computed by the functions :func:`mechdiff.engine.extract.prepare` uses
+(``CaptureSpec.identity``, ``tokenize``, ``Positions.counts``, ``tokenizer_hash``, ``identity_keys``),
+from the tokenizer :func:`~mechdiff.engine.models.load_tokenizer` gives and the config's layer count and
+context, so the early answer is the one ``extract`` would give after loading.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from mechdiff.engine.data import PromptSet
+from mechdiff.engine.extract import CaptureSpec, identity_keys, tokenize_prompts
+from mechdiff.engine.models import GGUF_INSTALL_HINT, ModelLoadError, check_model_path, gguf_source, tokenizer_hash
+from mechdiff.engine.store import ActivationStore, StoreMismatchError
+
+__all__ = ["read_config", "config_n_layers", "config_max_positions", "early_provenance", "check_store_group"]
+
+
+def read_config(model: str | os.PathLike[str], *, trust_remote_code: bool = False, gguf_file: str | None = None) -> Any:
+    """The model's config (the text config of a multimodal one), without its weights; a GGUF checkpoint's
+    from its header."""
+    from transformers import AutoConfig
+
+    model = os.fspath(model)
+    check_model_path(model, gguf_file)
+    gg = gguf_source(model, gguf_file)
+    source, kwargs = (gg.source, gg.kwargs()) if gg is not None else (model, {})
+    try:
+        cfg = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    except ImportError as e:  # transformers' check that gguf is installed
+        raise ModelLoadError(f"model {model}: cannot read its config ({str(e).splitlines()[0]}; {GGUF_INSTALL_HINT})") from None
+    except Exception as e:  # HF raises OSError or ValueError variants; one clear line is what matters
+        raise ModelLoadError(f"model {model}: cannot read its config ({str(e).splitlines()[0]})") from None
+    return getattr(cfg, "text_config", None) or cfg
+
+
+def config_n_layers(cfg: Any, model: str) -> int:
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(cfg, key, None), int):
+            return int(getattr(cfg, key))
+    raise ValueError(f"model {model}: its config names no layer count")
+
+
+def config_max_positions(cfg: Any) -> int | None:
+    """The context ``ArchAdapter.max_positions`` reads from the same config keys."""
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def early_provenance(
+    tokenizer: Any,
+    n_layers: int,
+    max_positions: int | None,
+    prompts: PromptSet,
+    spec: CaptureSpec,
+    *,
+    max_length: int | None = None,
+    truncate: bool = False,
+) -> dict[str, Any]:
+    """The provenance entries of ``prepare`` that need no weights; raises as ``prepare`` does on an empty
+    dataset, bad layers, prompts longer than the context (unless ``truncate``) or a missing marker."""
+    tokenize_prompts(tokenizer, n_layers, max_positions, prompts, spec, max_length=max_length, truncate=truncate)
+    return {
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "dataset": prompts.source,
+        "dataset_hash": prompts.hash,
+        "capture_spec": spec.identity(n_layers),
+    }
+
+
+def check_store_group(
+    url: str,
+    group: str,
+    early: dict[str, Any],
+    *,
+    shard_size: int,
+    storage_options: dict | None = None,
+) -> None:
+    """Refuse to append to an existing group that ``extract`` would refuse: another model (``model_id`` /
+    ``weights_hash`` in ``early`` where known), tokenizer, dataset, capture spec or shard size.
+
+    A group that does not exist yet passes; one that exists but cannot be opened (incomplete, not a
+    mechdiff group) raises what opening it raises.
+    """
+    try:
+        st = ActivationStore.open(url, group, storage_options=storage_options)
+    except FileNotFoundError:
+        return  # a new group: nothing to compare
+    have = st.provenance
+    keys = [k for k in identity_keys(early) if k in early]
+    if "model_id" in keys and "weights_hash" in keys:
+        keys.remove("model_id")  # local weights are known by their hash; the path may have moved
+    parts = [_difference(k, have, early) for k in keys if have.get(k) != early.get(k)]
+    if st.shard_size != shard_size:
+        parts.append(f"shard size differs: stored {st.shard_size}, this run {shard_size} (--shard-size)")
+    if parts:
+        raise StoreMismatchError(f"store {url} group {group} " + "; ".join(parts) + "; use another --group or remove this one")
+
+
+def _difference(key: str, have: dict[str, Any], new: dict[str, Any]) -> str:
+    old, cur = have.get(key), new.get(key)
+    if key in ("model_id", "weights_hash"):
+        return (f"was made by model {have.get('model_id')!r}{_hash(have.get('weights_hash'))}, "
+                f"this run uses model {new.get('model_id')!r}{_hash(new.get('weights_hash'))}")
+    if key == "dataset_hash":
+        return (f"was made from another dataset: stored {have.get('dataset')!r}{_hash(old)}, "
+                f"this run {new.get('dataset')!r}{_hash(cur)}")
+    if key == "capture_spec":
+        return f"was made with another capture spec: {_spec_difference(old, cur)}"
+    if key == "tokenizer_hash":
+        return f"was made with another tokenizer: stored{_hash(old)}, this run{_hash(cur)}"
+    return f"{key} differs: stored {old!r}, this run {cur!r}"
+
+
+def _spec_difference(old: Any, new: str) -> str:
+    """The capture-spec fields that differ, stored vs this run (the JSON of both when unreadable)."""
+    try:
+        a, b = json.loads(old), json.loads(new)
+    except (TypeError, ValueError):
+        return f"stored {old!r}, this run {new!r}"
+    fields = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return ", ".join(f"{k} stored {_compact(a.get(k))}, this run {_compact(b.get(k))}" for k in fields)
+
+
+def _compact(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v, separators=(",", ":"))
+
+
+def _hash(h: Any) -> str:
+    if not h:
+        return ""
+    h = str(h)
+    return f" (hash {h[:16]}{'..' if len(h) > 16 else ''})"
