@@ -186,12 +186,13 @@ def _print_findings(outcome) -> None:
     t.add_column("study: finding", ratio=3, overflow="fold")
     t.add_column("pair", ratio=2, overflow="fold")
     t.add_column("measured", ratio=4, overflow="fold", min_width=22)
-    t.add_column("agrees", min_width=6)
+    t.add_column("verdict", min_width=7, overflow="fold")
     for name, res in outcome.results.items():
         for f in res.findings:
             # the first figures are the ones a finding rests on; results.json and the report have all
             nums = "\n".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}" for k, v in list(f.figures.items())[:4])
-            t.add_row(f"{name}: {f.finding}", f.pair, nums, "[green]yes[/]" if f.agrees else "[red]no[/]")
+            colour = {"agrees": "green", "disagrees": "red"}.get(f.verdict, "yellow")
+            t.add_row(f"{name}: {f.finding}", f.pair, nums, f"[{colour}]{f.verdict}[/]")
     out.print(t)
 
 

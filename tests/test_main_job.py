@@ -40,11 +40,17 @@ def test_results_hold_all_four_studies_with_finite_numbers(run_dir):
             assert nums, f"{study}: finding {f['finding']} has no number"
             assert not finite_numbers(f["figures"]), f"{study}: non-finite {finite_numbers(f['figures'])}"
             assert isinstance(f["agrees"], bool)
+            assert f["verdict"] in ("agrees", "disagrees", "inconclusive") and f["agrees"] == (f["verdict"] == "agrees")
+            assert f["reason"], f"{study}: finding {f['finding']} has no reason"
+    # truthfulness records the controls its verdict was decided against, and the cosine's interval
+    (tf,) = res["studies"]["truthfulness"]["findings"]
+    assert {"cosine_null_upper", "cosine_ceiling"} <= set(tf["controls"]) and len(tf["interval"]) == 2
+    assert res["studies"]["truthfulness"]["summary"]["controls"]
     assert (out / "store.zarr").is_dir()
     for study in STUDIES:
         assert (out / study / "summary.json").is_file() and (out / study / "results.zarr").is_dir()
     # the printed summary table has a row per study (cells wrap at the test terminal's width)
-    assert "Findings (vs the paper)" in printed
+    assert "Findings (vs the paper)" in printed and "verdict" in printed
     for study in STUDIES:
         assert study in printed
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -16,6 +17,9 @@ from mechdiff.analyses.common import ModelGroup, StoreRequirementError
 from mechdiff.analyses.directions import best_threshold
 from mechdiff.analyses.truthfulness import (
     TruthSettings,
+    accuracy_interval,
+    direction_controls,
+    truth_verdict,
     check_truth_store,
     intervention_analysis,
     probe_analysis,
@@ -142,7 +146,15 @@ def test_findings_from_stores_alone(planted, tmp_path):
     stores, Xs, y, topics, fit = planted
     res = truthfulness_study(stores, None, tmp_path, settings=TruthSettings(intervene=False))
     (f,) = res.findings
-    assert f.pair == "a vs b" and f.agrees, f.detail  # planted shared direction: cosine 0.8, probes transfer
+    # planted rotated copy: cosine 0.8, far above the shuffled-label null but well below the split-half ceiling
+    # (~0.99 for directions this strong): partly shared, so neither agrees nor disagrees
+    assert f.pair == "a vs b" and f.verdict == "inconclusive" and not f.agrees, f.detail
+    assert "ceiling" in f.reason and f.interval[0] > f.controls["cosine_null_upper"]
+    assert f.controls["cosine_ceiling"] > 0.95 and f.interval[0] <= f.figures["cosine_at_best_layer"] <= f.interval[1]
+    # the same stores with b an exact copy of a: agrees
+    (same,) = truthfulness_study({"a": stores["a"], "b": stores["a"]}, None, tmp_path / "same",
+                                 settings=TruthSettings(intervene=False)).findings
+    assert same.verdict == "agrees" and same.agrees, same.detail
     assert f.figures["cosine_at_best_layer"] == pytest.approx(float(res.data["cosine"].sel(pair="a_vs_b", layer=2, position=-1)))
     assert (tmp_path / "truthfulness" / "summary.json").exists() and "nie_table" not in res.figures
     # the same stores with the labels shuffled: no truth direction, so nothing is claimed to be shared
@@ -153,7 +165,83 @@ def test_findings_from_stores_alone(planted, tmp_path):
         noise[m] = ds.assign_coords(label=("example", rng.permutation(y)))
     noise["b"] = noise["b"].assign_coords(label=noise["a"]["label"])
     (g,) = truthfulness_study(noise, None, tmp_path / "noise", settings=TruthSettings(intervene=False)).findings
-    assert not g.agrees and "no truth direction" in g.detail
+    assert g.verdict == "inconclusive" and not g.agrees and "no truth direction" in g.reason
+
+
+def _planted_activations(rng, n=400, W=32, strength=2.0, cos_ab=1.0, shuffle=False):
+    """Statements in two models with a planted truth direction each (cosine ``cos_ab`` between them)."""
+    y = np.arange(n) % 2
+    v = rng.normal(size=W)
+    v /= np.linalg.norm(v)
+    r = rng.normal(size=W)
+    r -= (r @ v) * v
+    r /= np.linalg.norm(r)
+    v_b = cos_ab * v + math.sqrt(max(0.0, 1 - cos_ab**2)) * r
+    base = rng.normal(size=(n, W))
+    Xa = base + (2 * y - 1)[:, None] * strength * v
+    Xb = (base if cos_ab == 1.0 else rng.normal(size=(n, W))) + (2 * y - 1)[:, None] * strength * v_b
+    labels = rng.permutation(y) if shuffle else y  # shuffled: labels independent of the statements
+    return Xa, Xb, labels
+
+
+def _heldout_accuracy(X, y, rng, n_bootstrap=200):
+    """Difference-of-means probe fitted on a random half, tested on the other: (accuracy, low, high)."""
+    test = np.zeros(len(y), dtype=bool)
+    test[rng.permutation(len(y))[: len(y) // 2]] = True
+    d = X[~test & (y == 1)].mean(0) - X[~test & (y == 0)].mean(0)
+    t, _ = best_threshold(X[~test] @ d, y[~test])
+    correct = np.full(len(y), np.nan)
+    correct[test] = (X[test] @ d > t) == (y[test] == 1)
+    return accuracy_interval(correct[None], n_bootstrap=n_bootstrap)
+
+
+def _planted_verdict(Xa, Xb, y, rng, settings=TruthSettings()):
+    c = direction_controls(Xa, Xb, y, n_null=settings.n_null, n_splits=settings.n_splits, n_bootstrap=settings.n_bootstrap)
+    acc = {"a": _heldout_accuracy(Xa, y, rng), "b": _heldout_accuracy(Xb, y, rng)}
+    return truth_verdict(c["cosine"], c["interval"], c["null_upper"], c["ceiling"], acc, settings), c
+
+
+def test_verdict_on_planted_activations():
+    """Answers known by construction, decided by the pure verdict function against its controls."""
+    rng = np.random.default_rng(0)
+    # identical models: the same direction, cosine 1 -> agrees
+    Xa, Xb, y = _planted_activations(rng)
+    (verdict, reason), c = _planted_verdict(Xa, Xb, y, rng)
+    assert verdict == "agrees", reason
+    assert c["cosine"] == pytest.approx(1.0) and c["interval"][0] > c["null_upper"] and c["ceiling"] > 0.9
+    assert len(c["null"]) == 20 and c["null_upper"] < 0.6 and "ceiling" in reason
+    # labels independent of the statements: no direction -> inconclusive (even for identical models)
+    Xa, Xb, y = _planted_activations(rng, shuffle=True)
+    (verdict, reason), _ = _planted_verdict(Xa, Xb, y, rng)
+    assert verdict == "inconclusive" and "no truth direction" in reason, reason
+    # orthogonal directions, both real: the cosine sits below the null's upper bound -> disagrees
+    Xa, Xb, y = _planted_activations(rng, cos_ab=0.0)
+    (verdict, reason), c = _planted_verdict(Xa, Xb, y, rng)
+    assert verdict == "disagrees", reason
+    assert c["interval"][1] < c["null_upper"]
+    # half shared (cosine 0.5): above the null, far below the ceiling -> inconclusive
+    Xa, Xb, y = _planted_activations(rng, cos_ab=0.5)
+    (verdict, reason), c = _planted_verdict(Xa, Xb, y, rng)
+    assert verdict == "inconclusive" and "ceiling" in reason, reason
+    # seeded: the same inputs give the same controls
+    again = direction_controls(Xa, Xb, y)
+    np.testing.assert_array_equal(again["null"], direction_controls(Xa, Xb, y)["null"])
+    assert direction_controls(Xa, Xb, y, n_bootstrap=50)["bootstrap"].shape == (50,)
+
+
+def test_verdict_rule_thresholds_are_settings():
+    acc = {"a": (0.9, 0.85, 0.95), "b": (0.9, 0.85, 0.95)}
+    s = TruthSettings()
+    assert truth_verdict(0.8, (0.7, 0.9), 0.3, 0.95, acc, s)[0] == "inconclusive"  # 0.8 < 0.95 - 0.1
+    assert truth_verdict(0.8, (0.7, 0.9), 0.3, 0.95, acc, replace(s, ceiling_tolerance=0.2))[0] == "agrees"
+    assert truth_verdict(0.1, (0.0, 0.2), 0.3, 0.95, acc, s)[0] == "disagrees"
+    assert truth_verdict(0.3, (0.2, 0.4), 0.3, 0.95, acc, s)[0] == "inconclusive"
+    weak = {"a": (0.62, 0.54, 0.7), "b": acc["b"]}
+    v, why = truth_verdict(0.99, (0.98, 1.0), 0.3, 0.95, weak, s)
+    assert v == "inconclusive" and "no truth direction in a" in why
+    assert truth_verdict(0.99, (0.98, 1.0), 0.3, 0.95, weak, replace(s, chance_margin=0.0))[0] == "agrees"
+    with pytest.raises(ValueError, match="n_null"):
+        TruthSettings(n_null=0)
 
 
 def test_centring_by_topic_changes_only_through_topic_means(planted):
@@ -296,6 +384,13 @@ def test_run_truthfulness_end_to_end(tiny_pair, tmp_path):
     f = res.findings[0]
     assert f.pair == "base vs post" and "cosine_at_best_layer" in f.figures and "nie_post_with_base_dir" in f.figures
     assert summary["findings"][0]["agrees"] == f.agrees
+    # the verdict, its reason, the headline interval and the controls it was decided against are recorded
+    sf = summary["findings"][0]
+    assert f.verdict in ("agrees", "disagrees", "inconclusive") and sf["verdict"] == f.verdict
+    assert sf["reason"] == f.reason and f.reason and sf["interval"] == pytest.approx(list(f.interval))
+    assert set(sf["controls"]) >= {"cosine_null_upper", "cosine_ceiling", "split_half_base", "split_half_post"}
+    assert summary["summary"]["controls"]["base_vs_post"]["layer"] == f.figures["best_layer_base"]
+    assert saved["null_cosine_samples"].shape == (1, TINY.n_null) and saved["bootstrap_cosine"].shape == (1, TINY.n_bootstrap)
     # coef 0: the hooks run and change nothing, so NIE is exactly 0
     stores = {k: open_store(out / "store.zarr", f"{k}/truth") for k in ("base", "post")}
     pr, tdata = probe_analysis(stores, TINY)

@@ -13,7 +13,10 @@ import xarray as xr
 
 from mechdiff.errors import MechdiffError
 
-__all__ = ["ModelGroup", "StoreRequirementError", "require", "StudyResult", "Finding", "to_jsonable"]
+__all__ = ["ModelGroup", "StoreRequirementError", "require", "StudyResult", "Finding", "VERDICTS", "to_jsonable"]
+
+#: A finding's verdict on one pair, decided against controls computed in the same run.
+VERDICTS = ("agrees", "disagrees", "inconclusive")
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,9 @@ def to_jsonable(x: Any) -> Any:
     if isinstance(x, np.bool_):
         return bool(x)
     if hasattr(x, "__dataclass_fields__"):
-        return to_jsonable({k: getattr(x, k) for k in x.__dataclass_fields__})
+        # plus the read-only properties a class lists in ``_json_properties`` (e.g. ``Finding.agrees``)
+        keys = [*x.__dataclass_fields__, *getattr(type(x), "_json_properties", ())]
+        return to_jsonable({k: getattr(x, k) for k in keys})
     return x
 
 
@@ -136,10 +141,35 @@ class StudyResult:
 
 @dataclass
 class Finding:
-    """One of the study's findings as measured on one model pair."""
+    """One of the study's findings as measured on one model pair.
+
+    ``verdict``: ``agrees`` / ``disagrees`` (with the paper's finding) or ``inconclusive`` (the measurement cannot
+    tell, e.g. there is nothing to compare or a control is as high as the measurement); ``reason``: one line
+    saying which rule decided it, with the numbers; ``interval``: the headline number's (low, high) interval, if
+    any; ``controls``: the control values computed in the same run that the verdict was decided against.
+    """
 
     finding: str  # e.g. "truth direction shared"
     pair: str  # e.g. "base vs post"
     figures: dict[str, float]  # the numbers behind the verdict
-    agrees: bool  # does this pair agree with the paper's finding?
+    verdict: str  # one of VERDICTS
     detail: str = ""
+    reason: str = ""
+    interval: tuple[float, float] | None = None
+    controls: dict[str, float] = field(default_factory=dict)
+
+    _json_properties = ("agrees",)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.verdict, (bool, np.bool_)):
+            raise TypeError("Finding.verdict is one of 'agrees', 'disagrees', 'inconclusive', not a bool")
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict {self.verdict!r}: one of {', '.join(VERDICTS)}")
+        if self.interval is not None:
+            lo, hi = self.interval
+            self.interval = (float(lo), float(hi))
+
+    @property
+    def agrees(self) -> bool:
+        """Does this pair agree with the paper's finding? (``verdict == "agrees"``; read-only)"""
+        return self.verdict == "agrees"

@@ -451,12 +451,21 @@ def run_confidence(
             f"entropy_{a}": pa["baseline"]["entropy"],
             f"entropy_{b}": pb["baseline"]["entropy"],
         }
+        if not np.isfinite(v):
+            verdict, reason = "inconclusive", "candidate IoU undefined (no candidates in either model)"
+        elif v >= min_iou:
+            verdict, reason = "agrees", f"candidate IoU {v:.2f} >= {min_iou}"
+        else:
+            verdict, reason = "disagrees", f"candidate IoU {v:.2f} < {min_iou}"
         findings.append(Finding(
-            "entropy neurons shared", f"{a} vs {b}", figs, bool(np.isfinite(v) and v >= min_iou),
+            "entropy neurons shared", f"{a} vs {b}", figs, verdict,
             f"candidate IoU {v:.2f} (agreement: >= {min_iou}); mean-ablating the candidates changes entropy by "
             f"{figs[f'delta_entropy_{a}']:+.4f} nats in {a} (control {figs[f'delta_entropy_{a}_control']:+.4f}) and "
             f"{figs[f'delta_entropy_{b}']:+.4f} in {b} (control {figs[f'delta_entropy_{b}_control']:+.4f}); baseline "
             f"entropy {figs[f'entropy_{a}']:.3f} -> {figs[f'entropy_{b}']:.3f}",
+            reason=reason,
+            controls={f"delta_entropy_{a}_control": figs[f"delta_entropy_{a}_control"],
+                      f"delta_entropy_{b}_control": figs[f"delta_entropy_{b}_control"]},
         ))
     d = Path(out_dir) / "confidence"
     figures = {

@@ -1396,7 +1396,19 @@ def run_knowledge(
                          f"{figs['cross_correlation']:.3f}, effect {figs['cross_transfer']:.2f}x of {b}'s own"
                          if cross else "")
                       + f"; {raw} {rule}")
-        findings.append(Finding("knowledge storage unchanged", key, figs, bool(agrees), detail))
+        if min(kept.values()) == 0:
+            # normalised patching effects are undefined: the measurement cannot tell
+            verdict = "inconclusive"
+            reason = (f"no pair separated by more than min_gap={min_gap} in "
+                      f"{' and '.join(n for n, k in kept.items() if k == 0)}: patching effects undefined")
+        else:
+            verdict = "agrees" if agrees else "disagrees"
+            reason = (f"{main_site} heatmap correlation {figs['heatmap_correlation']:.3f}"
+                      + (f", cross correlation {figs['cross_correlation']:.3f}, effect {figs['cross_transfer']:.2f}x"
+                         if cross else "")
+                      + f" {'meet' if agrees else 'miss'} {rule.strip('()')}")
+        findings.append(Finding("knowledge storage unchanged", key, figs, verdict, detail, reason=reason,
+                                controls={"delta_correlation": figs["delta_correlation"]}))
     summary["comparisons"] = comparisons
     d = Path(out_dir) / "knowledge"
     figures: dict[str, Path] = {}

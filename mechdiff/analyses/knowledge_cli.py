@@ -48,10 +48,11 @@ def group_from_options(base: Optional[str], post: Optional[list[str]], labels: O
 
 def _findings_table(result) -> Table:
     t = Table(title=f"{result.study}: findings", title_justify="left")
-    for c in ("finding", "pair", "agrees", "detail"):
+    for c in ("finding", "pair", "verdict", "controls", "detail"):
         t.add_column(c, overflow="fold")
     for f in result.findings:
-        t.add_row(f.finding, f.pair, "yes" if f.agrees else "no", f.detail)
+        ctl = "\n".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}" for k, v in f.controls.items())
+        t.add_row(f.finding, f.pair, f.verdict, ctl, f"{f.reason}; {f.detail}" if f.reason else f.detail)
     return t
 
 

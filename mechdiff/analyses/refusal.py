@@ -980,7 +980,19 @@ def _finding(b: str, p: str, cos: xr.Dataset, scores: Mapping[str, RefusalScores
     else:
         why.append(f"{b}->{p} effect {fwd['transferred_effect']:+.2f} vs own {fwd['own_effect']:+.2f} "
                    f"(ratio {fwd['ratio']:.2f}, {'below' if weak else 'not below'} {transfer_ratio})")
-    return Finding(FINDING, f"{b} vs {p}", figures, bool(low or weak), "; ".join(why))
+    if low or weak:
+        verdict = "agrees"
+        reason = (f"cosine {c:.2f} < {low_cosine}" if low else "") + (" and " if low and weak else "") + (
+            f"{b}->{p} transfer ratio {fwd['ratio']:.2f} < {transfer_ratio}" if weak else "")
+    elif fwd["ratio"] is None:
+        verdict = "inconclusive"  # the direction is shared by cosine, and transfer cannot be measured
+        reason = (f"cosine {c:.2f} >= {low_cosine}, and {p}'s own direction moves its refusal score by only "
+                  f"{fwd['own_effect']:+.2f}: transfer not measurable")
+    else:
+        verdict = "disagrees"
+        reason = f"cosine {c:.2f} >= {low_cosine} and {b}->{p} transfer ratio {fwd['ratio']:.2f} >= {transfer_ratio}"
+    return Finding(FINDING, f"{b} vs {p}", figures, verdict, "; ".join(why), reason=reason,
+                   controls={f"{p}_own_effect": fwd["own_effect"], f"{b}_own_effect": bwd["own_effect"]})
 
 
 def _results_dataset(group: ModelGroup, dirs: Mapping[str, xr.DataArray], sel: Mapping[str, Selection],

@@ -158,5 +158,5 @@ def register(analyze_app: typer.Typer) -> None:
                 t.add_row(m, f"{src} ({kind})", f"{100 * r['ablation'][src]:.0f}", f"{100 * r['addition'][src]:.0f}")
         out.print(t)
         for f in res.findings:
-            out.print(f"{f.finding} [{f.pair}]: {'agrees' if f.agrees else 'disagrees'} with the paper ({f.detail})")
+            out.print(f"{f.finding} [{f.pair}]: {f.verdict} ({f.reason}; {f.detail})")
         out.print(f"results: {Path(out_dir) / 'refusal'}")

@@ -46,6 +46,9 @@ __all__ = [
     "truth_logits",
     "truth_margins",
     "intervention_analysis",
+    "direction_controls",
+    "accuracy_interval",
+    "truth_verdict",
     "truthfulness_study",
     "run_truthfulness",
 ]
@@ -81,6 +84,13 @@ class TruthSettings:
     # verdict thresholds: below these there is nothing to transfer, and the finding is inconclusive
     min_probe_acc: float = 0.6  # own probe accuracy on the held-out topic at the best layer
     min_gap: float = 0.05  # clean mean P(TRUE)-P(FALSE) of true minus false statements: NIE's denominator
+    # controls computed in the same run, and the verdict rule against them (see truth_verdict)
+    n_null: int = 20  # seeded label shuffles: null distribution of the cross-model cosine at the chosen layer
+    null_quantile: float = 0.95  # the null's upper bound is this quantile of the shuffled-label cosines
+    n_splits: int = 5  # seeded random split halves per model: the split-half reliability ceiling
+    n_bootstrap: int = 200  # seeded bootstrap resamples of the examples (95% intervals on cosine and accuracy)
+    chance_margin: float = 0.05  # a direction exists when held-out accuracy's interval lies above 0.5 + this
+    ceiling_tolerance: float = 0.1  # agrees only when the cosine >= ceiling - this
 
     def __post_init__(self) -> None:
         if self.direction_layer not in ("each", "best"):
@@ -96,6 +106,10 @@ class TruthSettings:
             raise ValueError("n_shots must be >= 0 and n_intervene >= 2")
         if not math.isfinite(self.coef):
             raise ValueError("coef must be finite")
+        if self.n_null < 1 or self.n_splits < 1 or self.n_bootstrap < 1:
+            raise ValueError("n_null, n_splits and n_bootstrap must be >= 1")
+        if not 0 < self.null_quantile < 1:
+            raise ValueError("null_quantile must be in (0, 1)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,6 +416,14 @@ def _probe_analysis_at(
                     val_acc[si, f, l] = np.mean((own[rows] > thresholds[si, f, l]) == y[rows])
     mean_val = np.nanmean(val_acc, axis=1)  # [source, layer]
     best = np.asarray([int(np.nanargmax(mean_val[si])) for si in range(S)])  # first of the maxima
+    # per-statement correctness of each model's own probe on its held-out topic at its best layer (NaN: not
+    # held out in that fold): what the accuracy's bootstrap interval resamples
+    correct = np.full((S, F, len(y)), np.nan)
+    for f, h in enumerate(folds):
+        test_rows = topics == h
+        for si, s in enumerate(names):
+            own = projs[s][test_rows, si, f, best[si]]
+            correct[si, f, test_rows] = (own > thresholds[si, f, best[si]]) == y[test_rows]
 
     # 4) cosines between models per layer / position, and layer x layer at the probe position.
     dirs = xr.DataArray(
@@ -439,6 +461,7 @@ def _probe_analysis_at(
             "threshold": (("model", "fold", "layer"), thresholds),
             "transfer_acc": (("source", "target", "fold", "layer", "mode"), test_acc),
             "best_layer": (("model",), layers[best]),
+            "heldout_correct": (("model", "fold", "example"), correct),
         },
         coords={
             "model": names,
@@ -742,6 +765,221 @@ def intervention_analysis(
 
 
 # ---------------------------------------------------------------------------------------------
+# controls and the verdict (pure functions over arrays: testable on planted data)
+
+
+def _strata(y: np.ndarray, groups: np.ndarray) -> list[np.ndarray]:
+    """Row indices of each (group, label) cell: resampling and splitting within cells keeps every class's count."""
+    keys = list(dict.fromkeys(zip(groups.tolist(), y.tolist())))
+    return [np.flatnonzero((groups == g) & (y == l)) for g, l in keys]
+
+
+def _diff_weights(y: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Row weights [k, n] whose product with X is the difference of class means (true minus false) of the rows
+    counted ``counts`` [k, n] times."""
+    pos = counts * y
+    neg = counts * ~y
+    n_pos = np.maximum(pos.sum(1, keepdims=True), 1e-300)
+    n_neg = np.maximum(neg.sum(1, keepdims=True), 1e-300)
+    return pos / n_pos - neg / n_neg
+
+
+def _row_cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    na, nb = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.einsum("kw,kw->k", a, b) / (na * nb)
+
+
+def direction_controls(
+    Xa: np.ndarray,
+    Xb: np.ndarray,
+    labels: np.ndarray,
+    *,
+    groups: np.ndarray | None = None,
+    center: bool = False,
+    n_null: int = 20,
+    null_quantile: float = 0.95,
+    n_splits: int = 5,
+    n_bootstrap: int = 200,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The cross-model cosine of the difference-of-means directions and its controls, from activations alone.
+
+    ``Xa``, ``Xb``: [n, width] activations of the same n statements in two models (the rows the directions are
+    fitted on, at the chosen layer and position); ``labels``: 0/1 per row; ``groups``: topic per row (shuffles,
+    resamples and splits stay within each topic x label cell; ``center`` removes each topic's mean first).
+
+    * ``cosine`` and its ``interval``: the 2.5/97.5% quantiles over ``n_bootstrap`` resamples of the statements
+      (the same resample in both models);
+    * ``null``: the cosine with the labels shuffled within topic, independently in each model, ``n_null`` seeded
+      times: what two directions without any truth signal give; ``null_upper`` is its ``null_quantile`` quantile.
+      ``null_shared_upper`` is the same with one shuffle for both models (the similarity of an arbitrary contrast of
+      the same statements; near 1 for a near-copy): recorded, not used by the verdict;
+    * ``split_half``: per model, the cosine between the directions of two random halves of the statements,
+      averaged over ``n_splits`` seeded splits; ``ceiling`` is their Spearman-Brown correction to full size
+      (2r / (1 + r)), geometric mean over the two models: the cosine identical directions would reach through
+      the sampling noise of this many statements.
+    """
+    Xa = np.asarray(Xa, dtype=np.float64)
+    Xb = np.asarray(Xb, dtype=np.float64)
+    y = np.asarray(labels).astype(bool)
+    n = len(y)
+    if Xa.shape != Xb.shape or Xa.shape[0] != n:
+        raise ValueError(f"activations {Xa.shape} / {Xb.shape} do not match {n} labels")
+    if y.all() or not y.any():
+        raise ValueError("the directions need both true and false statements")
+    g = np.zeros(n, dtype=np.int64) if groups is None else np.asarray(groups)
+    if center:
+        Xa, Xb = Xa.copy(), Xb.copy()
+        for t in dict.fromkeys(g.tolist()):
+            m = g == t
+            Xa[m] -= Xa[m].mean(0)
+            Xb[m] -= Xb[m].mean(0)
+    cells = _strata(y, g)
+    rng = np.random.default_rng(seed)
+
+    w = _diff_weights(y, np.ones((1, n)))
+    cosine = float(_row_cos(w @ Xa, w @ Xb)[0])
+
+    counts = np.zeros((n_bootstrap, n))
+    for idx in cells:
+        counts[:, idx] = rng.multinomial(idx.size, np.full(idx.size, 1.0 / idx.size), size=n_bootstrap)
+    wb = _diff_weights(y, counts)
+    boot = _row_cos(wb @ Xa, wb @ Xb)
+    lo, hi = np.nanquantile(boot, [0.025, 0.975])
+
+    def shuffled() -> np.ndarray:
+        out = y.copy()
+        for t in dict.fromkeys(g.tolist()):
+            idx = np.flatnonzero(g == t)
+            out[idx] = rng.permutation(out[idx])
+        return out
+
+    wa = np.stack([_diff_weights(shuffled(), np.ones((1, n)))[0] for _ in range(n_null)])
+    wn = np.stack([_diff_weights(shuffled(), np.ones((1, n)))[0] for _ in range(n_null)])
+    null = _row_cos(wa @ Xa, wn @ Xb)
+    null_shared = _row_cos(wa @ Xa, wa @ Xb)
+
+    halves = np.zeros((n_splits, n), dtype=bool)
+    for s in range(n_splits):
+        for idx in cells:
+            p = rng.permutation(idx)
+            halves[s, p[: (idx.size + int(rng.integers(2))) // 2]] = True
+    w1, w2 = _diff_weights(y, halves.astype(float)), _diff_weights(y, (~halves).astype(float))
+    split = {"a": float(np.nanmean(_row_cos(w1 @ Xa, w2 @ Xa))), "b": float(np.nanmean(_row_cos(w1 @ Xb, w2 @ Xb)))}
+    sb = {k: 2 * r / (1 + r) if r > 0 else r for k, r in split.items()}
+    ceiling = float(math.sqrt(sb["a"] * sb["b"])) if min(sb.values()) > 0 else float(min(sb.values()))
+    return {
+        "cosine": cosine,
+        "interval": (float(lo), float(hi)),
+        "bootstrap": boot,
+        "null": null,
+        "null_upper": float(np.quantile(null, null_quantile)),
+        "null_mean": float(np.mean(null)),
+        "null_shared_upper": float(np.quantile(null_shared, null_quantile)),
+        "split_half": split,
+        "ceiling": ceiling,
+    }
+
+
+def accuracy_interval(correct: np.ndarray, *, n_bootstrap: int = 200, seed: int = 0) -> tuple[float, float, float]:
+    """Held-out accuracy (mean over folds of each fold's mean) and its bootstrap 95% interval, resampling the
+    statements within each fold. ``correct``: [fold, example] 1/0, NaN where the statement was not held out."""
+    c = np.atleast_2d(np.asarray(correct, dtype=np.float64))
+    rng = np.random.default_rng(seed)
+    point, boots = [], []
+    for row in c:
+        v = row[np.isfinite(row)]
+        if v.size == 0:
+            continue
+        point.append(v.mean())
+        boots.append(v[rng.integers(0, v.size, size=(n_bootstrap, v.size))].mean(1))
+    if not point:
+        return math.nan, math.nan, math.nan
+    b = np.mean(boots, axis=0)
+    lo, hi = np.quantile(b, [0.025, 0.975])
+    return float(np.mean(point)), float(lo), float(hi)
+
+
+def truth_verdict(
+    cosine: float,
+    interval: tuple[float, float],
+    null_upper: float,
+    ceiling: float,
+    accuracy: Mapping[str, tuple[float, float, float]],
+    settings: TruthSettings = TruthSettings(),
+) -> tuple[str, str]:
+    """(verdict, reason) for "truth direction shared", from the measurement and its controls. In order:
+
+    1. a model without a truth direction (own held-out accuracy < ``min_probe_acc`` or its 95% interval not
+       above 0.5 + ``chance_margin``): ``inconclusive``, there is nothing to share;
+    2. the cosine's interval above the shuffled-label null's upper bound and the cosine within
+       ``ceiling_tolerance`` of the split-half ceiling: ``agrees``;
+    3. the cosine's interval entirely below the null's upper bound: ``disagrees``;
+    4. otherwise ``inconclusive``.
+    ``accuracy``: model -> (held-out accuracy, interval low, interval high).
+    """
+    floor = 0.5 + settings.chance_margin
+    weak = [
+        f"{m} (held-out accuracy {acc:.2f}, 95% CI [{lo:.2f}, {hi:.2f}])"
+        for m, (acc, lo, hi) in accuracy.items()
+        if not (acc >= settings.min_probe_acc and lo > floor)
+    ]
+    if weak:
+        return "inconclusive", (
+            f"no truth direction in {', '.join(weak)}: needs accuracy >= {settings.min_probe_acc:g} with its "
+            f"interval above {floor:g}"
+        )
+    lo, hi = interval
+    what = f"cosine {cosine:.2f} (95% CI [{lo:.2f}, {hi:.2f}])"
+    null = f"shuffled-label null upper bound {null_upper:.2f}"
+    if not all(math.isfinite(v) for v in (cosine, lo, hi, null_upper, ceiling)):
+        return "inconclusive", f"{what}, {null}, ceiling {ceiling:.2f}: a number is undefined"
+    if lo > null_upper and cosine >= ceiling - settings.ceiling_tolerance:
+        return "agrees", (
+            f"{what} above the {null} and within {settings.ceiling_tolerance:g} of the split-half ceiling {ceiling:.2f}"
+        )
+    if hi < null_upper:
+        return "disagrees", f"{what} entirely below the {null}, with a truth direction in both models"
+    if lo > null_upper:
+        return "inconclusive", (
+            f"{what} above the {null} but more than {settings.ceiling_tolerance:g} below the split-half ceiling "
+            f"{ceiling:.2f}: partly shared"
+        )
+    return "inconclusive", f"{what} overlaps the {null}"
+
+
+def truth_controls(
+    stores: Mapping[str, xr.Dataset], res: xr.Dataset, data: TruthData, settings: TruthSettings
+) -> dict[str, dict[str, Any]]:
+    """:func:`direction_controls` and each model's :func:`accuracy_interval` per pair of ``res``, at the pair's
+    chosen layer (the first model's best layer) and the probe position, over the fit rows."""
+    fit = data.fit_mask(settings)
+    best = {str(n): int(res["best_layer"].sel(model=n)) for n in res["model"].values}
+    acc = {
+        n: accuracy_interval(res["heldout_correct"].sel(model=n).values, n_bootstrap=settings.n_bootstrap, seed=settings.seed + 11)
+        for n in best
+    }
+    out = {}
+    for p, a, b in zip(res["pair"].values, res["pair_a"].values, res["pair_b"].values):
+        a, b = str(a), str(b)
+        X = {
+            m: np.asarray(stores[m][settings.site].sel(layer=best[a], position=settings.probe_position).values)[fit]
+            for m in (a, b)
+        }
+        c = direction_controls(
+            X[a], X[b], data.labels[fit], groups=data.topics[fit], center=settings.center_by_topic,
+            n_null=settings.n_null, null_quantile=settings.null_quantile, n_splits=settings.n_splits,
+            n_bootstrap=settings.n_bootstrap, seed=settings.seed + 13,
+        )
+        c["layer"] = best[a]
+        c["split_half"] = {a: c["split_half"]["a"], b: c["split_half"]["b"]}
+        c["accuracy"] = {a: acc[a], b: acc[b]}
+        out[str(p)] = c
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # the study
 
 
@@ -805,15 +1043,19 @@ def _summary(res: xr.Dataset, iv: xr.Dataset | None, settings: TruthSettings) ->
     return summ
 
 
-def _findings(res: xr.Dataset, iv: xr.Dataset | None, summ: dict[str, Any], settings: TruthSettings) -> list[Finding]:
+def _findings(res: xr.Dataset, iv: xr.Dataset | None, summ: dict[str, Any], settings: TruthSettings,
+              controls: Mapping[str, Mapping[str, Any]]) -> list[Finding]:
     out = []
     best = summ["best_layer"]
     ta = summ["transfer_acc_best"]
     for p, a, b in zip(res["pair"].values, res["pair_a"].values, res["pair_b"].values):
         a, b = str(a), str(b)
+        c = controls[str(p)]
         cos = float(res["cosine"].sel(pair=p, position=settings.probe_position, layer=best[a]))
         fig: dict[str, float] = {
             "cosine_at_best_layer": cos,
+            "cosine_null_upper": c["null_upper"],
+            "cosine_ceiling": c["ceiling"],
             "best_layer_" + a: best[a],
             "best_layer_" + b: best[b],
             f"acc_{a}_own": ta[a][a]["unrefit"],
@@ -823,22 +1065,38 @@ def _findings(res: xr.Dataset, iv: xr.Dataset | None, summ: dict[str, Any], sett
             f"acc_{b}_dir_on_{a}_refit": ta[b][a]["refit"],
             f"acc_{b}_dir_on_{a}_unrefit": ta[b][a]["unrefit"],
         }
-        # "about as well": transferred probes within 5 points of the target's own probe
-        acc_ok = ta[a][b]["refit"] >= ta[b][b]["unrefit"] - 0.05 and ta[b][a]["refit"] >= ta[a][a]["unrefit"] - 0.05
-        ok = acc_ok and cos >= 0.5
         null = float(res["null_cosine"].sel(pair=p, layer=best[a]))
         fig["null_cosine_at_best_layer"] = null
+        lo, hi = c["interval"]
+        controls_out = {
+            "cosine_null_upper": c["null_upper"],
+            "cosine_null_mean": c["null_mean"],
+            "cosine_null_shared_upper": c["null_shared_upper"],
+            f"split_half_{a}": c["split_half"][a],
+            f"split_half_{b}": c["split_half"][b],
+            "cosine_ceiling": c["ceiling"],
+            "chance_accuracy": 0.5,
+        }
+        for m in (a, b):
+            acc, alo, ahi = c["accuracy"][m]
+            controls_out[f"acc_{m}_own_low"] = alo
+            controls_out[f"acc_{m}_own_high"] = ahi
+        verdict, reason = truth_verdict(cos, (lo, hi), c["null_upper"], c["ceiling"],
+                                        {m: c["accuracy"][m] for m in (a, b)}, settings)
         detail = [
-            f"cosine {cos:.2f} at {a}'s best layer {best[a]} (shuffled-label null {null:.2f})",
+            f"cosine {cos:.2f} (95% CI [{lo:.2f}, {hi:.2f}]) at {a}'s best layer {best[a]}; shuffled-label null "
+            f"{c['null_mean']:.2f} (upper {c['null_upper']:.2f}; one shuffle shared by both models: upper "
+            f"{c['null_shared_upper']:.2f}); split-half ceiling {c['ceiling']:.2f} ({a} {c['split_half'][a]:.2f}, "
+            f"{b} {c['split_half'][b]:.2f} per half)",
             f"probe {a}->{b} {ta[a][b]['refit']:.2f} (refit) vs {b} own {ta[b][b]['unrefit']:.2f}; "
             f"{b}->{a} {ta[b][a]['refit']:.2f} vs {a} own {ta[a][a]['unrefit']:.2f}",
         ]
-        weak = [m for m in (a, b) if ta[m][m]["unrefit"] < settings.min_probe_acc]
-        if weak:
-            ok = False  # nothing to share: the cosine of two noise directions says nothing
-            detail.append(
-                f"inconclusive: no truth direction in {', '.join(weak)} (own held-out probe accuracy < {settings.min_probe_acc:g})"
-            )
+        # the cosine says the direction is shared; the probes and the intervention must carry over too
+        # ("about as well": transferred probes within 5 points of the target's own probe)
+        acc_ok = ta[a][b]["refit"] >= ta[b][b]["unrefit"] - 0.05 and ta[b][a]["refit"] >= ta[a][a]["unrefit"] - 0.05
+        if verdict == "agrees" and not acc_ok:
+            verdict = "disagrees"
+            reason += "; but a transferred probe is more than 0.05 below the target's own"
         if iv is not None:
             nm = summ["intervention"]["nie_mean"]
             gaps = summ["intervention"]["gap"]
@@ -847,29 +1105,38 @@ def _findings(res: xr.Dataset, iv: xr.Dataset | None, summ: dict[str, Any], sett
                 f"nie_{a}_own": nm[a][a], f"nie_{a}_with_{b}_dir": nm[a][b],
                 f"gap_{a}": gaps[a], f"gap_{b}": gaps[b],
             })
-            iv_ok = True
+            iv_why, iv_bad = [], False
             for tgt, src in ((b, a), (a, b)):
                 own, tr = nm[tgt][tgt], nm[tgt][src]
                 if not gaps[tgt] >= settings.min_gap:
-                    iv_ok = False
-                    detail.append(
+                    iv_why.append(
                         f"inconclusive: {tgt} does not tell true from false in the prompt (P(TRUE)-P(FALSE) gap "
                         f"{gaps[tgt]:.3f} < {settings.min_gap:g}), so NIE has no scale"
                     )
                 elif not (math.isfinite(own) and own > 0.1):
-                    iv_ok = False
-                    detail.append(f"{tgt}'s own direction barely moves it (NIE {own:.2f}): intervention inconclusive")
+                    iv_why.append(f"{tgt}'s own direction barely moves it (NIE {own:.2f}): intervention inconclusive")
                 elif not tr >= 0.75 * own:
-                    iv_ok = False
+                    iv_bad = True
+                    iv_why.append(f"{src}'s direction moves {tgt} by NIE {tr:.2f} < 0.75 x own {own:.2f}")
+            detail += iv_why
             detail.append(
                 f"NIE on {b}: own {nm[b][b]:.2f}, {a}'s {nm[b][a]:.2f}; on {a}: own {nm[a][a]:.2f}, {b}'s {nm[a][b]:.2f}"
             )
-            ok = ok and iv_ok
+            if verdict == "agrees" and iv_bad:
+                verdict = "disagrees"
+                reason += "; but " + next(w for w in iv_why if "< 0.75" in w)
+            elif verdict == "agrees" and iv_why:
+                verdict = "inconclusive"
+                reason += "; but the intervention cannot be measured: " + iv_why[0]
         detail.append(
-            f"criteria: own probes >= {settings.min_probe_acc:g}, cosine >= 0.5, transferred probe within 0.05 of own, "
+            f"criteria: own probes >= {settings.min_probe_acc:g} with interval above {0.5 + settings.chance_margin:g}; "
+            f"cosine interval above the null's {settings.null_quantile:g} quantile and cosine >= ceiling - "
+            f"{settings.ceiling_tolerance:g} (disagrees: interval below the null); transferred probe within 0.05 of own, "
             f"clean gap >= {settings.min_gap:g}, transferred NIE >= 0.75 x own"
         )
-        out.append(Finding("truth direction shared across models", f"{a} vs {b}", fig, bool(ok), "; ".join(detail)))
+        out.append(Finding("truth direction shared across models", f"{a} vs {b}", fig, verdict,
+                           f"{verdict}: {reason}; " + "; ".join(detail), reason=reason, interval=(lo, hi),
+                           controls=controls_out))
     return out
 
 
@@ -954,6 +1221,10 @@ def truthfulness_study(
         iv = intervention_analysis(models, res, data, settings)
     summ = _summary(res, iv, settings)
     summ["probe_position_val_acc"] = json.loads(res.attrs["probe_position_val_acc"])
+    controls = truth_controls(stores, res, data, settings)
+    summ["controls"] = {
+        p: {k: v for k, v in c.items() if k not in ("bootstrap",)} for p, c in controls.items()
+    }
     d = Path(out_dir) / STUDY
     d.mkdir(parents=True, exist_ok=True)
     figs = _figures(res, iv, d, settings)
@@ -974,7 +1245,9 @@ def truthfulness_study(
         "nie_table": "Normalised intervention effect on P(TRUE)-P(FALSE) when the row model is steered with the column "
         "model's direction: 1 = statements moved to the other label's mean, 0 = no change.",
     }
-    result = StudyResult(STUDY, data_ds, summ, figs, _findings(res, iv, summ, settings),
+    data_ds["null_cosine_samples"] = (("pair", "null_sample"), np.stack([controls[str(p)]["null"] for p in res["pair"].values]))
+    data_ds["bootstrap_cosine"] = (("pair", "bootstrap"), np.stack([controls[str(p)]["bootstrap"] for p in res["pair"].values]))
+    result = StudyResult(STUDY, data_ds, summ, figs, _findings(res, iv, summ, settings, controls),
                          notes={k: v for k, v in notes.items() if k in figs})
     result.save(out_dir)
     return result

@@ -59,10 +59,13 @@ def truthfulness_cmd(
 
     OUT/truthfulness/results.zarr (xarray), summary.json (every number and the findings),
     cosine_by_layer.png, probe_accuracy_by_layer.png, transfer_table.png, nie_table.png.
-    A finding agrees with the paper when both models have a truth direction (own held-out probe >= 0.6),
-    the cosine at the best layer is >= 0.5, the transferred probe is within 0.05 of the target's own, and
-    the transferred NIE is >= 0.75 of the own direction's; when a model does not tell true from false in
-    the prompt (mean P(TRUE)-P(FALSE) gap < 0.05) NIE has no scale and the finding is inconclusive.
+    The verdict (agrees / disagrees / inconclusive) is decided against controls from the same run: a
+    shuffled-label null of the cross-model cosine (20 seeded shuffles, 95th percentile), a split-half
+    reliability ceiling, and bootstrap 95% intervals. No truth direction in a model (own held-out probe
+    < 0.6, or its interval not above 0.55): inconclusive. Cosine interval above the null and cosine within
+    0.1 of the ceiling: agrees (then the transferred probe must be within 0.05 of the target's own and the
+    transferred NIE >= 0.75 of own, else disagrees; a prompt gap < 0.05 leaves NIE no scale: inconclusive).
+    Cosine interval below the null: disagrees. Otherwise inconclusive.
 
     [bold]EXAMPLES[/]
 
@@ -120,7 +123,7 @@ def truthfulness_cmd(
 
     s = res.summary
     t = Table(title="truth direction: base vs post-trained")
-    for col in ("pair", "cosine@best", "probe own (A / B)", "A->B / B->A (refit)", "NIE B own / A's", "NIE A own / B's", "agrees"):
+    for col in ("pair", "cosine@best", "probe own (A / B)", "A->B / B->A (refit)", "NIE B own / A's", "NIE A own / B's", "cosine CI", "null upper / ceiling", "verdict"):
         t.add_column(col)
     for f in res.findings:
         a, b = f.pair.split(" vs ")
@@ -134,11 +137,14 @@ def truthfulness_cmd(
         t.add_row(
             f.pair, f"{fg['cosine_at_best_layer']:.2f}", f"{fg[f'acc_{a}_own']:.2f} / {fg[f'acc_{b}_own']:.2f}",
             f"{fg[f'acc_{a}_dir_on_{b}_refit']:.2f} / {fg[f'acc_{b}_dir_on_{a}_refit']:.2f}", nie_b, nie_a,
-            "yes" if f.agrees else ("inconclusive" if "inconclusive" in f.detail else "no"),
+            f"[{f.interval[0]:.2f}, {f.interval[1]:.2f}]" if f.interval else "-",
+            f"{f.controls.get('cosine_null_upper', float('nan')):.2f} / {f.controls.get('cosine_ceiling', float('nan')):.2f}",
+            f.verdict,
         )
     Console().print(t)
     for f in res.findings:
-        Console().print(f"{f.pair}: {f.detail}", highlight=False)
+        Console().print(f"{f.pair}: {f.verdict} ({f.reason})", highlight=False)
+        Console().print(f"  {f.detail}", highlight=False)
     Console().print(f"best layers {s['best_layer']}; results in {Path(out) / 'truthfulness'}")
 
 

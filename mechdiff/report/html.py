@@ -70,13 +70,19 @@ def _findings_table(findings: Sequence[Finding]) -> str:
     rows = []
     for f in findings:
         nums = ", ".join(f"{k} = {_fmt(v)}" for k, v in f.figures.items())
-        verdict = "<span class='yes'>agrees</span>" if f.agrees else "<span class='no'>differs</span>"
+        if f.interval is not None:
+            nums = f"95% interval of the headline number [{_fmt(f.interval[0])}, {_fmt(f.interval[1])}]; " + nums
+        ctl = ", ".join(f"{k} = {_fmt(v)}" for k, v in f.controls.items()) or "none recorded"
+        cls = {"agrees": "yes", "disagrees": "no"}.get(f.verdict, "inc")
+        verdict = f"<span class='{cls}'>{html.escape(f.verdict)}</span>"
+        note = f"{f.reason}; {f.detail}" if f.reason else f.detail
         rows.append(
             f"<tr><td>{html.escape(f.finding)}</td><td>{html.escape(f.pair)}</td><td>{html.escape(nums)}</td>"
-            f"<td>{verdict}</td><td>{html.escape(f.detail)}</td></tr>"
+            f"<td>{html.escape(ctl)}</td><td>{verdict}</td><td>{html.escape(note)}</td></tr>"
         )
     return (
-        "<table><thead><tr><th>finding</th><th>pair</th><th>measured</th><th>vs the paper</th><th>note</th></tr></thead>"
+        "<table><thead><tr><th>finding</th><th>pair</th><th>measured</th><th>controls (same run)</th>"
+        "<th>verdict vs the paper</th><th>reason</th></tr></thead>"
         f"<tbody>{''.join(rows)}</tbody></table>"
     )
 
@@ -109,7 +115,7 @@ h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margi
 .muted{color:#666} figure{display:inline-block;margin:1em 1em 1em 0;vertical-align:top;max-width:100%}
 figure img{max-width:100%;border:1px solid #eee} figcaption{font-size:.9em;color:#444;max-width:560px}
 table{border-collapse:collapse;margin:1em 0;font-size:.9em} td,th{border:1px solid #ddd;padding:.3em .6em;text-align:left;vertical-align:top}
-th{background:#f6f6f6} .yes{color:#1a7f37;font-weight:600} .no{color:#b42318;font-weight:600} code{font-size:.85em;word-break:break-all}
+th{background:#f6f6f6} .yes{color:#1a7f37;font-weight:600} .no{color:#b42318;font-weight:600} .inc{color:#9a6700;font-weight:600} code{font-size:.85em;word-break:break-all}
 """
 
 # On load, count figures that decoded to a non-empty image; a headless browser reads these attributes.
@@ -137,7 +143,8 @@ def render_report(
     findings = list(summary_rows) if summary_rows is not None else [f for r in results.values() for f in r.findings]
     parts.append("<h2>Findings</h2>")
     parts.append("<p>Each row is one of the study's findings measured on one base / post-trained pair, and whether "
-                 "that pair agrees with what the paper reports.</p>")
+                 "that pair agrees with what the paper reports, disagrees, or is inconclusive (the measurement cannot tell), "
+                 "decided against the controls computed in the same run and shown beside it.</p>")
     parts.append(_findings_table(findings))
     for name in [*ORDER, *sorted(set(results) - set(ORDER))]:
         if name not in results:
