@@ -322,3 +322,112 @@ def test_cli_checks_a_gguf_model_before_its_weights_load(smollm2_gguf, tmp_path)
     r = CliRunner().invoke(app, base + ["--positions", "from:Answer"])
     assert r.exit_code == 2 and "Answer" in r.output and "not found" in r.output, r.output
     assert not (tmp_path / "s.zarr").exists()
+
+
+# -- knowledge patching on real statements: where the fact sits, layer by layer ---------------------------
+
+# Few-shot labelling prompt as the zoo's truth_prompt builds it ("<statement> This statement is: <label>" per
+# shot, then the statement), but with lower-case labels: SmolLM2's tokenizer splits " TRUE" / " FALSE" into
+# " TR" + "UE" / " F" + "AL" + "SE", and with those first tokens its TRUE - FALSE margin is noise (measured:
+# mean -0.05 logits over 24 pairs, half of them the wrong sign); " true" / " false" are one token each.
+KNOWLEDGE_SHOTS = [
+    ("The city of Berlin is in Germany.", 1), ("The city of Madrid is in Brazil.", 0),
+    ("The city of Cairo is in Egypt.", 1), ("The city of Toronto is in Italy.", 0),
+    ("The city of Lisbon is in Portugal.", 1), ("The city of Athens is in Sweden.", 0),
+    ("The city of Dublin is in Ireland.", 1), ("The city of Vienna is in Japan.", 0),
+]
+KNOWLEDGE_MIN_GAP = 0.3  # logits, ld_true - ld_false: the pairs the model separates (the study's min_gap idea)
+KNOWLEDGE_SWEEP = 4  # pairs in the layer x position sweep (the best separated): each is ~225 resumed variants
+
+
+def _knowledge_prompt(statement: str, topic: str) -> str:
+    from mechdiff.zoo.templates import TRUTH_SUFFIX
+
+    lines = [f"{s}{TRUTH_SUFFIX} {('false', 'true')[label]}" for s, label in KNOWLEDGE_SHOTS]
+    return "\n".join(lines + [statement + TRUTH_SUFFIX])
+
+
+def test_knowledge_patching_moves_from_changed_to_final_tokens(smollm2, record_property):
+    """Du et al. 2025 (after Marks & Tegmark): patching the true statement's residual stream into the false
+    run matters at the changed (subject / object) token in early and middle layers, and at the final tokens in
+    late layers; tokens that are neither carry (almost) nothing."""
+    import time
+
+    from mechdiff.analyses.knowledge import ROLES, PairError, exact_patching, load_pairs, prepare_pairs
+
+    lm = smollm2
+    t0 = time.perf_counter()
+    df = load_pairs(DATA / "knowledge_cities.csv")
+    keep = []
+    for i in range(len(df)):  # equal token length under this tokenizer, pair by pair
+        try:
+            prepare_pairs(lm.tokenizer, df.iloc[[i]], prompt=_knowledge_prompt)
+            keep.append(i)
+        except PairError:
+            pass
+    assert len(df) - len(keep) >= 1  # the file's one unequal pair (" Osaka" is two tokens) is refused
+    assert len(keep) >= 12, f"only {len(keep)} of {len(df)} pairs have equal token lengths"
+    df = df.iloc[keep].reset_index(drop=True)
+    pairs = prepare_pairs(lm.tokenizer, df, prompt=_knowledge_prompt, tokenizer_hash=lm.tokenizer_hash)
+    assert [lm.tokenizer.decode([int(a)]) for a in pairs.answers[0]] == [" true", " false"]
+
+    # the readout first: the model's own logit(true) - logit(false) on the true and the false statements
+    # (exact patching's clean and corrupted runs; patching only the last layer makes that nearly free)
+    screen = exact_patching(lm, None, pairs, sites="resid_post", layers=[N_LAYERS - 1], positions="statement")
+    gap = screen["ld_true"].values - screen["ld_false"].values
+    separated = np.nonzero(gap > KNOWLEDGE_MIN_GAP)[0]
+    readout = {"mean_gap": float(gap.mean()), "frac_positive": float((gap > 0).mean()),
+               "n_separated": int(len(separated)), "gaps": [round(float(g), 3) for g in gap]}
+    record_property("knowledge_readout", json.dumps(readout))
+    print(f"\nreadout: {json.dumps(readout)}")
+    # a weak readout (a 135M model, gaps under a logit) but not noise: most pairs ordered the right way
+    assert readout["frac_positive"] >= 0.7 and readout["mean_gap"] > 0.1, readout
+    assert len(separated) >= KNOWLEDGE_SWEEP, readout
+
+    sweep_idx = separated[np.argsort(-gap[separated], kind="stable")][:KNOWLEDGE_SWEEP]
+    sub = pairs.subset(sweep_idx)
+    ds = exact_patching(lm, None, sub, sites="resid_post", layers="all", positions="statement")
+    eff = ds["effect"].sel(site="resid_post").values  # [pair, layer, position], 0 = false run, 1 = true run
+    role = ds["role"].values  # [pair, position]
+    n_pair, n_layer, _ = eff.shape
+    changed = role == ROLES.index("object")  # the differing span (the city in subject pairs, the country else)
+    final = np.zeros_like(changed)
+    final[:, -3:] = True
+    statement = role != ROLES.index("context")
+    first = np.zeros_like(changed)  # the statement's first tokens ("The city of"): before any change
+    downstream = np.zeros_like(changed)  # after the first changed token, neither changed nor final
+    for i in range(n_pair):
+        s = np.nonzero(statement[i])[0]
+        first[i, s[:3]] = True
+        lo = int(np.nonzero(changed[i])[0].min())
+        downstream[i, lo:] = ~changed[i, lo:] & ~final[i, lo:]
+    assert not (first & (changed | final)).any() and downstream.any(axis=1).all()
+
+    def profile(mask: np.ndarray) -> np.ndarray:
+        """Per layer: the largest effect over the group's tokens, averaged over pairs."""
+        return np.array([np.mean([np.max(eff[i, l, mask[i]]) for i in range(n_pair)]) for l in range(n_layer)])
+
+    prof = {name: profile(m) for name, m in
+            (("changed", changed), ("final", final), ("first", first), ("downstream", downstream))}
+    peak = {name: int(np.argmax(p)) for name, p in prof.items()}
+    top = {name: float(np.max(p)) for name, p in prof.items()}
+    wall = time.perf_counter() - t0
+    result = {"pairs": [f"{sub.true_prompts[i].splitlines()[-1]} | {sub.false_prompts[i].splitlines()[-1]}"
+                        for i in range(n_pair)],
+              "peak_layer": peak, "peak_effect": {k: round(v, 3) for k, v in top.items()},
+              "profiles": {k: [round(float(x), 3) for x in p] for k, p in prof.items()},
+              "patching_s": round(float(ds.attrs["seconds"]), 1), "test_s": round(wall, 1),
+              "execution": ds.attrs["execution"]}
+    record_property("knowledge_patching", json.dumps(result))
+    print(f"knowledge patching: {json.dumps(result)}")
+    assert np.isfinite(eff[statement.reshape(n_pair, 1, -1).repeat(n_layer, 1)]).all()
+    # clearly non-zero: patching the changed token at the first layers restores most of the true run, and
+    # the last token at the last layer restores it all (the metric is read there)
+    assert top["changed"] > 0.5 and top["final"] > 0.5, top
+    # the ordering: the changed tokens peak early, the final tokens late
+    assert peak["changed"] < peak["final"], peak
+    assert prof["changed"][: n_layer // 3].mean() > prof["final"][: n_layer // 3].mean()
+    assert prof["final"][-n_layer // 3:].mean() > prof["changed"][-n_layer // 3:].mean()
+    # controls, same sweep: tokens before the change (identical in both runs: exactly no effect) and the tokens
+    # after it that are neither changed nor final carry much less than either group
+    assert top["first"] < 0.05 and top["downstream"] < 0.5 * min(top["changed"], top["final"]), top
