@@ -697,17 +697,15 @@ class StoreReuseError(SweepError):
 
 def _open_existing(t: Target, storage_options: dict | None):
     """The target's store group if it exists (read without creating anything), else None."""
-    from mechdiff.engine.store import ActivationStore, StoreIncompleteError, StoreMismatchError, _open_zgroup
+    from mechdiff.engine.store import ActivationStore, StoreIncompleteError, StoreMismatchError
 
     if "://" not in t.url or t.url.startswith("file://"):
         bad = _not_a_folder(Path(t.url.removeprefix("file://")))
         if bad is not None:
             raise SweepError(f"target {t.key}: store path {bad} is a file, not a folder; use another output or move it away")
     try:
-        # read-only first: opening for writing would create the store's folders for a target not yet started
-        if _open_zgroup(t.url, t.group, storage_options, mode="r", missing_ok=True) is None:
-            return None
-        return ActivationStore.open(t.url, t.group, storage_options)
+        # read-only: opening for writing would create the store's folders for a target not yet started
+        return ActivationStore.open(t.url, t.group, storage_options, read_only=True)
     except FileNotFoundError:
         return None
     except (StoreMismatchError, StoreIncompleteError, ValueError, OSError) as e:
@@ -739,6 +737,7 @@ def _check_done_store(sweep: Sweep, t: Target, store, prompts: PromptSet) -> Non
     whole capture spec (sites, layers resolved against the model's layer count, positions, template, dtype,
     compression) and shard size. Otherwise :class:`StoreReuseError` names each differing field with both values."""
     from mechdiff.engine.models import local_weights_hash
+    from mechdiff.engine.store import differing_fields
 
     prov = store.provenance
     where = f"store {t.url} group {t.group}"
@@ -783,10 +782,9 @@ def _check_done_store(sweep: Sweep, t: Target, store, prompts: PromptSet) -> Non
                 want["sites"] = list(spec.sites)
                 if isinstance(spec.layers, tuple) and all(x >= 0 for x in spec.layers):
                     want["layers"] = list(spec.layers)
-            for k in sorted(set(want) | set(stored)):
-                if k in want and stored.get(k) != want[k]:
-                    problems.append(f"capture_spec.{k}: the store has {_show(stored.get(k))}, "
-                                    f"captures.{t.capture.name} asks for {_show(want[k])}")
+            for k, have, asked in differing_fields(stored, want, keys=want):
+                problems.append(f"capture_spec.{k}: the store has {_show(have)}, "
+                                f"captures.{t.capture.name} asks for {_show(asked)}")
     if store.shard_size != sweep.shard_size:
         problems.append(f"shard_size: the store has {store.shard_size}, the sweep {sweep.shard_size}")
     if problems:

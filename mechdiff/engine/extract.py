@@ -26,7 +26,7 @@ from mechdiff.engine.data import PromptSet
 from mechdiff.engine.models import LoadedModel
 from mechdiff.engine.positions import Positions, gather_index
 from mechdiff.engine.sites import Capture, hooks, parse_layers, parse_sites, site_width
-from mechdiff.engine.store import ActivationStore, ArraySpec
+from mechdiff.engine.store import ActivationStore, ArraySpec, StoreIncompleteError
 
 __all__ = ["CaptureSpec", "ExtractReport", "PreparedExtraction", "tokenize_prompts", "prepare", "extract", "run_shards"]
 
@@ -216,14 +216,14 @@ def _check_disk(url: str, nbytes: int) -> None:
         )
 
 
-def _bytes_to_write(url: str, group: str, prep: PreparedExtraction, n_examples: int, storage_options: dict | None) -> int:
-    """Uncompressed bytes still to write: the whole group when it is new, else only its missing shards."""
+def _existing_missing(url: str, group: str, storage_options: dict | None) -> tuple[ActivationStore, list[int]] | None:
+    """An existing group and its shards left to write (one listing), or None for a group still to be made
+    (absent, or a creation that was interrupted: ``create_or_open`` makes it again)."""
     try:
-        st = ActivationStore.open(url, group, storage_options)
-    except Exception:  # no such group yet (or unreadable: create_or_open says why)
-        return ActivationStore.estimate_nbytes_for(n_examples, prep.arrays)
-    todo = sum(len(st.shard_range(i)) for i in st.missing_shards())
-    return ActivationStore.estimate_nbytes_for(todo, prep.arrays)
+        st = ActivationStore.open(url, group, storage_options, read_only=True)
+    except (FileNotFoundError, StoreIncompleteError):
+        return None
+    return st, st.missing_shards()
 
 
 def identity_keys(provenance: dict) -> tuple[str, ...]:
@@ -371,7 +371,10 @@ def extract(
     out = str(out)
     group = group or default_group(lm.model_id, prompts.source)
     prep = prepare(lm, prompts, spec, max_length=max_length, truncate=truncate)
-    _check_disk(out, _bytes_to_write(out, group, prep, len(prompts), storage_options))
+    existing = _existing_missing(out, group, storage_options)
+    # room for what is left to write: the whole group when it is new, else only its missing shards
+    left = len(prompts) if existing is None else sum(len(existing[0].shard_range(i)) for i in existing[1])
+    _check_disk(out, ActivationStore.estimate_nbytes_for(left, prep.arrays))
     store = ActivationStore.create_or_open(
         out,
         group,
@@ -384,8 +387,9 @@ def extract(
         identity_keys=identity_keys(prep.provenance),
         storage_options=storage_options,
     )
-    # one listing of the store: shards not flagged done, and flagged ones with a chunk missing
-    missing = set(store.missing_shards())
+    # shards not flagged done, and flagged ones with a chunk missing: from the listing above when the group
+    # existed (nothing has written to it since), else from the group just made
+    missing = set(existing[1] if existing is not None else store.missing_shards())
     todo = [s for s in (shards if shards is not None else range(store.n_shards)) if s in missing]
     skipped = (len(shards) if shards is not None else store.n_shards) - len(todo)
     total_tokens = sum(len(prep.token_ids[i]) for s in todo for i in store.shard_range(s))

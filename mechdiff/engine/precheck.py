@@ -17,7 +17,7 @@ from typing import Any
 from mechdiff.engine.data import PromptSet
 from mechdiff.engine.extract import CaptureSpec, identity_keys, tokenize_prompts
 from mechdiff.engine.models import GGUF_INSTALL_HINT, ModelLoadError, check_model_path, gguf_source, tokenizer_hash
-from mechdiff.engine.store import ActivationStore, StoreMismatchError
+from mechdiff.engine.store import ActivationStore, StoreMismatchError, differing_fields
 
 __all__ = ["read_config", "config_n_layers", "config_max_positions", "early_provenance", "check_store_group"]
 
@@ -127,8 +127,7 @@ def _spec_difference(old: Any, new: str) -> str:
         a, b = json.loads(old), json.loads(new)
     except (TypeError, ValueError):
         return f"stored {old!r}, this run {new!r}"
-    fields = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    return ", ".join(f"{k} stored {_compact(a.get(k))}, this run {_compact(b.get(k))}" for k in fields)
+    return ", ".join(f"{k} stored {_compact(x)}, this run {_compact(y)}" for k, x, y in differing_fields(a, b))
 
 
 def _compact(v: Any) -> str:

@@ -58,6 +58,7 @@ __all__ = [
     "StoreCorruptError",
     "open_store",
     "resolve_group",
+    "differing_fields",
     "list_groups",
     "store_info",
     "MAX_CHUNK_BYTES",
@@ -65,7 +66,8 @@ __all__ = [
 
 #: Upper bound on the uncompressed size of one chunk of activations.
 MAX_CHUNK_BYTES = 16 * 2**20
-# 2: every array ends its codec chain with crc32c, and coords are written even where they equal the fill value
+# 2: every array ends its codec chain with crc32c, coords are written even where they equal the fill value,
+# chunk keys are flat ("c.0.3.1"), and a pending note marks a group still being created
 FORMAT_VERSION = 2
 
 _MARKER = "mechdiff_store"
@@ -956,6 +958,15 @@ def _short(v: Any, limit: int = 80) -> str:
     return repr(s) if isinstance(v, str) else s
 
 
+def differing_fields(
+    stored: Mapping[str, Any], new: Mapping[str, Any], keys: Iterable[str] | None = None
+) -> list[tuple[str, Any, Any]]:
+    """``(field, stored value, new value)`` for each field of two JSON objects (capture specs) that differs,
+    sorted; ``keys`` limits the comparison to those fields. Every message that compares specs names these."""
+    fields = sorted(set(stored) | set(new)) if keys is None else sorted(keys)
+    return [(f, stored.get(f), new.get(f)) for f in fields if stored.get(f) != new.get(f)]
+
+
 def _field_diff(key: str, old: Any, new: Any) -> str:
     """``key differs: ...`` naming the fields that differ when both values are JSON objects (a capture
     spec), so that two long specs never look alike in a message cut to a line."""
@@ -964,9 +975,9 @@ def _field_diff(key: str, old: Any, new: Any) -> str:
     except (TypeError, ValueError):
         a = b = None
     if isinstance(a, dict) and isinstance(b, dict):
-        fields = [f for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)]
-        shown = "; ".join(f"{f} stored {_short(a.get(f))}, this run {_short(b.get(f))}" for f in fields)
-        return f"{key} differs in {', '.join(fields)}: {shown}"
+        diffs = differing_fields(a, b)
+        shown = "; ".join(f"{f} stored {_short(x)}, this run {_short(y)}" for f, x, y in diffs)
+        return f"{key} differs in {', '.join(f for f, _, _ in diffs)}: {shown}"
     return f"{key} differs: stored {_short(old)}, this run {_short(new)}"
 
 
