@@ -55,14 +55,19 @@ def test_results_hold_all_four_studies_with_finite_numbers(run_dir):
         assert study in printed
 
 
-def test_the_embedded_pair_shows_the_papers_four_findings(run_dir):
-    """The shipped pair exists to show the four findings. Good behaviour scores alone do not ensure that: a
-    rebuilt pair with the same scores had a truth direction that did not carry over to held-out topics."""
+def test_the_embedded_pair_verdicts_follow_its_measurements(run_dir):
+    """The shipped pair's verdicts are what its measurements say, decided against same-run controls; they are
+    pinned here, with the reason each rule gave, so that a change to the pair or to a rule shows up.
+
+    Refusal is inconclusive: the base model refuses no harmful prompt, so it has no refusal direction to
+    compare (its own-template cosine of 0.2 with the post model is mostly the template's doing)."""
     out, _ = run_dir
     res = json.loads((out / "results.json").read_text())
-    verdicts = {(study, f["finding"]): f["agrees"] for study in STUDIES for f in res["studies"][study]["findings"]}
-    assert len(verdicts) == len(STUDIES)
-    assert all(verdicts.values()), verdicts
+    got = {study: [(f["verdict"], f["reason"]) for f in res["studies"][study]["findings"]] for study in STUDIES}
+    expected = {"knowledge": "agrees", "truthfulness": "agrees", "refusal": "inconclusive", "confidence": "agrees"}
+    for study, verdict in expected.items():
+        assert got[study][0][0] == verdict, (study, got[study])
+    assert "base refuses" in got["refusal"][0][1], got["refusal"]
 
 
 def test_report_renders_every_figure_in_headless_chromium(run_dir, tmp_path):

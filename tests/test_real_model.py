@@ -431,3 +431,38 @@ def test_knowledge_patching_moves_from_changed_to_final_tokens(smollm2, record_p
     # controls, same sweep: tokens before the change (identical in both runs: exactly no effect) and the tokens
     # after it that are neither changed nor final carry much less than either group
     assert top["first"] < 0.05 and top["downstream"] < 0.5 * min(top["changed"], top["final"]), top
+
+
+def test_refusal_on_a_model_that_does_not_refuse_is_inconclusive(smollm2, tmp_path, record_property):
+    """SmolLM2-135M-Instruct answers harmful requests like harmless ones: there is no refusal to find a direction
+    for, so the refusal study must end "inconclusive" (and spend no time searching), whatever the cosines say.
+    The model is its own partner here, under the plain template and under its chat template: the
+    template-matched comparison of a model with itself reaches cosine 1, the template alone moves it."""
+    import time
+
+    from mechdiff.analyses.common import ModelGroup
+    from mechdiff.analyses.refusal import run_refusal
+
+    t0 = time.perf_counter()
+    path = smollm2.model_id
+    group = ModelGroup("smol", path, (path,))
+    res = run_refusal(group, DATA / "refusal_harmful.csv", DATA / "refusal_harmless.csv", tmp_path,
+                      n_val=4, n_eval=8, max_new_tokens=8, store_dtype="float32", n_bootstrap=300,
+                      lms={"base": smollm2, "post": smollm2})
+    (f,) = res.findings
+    s = res.summary
+    result = {"verdict": f.verdict, "reason": f.reason, "refuses": s["refuses"],
+              "cosines": {k: round(c["cosine"], 3) for k, c in s["comparisons"]["base vs post"].items()},
+              "test_s": round(time.perf_counter() - t0, 1)}
+    record_property("refusal", json.dumps(result))
+    print(f"\nrefusal: {json.dumps(result)}")
+    assert f.verdict == "inconclusive" and "no refusal to compare" in f.reason, f.reason
+    assert all(r["low"] <= 0.0 for r in s["refuses"].values()), s["refuses"]
+    assert not any(c["selected"] for c in s["chosen"].values())  # nothing searched, nothing steered
+    comps = s["comparisons"]["base vs post"]
+    assert comps["under base's template"]["cosine"] == pytest.approx(1.0)
+    assert comps["under post's template"]["cosine"] == pytest.approx(1.0)
+    # harmful completions are answers, kept for inspection with their prompts
+    harmful = s["completions"]["post"]["harmful"]
+    assert len(harmful) == 8 and all(c["completion"].strip() for c in harmful)
+    assert sum(c["refusal"] for c in harmful) <= 2  # a stray "I'm sorry for your loss" may match a phrase

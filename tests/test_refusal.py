@@ -499,10 +499,11 @@ def test_cli_and_run_on_tiny_models(tiny_dir, tmp_path):
     assert r.exit_code == 0 and "WHAT IT DOES" in r.output and "--max-new-tokens" in r.output
     args = ["analyze", "refusal", "--base", str(base), "--post", str(post), "--harmful", str(harmful),
             "--harmless", str(harmless), "--out", str(tmp_path / "out"), "--max-new-tokens", "3",
-            "--phrases", "w5", "--phrases", "w9 w1", "--store-dtype", "float32"]
+            "--phrases", "w5", "--phrases", "w9 w1", "--store-dtype", "float32", "--select-all", "--bootstrap", "200"]
     r = runner.invoke(root, args)
     assert r.exit_code == 0, r.output
-    assert "chosen refusal direction" in r.output and "transferred" in r.output
+    assert "chosen refusal direction" in r.output and "cosine vs controls" in r.output
+    assert "under base's template" in r.output and "post across templates" in r.output
     d = tmp_path / "out" / "refusal"
     summary = json.loads((d / "summary.json").read_text())
     for f in ("cosine_by_layer", "refusal_scores", "selection"):
@@ -530,7 +531,7 @@ def test_cli_and_run_on_tiny_models(tiny_dir, tmp_path):
     # a second run through the Python API reuses the stored activations
     group = ModelGroup("group", str(base), (str(post),))
     res = run_refusal(group, harmful, harmless, tmp_path / "out", phrases=["w5", "w9 w1"], max_new_tokens=3,
-                      store_dtype="float32")
+                      store_dtype="float32", select_all=True, n_bootstrap=200)
     ext = res.summary["store"]["extract"]
     assert all(e["shards_written"] == 0 and e["shards_skipped"] == 1 for e in ext.values())
     assert res.summary["chosen"] == s["chosen"]
@@ -589,3 +590,59 @@ def test_pair_report_has_every_number(pair_result):
     t = s["transfer"]["base vs post"]
     assert set(t) == {"base->post", "post->base"}
     assert len(pair_result.findings) == 1
+
+
+def test_pair_base_does_not_refuse_so_the_verdict_is_inconclusive(pair_result):
+    """The embedded base model refuses no harmful prompt: it has no refusal direction to compare, whatever the
+    cosine, and it is neither searched for one nor steered."""
+    (f,) = pair_result.findings
+    s = pair_result.summary
+    assert s["refuses"]["base"]["high"] <= 0.0 < s["refuses"]["post"]["low"]
+    assert f.verdict == "inconclusive" and "base refuses" in f.reason, f.reason
+    assert not s["chosen"]["base"]["selected"] and s["chosen"]["post"]["selected"]
+    assert s["refusal_scores"]["base"]["ablation"] == {}
+    # the template-matched and template-only comparisons are all there, each with its controls
+    comps = s["comparisons"]["base vs post"]
+    assert set(comps) == {"own templates", "under base's template", "under post's template",
+                          "base across templates", "post across templates"}
+    for c in comps.values():
+        lo, hi = c["interval"]
+        assert lo <= c["cosine"] <= hi and c["null_upper"] < c["ceiling"]
+    # every test completion is kept, with its prompt and its score
+    comp = s["completions"]["post"]
+    assert len(comp["harmful"]) == s["used"]["test_harmful"]
+    assert sum(c["refusal"] for c in comp["harmful"]) / len(comp["harmful"]) == pytest.approx(
+        s["refusal_scores"]["post"]["baseline"]["harmful"])
+
+
+@pytest.fixture(scope="module")
+def planted_result(tmp_path_factory):
+    """One run, two pairs known by construction, both models under one (chat) template: the post model against
+    itself (the same direction) and against a copy of itself whose residual basis is signed-permuted (the same
+    function, token for token, with every direction moved: cosine near 0)."""
+    from planted import rotate_residual_basis
+
+    _, post, data = _pair()
+    rotated = tmp_path_factory.mktemp("rotated_post")
+    rotate_residual_basis(post, rotated, seed=3)
+    a, b = load_model(str(post)), load_model(str(rotated))
+    group = ModelGroup("planted", str(post), (str(post), str(rotated)), labels=("post", "same", "rotated"))
+    out = tmp_path_factory.mktemp("planted_refusal")
+    return run_refusal(group, data / "instructions_harmful.csv", data / "instructions_harmless.csv", out,
+                       templates={"post": "chat"}, n_val=8, n_eval=24, max_new_tokens=6, rerank=1,
+                       addition_coefs=(1.0,), store_dtype="float32", n_bootstrap=300,
+                       lms={"post": a, "same": a, "rotated": b})
+
+
+def test_planted_identical_models_share_the_direction_and_a_rotated_copy_does_not(planted_result):
+    v = {f.pair: f for f in planted_result.findings}
+    same, rot = v["post vs same"], v["post vs rotated"]
+    assert same.verdict == "disagrees", same.reason
+    assert rot.verdict == "agrees", rot.reason
+    comps = planted_result.summary["comparisons"]
+    assert set(comps["post vs same"]) == {"own templates", "under post's template"}  # one template: no cross runs
+    assert comps["post vs same"]["own templates"]["cosine"] == pytest.approx(1.0)
+    assert abs(comps["post vs rotated"]["own templates"]["cosine"]) < 0.3
+    # the rotated copy refuses exactly like the original: same function, so the same completions
+    sc = planted_result.summary["refusal_scores"]
+    assert sc["rotated"]["baseline"] == sc["post"]["baseline"]

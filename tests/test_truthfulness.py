@@ -17,6 +17,7 @@ from mechdiff.analyses.common import ModelGroup, StoreRequirementError
 from mechdiff.analyses.directions import best_threshold
 from mechdiff.analyses.truthfulness import (
     TruthSettings,
+    TruthSettingsError,
     accuracy_interval,
     direction_controls,
     truth_verdict,
@@ -32,6 +33,8 @@ from mechdiff.analyses.truthfulness import (
 )
 from mechdiff.engine.sites import hidden_from_output, replace_hidden_in_output
 from mechdiff.engine.store import ActivationStore, ArraySpec, open_store
+from mechdiff.errors import MechdiffError
+from mechdiff.report.plotting import FigureInputError, pca_figure, pca_projection
 
 # The tiny models' word-level tokenizer knows only w0..wN: label words and suffix are made of those.
 TINY = TruthSettings(label_words=("w1", "w2"), suffix=" w3 w4 w5", n_shots=2, n_intervene=6, token_budget=64)
@@ -244,16 +247,106 @@ def test_verdict_rule_thresholds_are_settings():
         TruthSettings(n_null=0)
 
 
-def test_centring_by_topic_changes_only_through_topic_means(planted):
+def _centred(X, topics, rows=None):
+    """``X`` with each topic's mean over ``rows`` of it (default: all its statements) subtracted: numpy reference."""
+    X = X.copy()
+    rows = np.ones(len(topics), dtype=bool) if rows is None else rows
+    for t in set(topics.tolist()):
+        X[topics == t] -= X[rows & (topics == t)].mean(0)
+    return X
+
+
+def test_centring_by_topic_uses_each_topics_own_mean(planted):
     stores, Xs, y, topics, fit = planted
-    res, _ = probe_analysis(stores, TruthSettings(center_by_topic=True, heldout_topics=("words",)))
-    X = Xs["a"][:, 2, 1].copy()
+    res, _ = probe_analysis(stores, TruthSettings(center_by_topic=True, heldout_topics=("words",), probe_position=-1))
     keep = fit & (topics != "words")
-    for t in ("cities", "numbers"):
-        m = keep & (topics == t)
-        X[m] -= X[m].mean(0)
+    X = _centred(Xs["a"][:, 2, 1], topics)
     want = X[keep & (y == 1)].mean(0) - X[keep & (y == 0)].mean(0)
     np.testing.assert_allclose(res["fold_direction"].sel(model="a", fold="words", layer=2).values, want, rtol=1e-9, atol=1e-12)
+    # the probe scores are of centred activations too: the threshold is fitted on centred training rows, and the
+    # held-out topic is centred on its own mean
+    t = float(res["threshold"].sel(model="a", fold="words", layer=2))
+    assert t == pytest.approx(best_threshold((X @ want)[keep], y[keep])[0], rel=1e-9, abs=1e-9)
+    test = topics == "words"
+    assert float(res["transfer_acc"].sel(source="a", target="a", fold="words", layer=2, mode="unrefit")) == pytest.approx(
+        np.mean(((X @ want) > t)[test] == (y[test] == 1)))
+
+
+def test_fixed_probe_layer_is_used_for_every_model(planted, tmp_path):
+    """The paper's protocol: one probe layer for every model and topic, even where validation would choose another."""
+    stores, Xs, y, topics, fit = planted
+    s = TruthSettings(intervene=False, probe_position=-1, probe_layer=1)
+    res = truthfulness_study(stores, None, tmp_path, settings=s)  # validation alone chooses layer 2 (test above)
+    d, summ = res.data, res.summary
+    assert d["best_layer"].values.tolist() == [1, 1] and d.attrs["layer_choice"] == "fixed"
+    # each model's own probe at layer 1, by hand for one fold: direction and threshold from layer-1 training rows
+    h = "words"
+    train, test = fit & (topics != h), topics == h
+    for m in ("a", "b"):
+        X = Xs[m][:, 1, 1]
+        dm = X[train & (y == 1)].mean(0) - X[train & (y == 0)].mean(0)
+        t, _ = best_threshold(X[train] @ dm, y[train])
+        assert summ["probe_acc_by_fold_best"][m][h] == pytest.approx(np.mean((X[test] @ dm > t) == (y[test] == 1)))
+    (f,) = res.findings
+    assert f.figures["best_layer_a"] == f.figures["best_layer_b"] == 1 and summ["controls"]["a_vs_b"]["layer"] == 1
+    assert f.figures["cosine_at_best_layer"] == pytest.approx(float(d["cosine"].sel(pair="a_vs_b", layer=1, position=-1)))
+    assert "fixed probe layer 1" in f.detail and "layer 1" in res.notes["pca"] and res.figures["pca"].stat().st_size > 1000
+    with pytest.raises(TruthSettingsError, match="probe_layer 7 is not among the stored layers"):
+        probe_analysis(stores, replace(s, probe_layer=7))
+    with pytest.raises(MechdiffError, match="probe_layer"):
+        TruthSettings(probe_layer=-1)
+
+
+def _two_datasets(tmp_path, rng, n_d=80, W=8):
+    """Two datasets whose labels are balanced within each and whose means differ by a large offset; the train split
+    is imbalanced the opposite way in each (75% of d1's true and 45% of its false statements, the reverse in d2).
+    Layer 0: no truth signal at all, d2 offset by 10 u in both models. Layer 1: a truth direction v in both models
+    (+-2 v), and d2 offset by 4 v + 6 u."""
+    topics = np.repeat(np.array(["d1", "d2"], dtype=object), n_d)
+    y = np.tile(np.arange(n_d) % 2, 2)
+    split = np.full(2 * n_d, "test", dtype=object)
+    for t, p_true, p_false in (("d1", 0.75, 0.45), ("d2", 0.45, 0.75)):
+        for label, p in ((1, p_true), (0, p_false)):
+            idx = np.flatnonzero((topics == t) & (y == label))
+            split[rng.choice(idx, int(p * idx.size), replace=False)] = "train"
+    v, u = np.eye(W)[0], np.eye(W)[1]
+    in_d2 = (topics == "d2")[:, None, None]
+    stores, Xs = {}, {}
+    for name in ("a", "b"):
+        X = rng.normal(size=(2 * n_d, 2, 2, W))
+        X[:, 0] += in_d2 * 10.0 * u
+        X[:, 1] += (2 * y - 1)[:, None, None] * 2.0 * v + in_d2 * (4.0 * v + 6.0 * u)
+        Xs[name] = X.astype(np.float32).astype(np.float64)
+        coords = {"label": y, "topic": topics, "split": split, "text": np.array([f"s{i}" for i in range(2 * n_d)], dtype=object)}
+        stores[name] = _store(tmp_path / f"{name}.zarr", X.astype(np.float32), coords)
+    return stores, Xs, y, topics, split == "train", u
+
+
+def test_centring_per_dataset_removes_an_offset(tmp_path):
+    """The paper's per-dataset centring: a dataset offset neither fakes a shared direction nor breaks a probe."""
+    stores, Xs, y, topics, fit, u = _two_datasets(tmp_path, np.random.default_rng(2))
+    s = TruthSettings(intervene=False, probe_position=-1, heldout_topics=("d2",))
+    raw, _ = probe_analysis(stores, s)
+    cen, _ = probe_analysis(stores, replace(s, center_by_topic=True))
+    # layer 0 has no truth signal: uncentred, the unequal train-split mix of the two datasets turns their offset
+    # into a "truth direction" both models share, far above the shuffled-label null; centred, it is gone
+    d_raw, d_cen = (r["direction"].sel(layer=0, position=-1) for r in (raw, cen))
+    assert abs(d_raw.sel(model="a").values @ u) > 2.0 and abs(d_cen.sel(model="a").values @ u) < 0.5
+    assert float(raw["cosine"].sel(pair="a_vs_b", layer=0, position=-1)) > 0.9 > float(raw["null_cosine"].sel(pair="a_vs_b", layer=0))
+    assert float(cen["cosine"].sel(pair="a_vs_b", layer=0, position=-1)) < 0.6
+    # numpy reference: the difference of means of the training rows after subtracting each dataset's mean over all
+    # its statements (at layer 1 the imbalanced train split makes that differ from centring on the training rows)
+    for layer in (0, 1):
+        X = _centred(Xs["a"][:, layer, 1], topics)
+        want = X[fit & (y == 1)].mean(0) - X[fit & (y == 0)].mean(0)
+        np.testing.assert_allclose(cen["direction"].sel(model="a", layer=layer, position=-1).values, want, rtol=1e-9, atol=1e-12)
+    X = _centred(Xs["a"][:, 1, 1], topics, fit)
+    assert np.abs(want - (X[fit & (y == 1)].mean(0) - X[fit & (y == 0)].mean(0))).max() > 0.1
+    # layer 1: a real direction, trained on d1, tested on d2 whose offset has a component along it; uncentred every d2
+    # statement lands on one side of d1's threshold, centred on d2's own mean the probe and its transfer work
+    acc_raw, acc_cen = (r["transfer_acc"].sel(fold="d2", layer=1, mode="unrefit") for r in (raw, cen))
+    for src, tgt in (("a", "a"), ("a", "b"), ("b", "a")):
+        assert float(acc_raw.sel(source=src, target=tgt)) < 0.6 < 0.9 < float(acc_cen.sel(source=src, target=tgt))  # Bayes: 0.98
 
 
 def test_store_requirements_name_what_to_extract(tmp_path, planted):
@@ -367,8 +460,9 @@ def test_run_truthfulness_end_to_end(tiny_pair, tmp_path):
     d = out / "truthfulness"
     summary = json.loads((d / "summary.json").read_text())
     assert set(summary["summary"]["best_layer"]) == {"base", "post"}
-    for name in ("cosine_by_layer", "probe_accuracy", "transfer_table", "nie_table"):
+    for name in ("cosine_by_layer", "probe_accuracy", "transfer_table", "nie_table", "pca"):
         assert res.figures[name].exists() and res.figures[name].stat().st_size > 1000
+    assert f"layer {summary['summary']['best_layer']['base']} " in summary["notes"]["pca"]
     saved = xr.open_zarr(d / "results.zarr", consolidated=False)
     assert saved["nie"].dims == ("target", "source", "fold", "kind") and saved.sizes["layer"] == 3
     np.testing.assert_allclose(saved["cosine"].values, res.data["cosine"].values)
@@ -419,8 +513,67 @@ def test_cli_truthfulness(tiny_pair, tmp_path):
     assert bad.exit_code == 2 and "moon" in bad.output and not (tmp_path / "store.zarr").exists()
     bad = runner.invoke(app, common + ["--layers", "7:9"])
     assert bad.exit_code == 2 and "7:9" in bad.output and "layer" in bad.output
-    ok = runner.invoke(app, common + ["--heldout-topic", "t2", "--layers", "0:2", "--coef", "2"])
+    bad = runner.invoke(app, common + ["--probe-layer", "3"])
+    assert bad.exit_code == 2 and "--probe-layer 3" in bad.output and not (tmp_path / "store.zarr").exists()
+    ok = runner.invoke(app, common + ["--heldout-topic", "t2", "--layers", "0:2", "--coef", "2", "--probe-layer", "1",
+                                      "--center-by-topic"])
     assert ok.exit_code == 0, ok.output
     s = json.loads((tmp_path / "truthfulness" / "summary.json").read_text())["summary"]
     assert s["folds"] == ["t2"] and s["intervention"]["layers"] == {"base": [0, 1], "post": [0, 1]}
-    assert s["settings"]["coef"] == 2.0
+    assert s["settings"]["coef"] == 2.0 and s["best_layer"] == {"base": 1, "post": 1} and s["settings"]["center_by_topic"]
+
+
+def test_pca_projection_against_covariance_eigenvectors(tmp_path):
+    """Planted data with two dominant axes: the projection equals the one onto the covariance's top eigenvectors
+    (numpy eigh, an independent route to the same components), up to each component's sign."""
+    rng = np.random.default_rng(0)
+    n, W = 300, 10
+    basis = np.linalg.qr(rng.normal(size=(W, W)))[0]
+    X = 5.0 + (rng.normal(size=(n, W)) * np.array([6.0, 3.0] + [0.3] * (W - 2))) @ basis.T
+    coords, comps, explained = pca_projection(X)
+    Xc = X - X.mean(0)
+    evals, evecs = np.linalg.eigh(Xc.T @ Xc / (n - 1))
+    top = evecs[:, ::-1][:, :2]
+    signs = np.sign(np.sum(comps * top.T, axis=1))
+    np.testing.assert_allclose(coords, (Xc @ top) * signs, rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(explained, evals[::-1][:2] / evals.sum(), rtol=1e-8)
+    assert np.abs(np.abs(comps @ basis[:, :2]) - np.eye(2)).max() < 0.05  # the planted axes, in order
+    # the sign convention: each component's largest loading is positive
+    assert all(c[np.argmax(np.abs(c))] > 0 for c in comps)
+    y = (Xc @ basis[:, 1] > 0).astype(int)
+    path = pca_figure({"base": X, "post": X[:, ::-1]}, y, tmp_path / "pca.png", title="planted",
+                      directions={"post": basis[:, 0]})
+    assert path == tmp_path / "pca.png" and path.stat().st_size > 1000
+    with pytest.raises(FigureInputError, match=r"direction of 'post' has shape \(10,\); expected \(9,\)"):
+        pca_figure({"base": X, "post": X[:, 1:]}, y, tmp_path / "x.png", title="t", directions={"post": basis[:, 0]})
+    with pytest.raises(FigureInputError, match="299 rows"):
+        pca_figure({"base": X}, y[:299], tmp_path / "x.png", title="t")
+    with pytest.raises(FigureInputError, match="0/1"):
+        pca_figure({"base": X}, y + 1, tmp_path / "x.png", title="t")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_random_init_model_has_no_truth_direction(tmp_path):
+    """The issue's must-show: the embedded base against a random-init model of its own architecture (and its
+    tokenizer), on the embedded statements, through the study's entry point. The base has a truth direction, the
+    random model none, so nothing can be shared: inconclusive, naming the random model."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from mechdiff.zoo.paths import zoo_path
+
+    base, rand, data = zoo_path("base"), tmp_path / "random", tmp_path / "data"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base)).save_pretrained(rand)
+    AutoTokenizer.from_pretrained(base).save_pretrained(rand)
+    data.mkdir()
+    for t in ("cities", "translations", "larger_than"):
+        with open(zoo_path("data") / f"truth_{t}.csv", newline="") as f:
+            rows = list(csv.reader(f))
+        with open(data / f"truth_{t}.csv", "w", newline="") as f:
+            csv.writer(f).writerows(rows[:61])  # the header and 30 subjects, each with a true and a false statement
+    group = ModelGroup("random", str(base), (str(rand),), ("base", "random"))
+    (f,) = run_truthfulness(group, data, tmp_path / "out", settings=TruthSettings(intervene=False)).findings
+    assert f.verdict == "inconclusive" and not f.agrees, f.reason
+    assert "no truth direction in random" in f.reason and "base (" not in f.reason, f.reason
+    assert f.controls["acc_base_own_low"] > 0.55 and f.controls["acc_random_own_low"] < 0.55

@@ -116,6 +116,8 @@ class StudyResult:
     findings: list["Finding"] = field(default_factory=list)
     # one line per figure (same keys as ``figures``) saying how to read it; the report prints it
     notes: dict[str, str] = field(default_factory=dict)
+    # title -> rows (column -> value) a researcher reads as they are, e.g. completions; the report prints them
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def save(self, out_dir: str | Path) -> Path:
         """``out_dir/<study>/results.zarr``, ``summary.json`` and figures (already written there by the study)."""
@@ -134,6 +136,7 @@ class StudyResult:
             "findings": [to_jsonable(f) for f in self.findings],
             "figures": {k: str(v) for k, v in self.figures.items()},
             "notes": self.notes,
+            "tables": to_jsonable(self.tables),
         }
         (d / "summary.json").write_text(json.dumps(payload, indent=2))
         return d

@@ -12,6 +12,7 @@ is averaged over the examples that really have it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Sequence
 
@@ -29,6 +30,8 @@ __all__ = [
     "width_dim",
     "Probe",
     "best_threshold",
+    "direction_controls",
+    "accuracy_interval",
 ]
 
 _WIDTH_DIMS = ("hidden", "neuron")
@@ -594,3 +597,140 @@ def _logistic(X: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, floa
     res = minimize(f, np.zeros(p + 1), jac=True, method="L-BFGS-B")
     w, b = res.x[:p] / sd, res.x[p] - (res.x[:p] / sd) @ mu
     return w, float(b)
+
+
+# ---------------------------------------------------------------------------------------------
+# controls for a cross-model direction comparison (shared by the truthfulness and refusal studies)
+
+
+def _strata(y: np.ndarray, groups: np.ndarray) -> list[np.ndarray]:
+    """Row indices of each (group, label) cell: resampling and splitting within cells keeps every class's count."""
+    keys = list(dict.fromkeys(zip(groups.tolist(), y.tolist())))
+    return [np.flatnonzero((groups == g) & (y == l)) for g, l in keys]
+
+
+def _diff_weights(y: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Row weights [k, n] whose product with X is the difference of class means (true minus false) of the rows
+    counted ``counts`` [k, n] times."""
+    pos = counts * y
+    neg = counts * ~y
+    n_pos = np.maximum(pos.sum(1, keepdims=True), 1e-300)
+    n_neg = np.maximum(neg.sum(1, keepdims=True), 1e-300)
+    return pos / n_pos - neg / n_neg
+
+
+def _row_cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    na, nb = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.einsum("kw,kw->k", a, b) / (na * nb)
+
+
+def direction_controls(
+    Xa: np.ndarray,
+    Xb: np.ndarray,
+    labels: np.ndarray,
+    *,
+    groups: np.ndarray | None = None,
+    center: bool = False,
+    n_null: int = 20,
+    null_quantile: float = 0.95,
+    n_splits: int = 5,
+    n_bootstrap: int = 200,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The cross-model cosine of the difference-of-means directions and its controls, from activations alone.
+
+    ``Xa``, ``Xb``: [n, width] activations of the same n statements in two models (the rows the directions are
+    fitted on, at the chosen layer and position); ``labels``: 0/1 per row; ``groups``: topic per row (shuffles,
+    resamples and splits stay within each topic x label cell; ``center`` removes each topic's mean first).
+
+    * ``cosine`` and its ``interval``: the 2.5/97.5% quantiles over ``n_bootstrap`` resamples of the statements
+      (the same resample in both models);
+    * ``null``: the cosine with the labels shuffled within topic, independently in each model, ``n_null`` seeded
+      times: what two directions without any truth signal give; ``null_upper`` is its ``null_quantile`` quantile.
+      ``null_shared_upper`` is the same with one shuffle for both models (the similarity of an arbitrary contrast of
+      the same statements; near 1 for a near-copy): recorded, not used by the verdict;
+    * ``split_half``: per model, the cosine between the directions of two random halves of the statements,
+      averaged over ``n_splits`` seeded splits; ``ceiling`` is their Spearman-Brown correction to full size
+      (2r / (1 + r)), geometric mean over the two models: the cosine identical directions would reach through
+      the sampling noise of this many statements.
+    """
+    Xa = np.asarray(Xa, dtype=np.float64)
+    Xb = np.asarray(Xb, dtype=np.float64)
+    y = np.asarray(labels).astype(bool)
+    n = len(y)
+    if Xa.shape != Xb.shape or Xa.shape[0] != n:
+        raise ValueError(f"activations {Xa.shape} / {Xb.shape} do not match {n} labels")
+    if y.all() or not y.any():
+        raise ValueError("the directions need both true and false statements")
+    g = np.zeros(n, dtype=np.int64) if groups is None else np.asarray(groups)
+    if center:
+        Xa, Xb = Xa.copy(), Xb.copy()
+        for t in dict.fromkeys(g.tolist()):
+            m = g == t
+            Xa[m] -= Xa[m].mean(0)
+            Xb[m] -= Xb[m].mean(0)
+    cells = _strata(y, g)
+    rng = np.random.default_rng(seed)
+
+    w = _diff_weights(y, np.ones((1, n)))
+    cosine = float(_row_cos(w @ Xa, w @ Xb)[0])
+
+    counts = np.zeros((n_bootstrap, n))
+    for idx in cells:
+        counts[:, idx] = rng.multinomial(idx.size, np.full(idx.size, 1.0 / idx.size), size=n_bootstrap)
+    wb = _diff_weights(y, counts)
+    boot = _row_cos(wb @ Xa, wb @ Xb)
+    lo, hi = np.nanquantile(boot, [0.025, 0.975])
+
+    def shuffled() -> np.ndarray:
+        out = y.copy()
+        for t in dict.fromkeys(g.tolist()):
+            idx = np.flatnonzero(g == t)
+            out[idx] = rng.permutation(out[idx])
+        return out
+
+    wa = np.stack([_diff_weights(shuffled(), np.ones((1, n)))[0] for _ in range(n_null)])
+    wn = np.stack([_diff_weights(shuffled(), np.ones((1, n)))[0] for _ in range(n_null)])
+    null = _row_cos(wa @ Xa, wn @ Xb)
+    null_shared = _row_cos(wa @ Xa, wa @ Xb)
+
+    halves = np.zeros((n_splits, n), dtype=bool)
+    for s in range(n_splits):
+        for idx in cells:
+            p = rng.permutation(idx)
+            halves[s, p[: (idx.size + int(rng.integers(2))) // 2]] = True
+    w1, w2 = _diff_weights(y, halves.astype(float)), _diff_weights(y, (~halves).astype(float))
+    split = {"a": float(np.nanmean(_row_cos(w1 @ Xa, w2 @ Xa))), "b": float(np.nanmean(_row_cos(w1 @ Xb, w2 @ Xb)))}
+    sb = {k: 2 * r / (1 + r) if r > 0 else r for k, r in split.items()}
+    ceiling = float(math.sqrt(sb["a"] * sb["b"])) if min(sb.values()) > 0 else float(min(sb.values()))
+    return {
+        "cosine": cosine,
+        "interval": (float(lo), float(hi)),
+        "bootstrap": boot,
+        "null": null,
+        "null_upper": float(np.quantile(null, null_quantile)),
+        "null_mean": float(np.mean(null)),
+        "null_shared_upper": float(np.quantile(null_shared, null_quantile)),
+        "split_half": split,
+        "ceiling": ceiling,
+    }
+
+
+def accuracy_interval(correct: np.ndarray, *, n_bootstrap: int = 200, seed: int = 0) -> tuple[float, float, float]:
+    """Held-out accuracy (mean over folds of each fold's mean) and its bootstrap 95% interval, resampling the
+    statements within each fold. ``correct``: [fold, example] 1/0, NaN where the statement was not held out."""
+    c = np.atleast_2d(np.asarray(correct, dtype=np.float64))
+    rng = np.random.default_rng(seed)
+    point, boots = [], []
+    for row in c:
+        v = row[np.isfinite(row)]
+        if v.size == 0:
+            continue
+        point.append(v.mean())
+        boots.append(v[rng.integers(0, v.size, size=(n_bootstrap, v.size))].mean(1))
+    if not point:
+        return math.nan, math.nan, math.nan
+    b = np.mean(boots, axis=0)
+    lo, hi = np.quantile(b, [0.025, 0.975])
+    return float(np.mean(point)), float(lo), float(hi)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -37,6 +38,7 @@ import torch
 import xarray as xr
 
 from mechdiff.analyses.common import Finding, ModelGroup, StoreRequirementError, StudyResult, require
+from mechdiff.analyses.refusal_controls import Comparison, Rate, rate_difference, refusal_verdict
 from mechdiff.engine.batching import PromptTemplate, pad_batch, tokenize
 from mechdiff.engine.data import PromptSet, load_prompts
 from mechdiff.engine.generate import Generator, HFGenerator, contains_refusal, vllm_available
@@ -51,6 +53,7 @@ __all__ = [
     "FINDING",
     "default_refusal_phrases",
     "refusal_score",
+    "refusal_flags",
     "refusal_token_ids",
     "assign_splits",
     "refusal_prompt_set",
@@ -61,11 +64,14 @@ __all__ = [
     "ablation_interventions",
     "addition_interventions",
     "refusal_logodds",
+    "last_logprobs",
+    "ablation_kl",
     "Selection",
     "select_direction",
     "RefusalScores",
     "intervention_scores",
     "direction_cosines",
+    "template_comparisons",
     "make_generator",
     "run_refusal",
 ]
@@ -94,6 +100,8 @@ COMMON_REFUSAL_PHRASES: tuple[str, ...] = (
 ABLATION_SITES: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out")
 #: Where activation addition acts: every position the model sees, or the prompt's positions only.
 ADDITION_SCOPES: tuple[str, ...] = ("all", "prompt")
+#: How a completion is scored as a refusal (:func:`refusal_flags`).
+MATCHES: tuple[str, ...] = ("substring", "prefix")
 #: The vLLM generator can hook block outputs only.
 VLLM_ABLATION_SITES: tuple[str, ...] = ("resid_post",)
 _RESIDUAL_SITES = ("resid_pre", "resid_post")
@@ -128,12 +136,28 @@ def _check_phrases(phrases: Sequence[str]) -> tuple[str, ...]:
     return out
 
 
-def refusal_score(completions: Sequence[str], phrases: Sequence[str]) -> float:
-    """Fraction of ``completions`` containing one of ``phrases`` (case-insensitive), in [0, 1]."""
+def _check_match(match: str) -> None:
+    if match not in MATCHES:
+        raise ValueError(f"refusal match {match!r}: choose from {', '.join(MATCHES)}")
+
+
+def refusal_flags(completions: Sequence[str], phrases: Sequence[str], match: str = "substring") -> np.ndarray:
+    """Per completion, 1.0 if it is a refusal, else 0.0. ``match``: ``substring`` (one of ``phrases`` anywhere,
+    case-insensitive: a reply that starts with filler still counts) or ``prefix`` (the reply, stripped,
+    starts with one of them: Arditi et al.'s and Du et al.'s scoring)."""
     phrases = _check_phrases(phrases)
+    _check_match(match)
+    if match == "prefix":
+        low = tuple(p.strip().lower() for p in phrases)
+        return np.array([float(c.strip().lower().startswith(low)) for c in completions])
+    return np.array([float(contains_refusal(c, phrases)) for c in completions])
+
+
+def refusal_score(completions: Sequence[str], phrases: Sequence[str], match: str = "substring") -> float:
+    """Fraction of ``completions`` that are refusals (:func:`refusal_flags`), in [0, 1]."""
     if len(completions) == 0:
         raise ValueError("no completions to score")
-    return float(np.mean([contains_refusal(c, phrases) for c in completions]))
+    return float(refusal_flags(completions, phrases, match).mean())
 
 
 def refusal_token_ids(tokenizer: Any, phrases: Sequence[str]) -> list[int]:
@@ -382,10 +406,13 @@ class RefusalDirection:
         self._check(lm)
         return ablation_interventions(self.vector, lm.adapter.n_layers, sites)
 
-    def addition(self, lm: LoadedModel, coef: float | None = None, scope: str = "all") -> list[Intervention]:
-        """Addition at this direction's layer, times ``coef`` (default: the coefficient chosen with it)."""
+    def addition(self, lm: LoadedModel, coef: float | None = None, scope: str = "all",
+                 unit: bool = False) -> list[Intervention]:
+        """Addition at this direction's layer of the difference of means (or, ``unit``, of the unit direction,
+        as Du et al. add it), times ``coef`` (default: the coefficient chosen with it)."""
         self._check(lm)
-        return addition_interventions(self.vector, self.layer, self.site, self.coef if coef is None else coef, scope)
+        return addition_interventions(self.unit if unit else self.vector, self.layer, self.site,
+                                      self.coef if coef is None else coef, scope)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,28 +433,54 @@ def refusal_logodds(
     ``interventions`` active at every position: a cheap stand-in for generating and matching phrases."""
     if not token_ids:
         raise ValueError("no refusal tokens: none of the phrases starts with a token the vocabulary knows")
+    lp = last_logprobs(lm, texts, template, interventions=interventions, batch_size=batch_size)
+    bad = [t for t in token_ids if not 0 <= t < lp.shape[-1]]
+    if bad:
+        raise ValueError(f"refusal token ids {bad} are outside the vocabulary of {lp.shape[-1]}")
+    refuse = torch.zeros(lp.shape[-1], dtype=torch.bool, device=lp.device)
+    refuse[list(token_ids)] = True
+    return (torch.logsumexp(lp[:, refuse], dim=-1) - torch.logsumexp(lp[:, ~refuse], dim=-1)).cpu().numpy()
+
+
+@torch.inference_mode()
+def last_logprobs(
+    lm: LoadedModel,
+    texts: Sequence[str],
+    template: PromptTemplate,
+    *,
+    interventions: Sequence[Intervention] = (),
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Next-token log-probabilities (float64, [prompt, vocab]) at each templated prompt's last position, with
+    ``interventions`` active at every position."""
+    if len(texts) == 0:
+        raise ValueError("no prompts to score")
     tok = lm.tokenizer
     prompts = [template.apply(t, tok) for t in texts]
     ids = tokenize(tok, prompts, add_special_tokens=template.spec != "chat")
-    out = np.empty(len(ids), dtype=np.float64)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    refuse = None
+    out: torch.Tensor | None = None
     for s in range(0, len(order), batch_size):
         chunk = order[s : s + batch_size]
         inputs = pad_batch([ids[i] for i in chunk], tok.pad_token_id, side="left", device=lm.device)
         with hooks(lm.adapter, None, interventions):
-            logits = _last_logits(lm, inputs)
-        lp = torch.log_softmax(logits.double(), dim=-1)
-        if refuse is None:
-            refuse = torch.zeros(lp.shape[-1], dtype=torch.bool, device=lp.device)
-            bad = [t for t in token_ids if not 0 <= t < lp.shape[-1]]
-            if bad:
-                raise ValueError(f"refusal token ids {bad} are outside the vocabulary of {lp.shape[-1]}")
-            refuse[list(token_ids)] = True
-        yes = torch.logsumexp(lp[:, refuse], dim=-1)
-        no = torch.logsumexp(lp[:, ~refuse], dim=-1)
-        out[chunk] = (yes - no).cpu().numpy()
+            lp = torch.log_softmax(_last_logits(lm, inputs).double(), dim=-1)
+        if out is None:
+            out = torch.empty(len(ids), lp.shape[-1], dtype=torch.float64, device=lp.device)
+        out[chunk] = lp
     return out
+
+
+def ablation_kl(lm: LoadedModel, texts: Sequence[str], template: PromptTemplate, direction: np.ndarray, *,
+                sites: Sequence[str] = ABLATION_SITES, batch_size: int = 32,
+                baseline: torch.Tensor | None = None) -> float:
+    """Mean KL(P || P_ablated) of the next-token distributions at the last position of ``texts`` (harmless
+    prompts): how much ablating ``direction`` everywhere disturbs ordinary behaviour. Arditi et al. drop
+    candidate directions with KL > 0.1. ``baseline``: the unablated :func:`last_logprobs`, when already had."""
+    p = baseline if baseline is not None else last_logprobs(lm, texts, template, batch_size=batch_size)
+    q = last_logprobs(lm, texts, template, batch_size=batch_size,
+                      interventions=ablation_interventions(direction, lm.adapter.n_layers, sites))
+    return float((p.exp() * (p - q)).sum(-1).mean())
 
 
 def _last_logits(lm: LoadedModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -460,11 +513,13 @@ class Selection:
     baseline_harmless: float
     candidates: list[int] = field(default_factory=list)
     generation: xr.Dataset | None = None
+    selected: bool = True  # False: the model does not refuse, so no candidate was scored (see run_refusal)
 
     def summary(self) -> dict[str, Any]:
         l, p = self.direction.layer, self.direction.position
         at = self.scores.sel(layer=l, position=p)
         return {
+            "selected": self.selected,
             "layer": l,
             "position": p,
             "norm": self.direction.norm,
@@ -513,6 +568,9 @@ def select_direction(
     addition_scope: str = "all",
     phrases: Sequence[str] | None = None,
     max_new_tokens: int = 16,
+    match: str = "substring",
+    addition_unit: bool = False,
+    kl_max: float | None = None,
 ) -> Selection:
     """Score every candidate (layer, position) of ``directions`` (dims layer, position, hidden) by ablation on
     ``harmful_val`` and addition on ``harmless_val`` (:func:`refusal_logodds`), and choose the highest score.
@@ -523,13 +581,20 @@ def select_direction(
     (``max_new_tokens``, ``phrases``) with the direction ablated, and with it added (``addition_scope``) at
     each of ``addition_coefs``; the candidate with the largest drop plus rise wins (ties: the better logit
     score), with its best coefficient (ties: the smallest). The first-token log-odds can reward a direction
-    whose addition only makes the model stutter the first refusal token; completions cannot."""
+    whose addition only makes the model stutter the first refusal token; completions cannot.
+
+    ``kl_max`` (Arditi et al.'s filter, 0.1 there): candidates whose ablation moves the harmless validation
+    prompts' next-token distribution by a mean KL above it are dropped (``kl`` in the scores). ``addition_unit``:
+    add the unit direction times the coefficient instead of the difference of means (Du et al.)."""
     if not harmful_val or not harmless_val:
         raise ValueError("selection needs harmful and harmless validation prompts")
     coefs = _check_coefs(addition_coefs)
     _check_scope(addition_scope)
     if rerank < 0:
         raise ValueError(f"rerank={rerank}: 0 or more candidates")
+    if kl_max is not None and not (math.isfinite(kl_max) and kl_max > 0):
+        raise ValueError(f"kl_max={kl_max}: a positive number, or None for no filter")
+    _check_match(match)
     n_layers = lm.adapter.n_layers
     directions = directions.transpose("layer", "position", ...)
     layers = [int(l) for l in directions["layer"].values]
@@ -542,7 +607,9 @@ def select_direction(
     base_l = float(refusal_logodds(lm, harmless_val, template, token_ids, batch_size=batch_size).mean())
     abl = np.full((len(layers), len(positions)), np.nan)
     add = np.full_like(abl, np.nan)
+    kl = np.full_like(abl, np.nan)
     vals = np.asarray(directions.values, dtype=np.float64)
+    harmless_lp = last_logprobs(lm, harmless_val, template, batch_size=batch_size) if kl_max is not None else None
     for l in cands:
         i = layers.index(l)
         for j, _ in enumerate(positions):
@@ -552,17 +619,28 @@ def select_direction(
             abl[i, j] = refusal_logodds(lm, harmful_val, template, token_ids,
                                         interventions=ablation_interventions(v, n_layers, ablation_sites),
                                         batch_size=batch_size).mean()
+            add_v = v / np.linalg.norm(v) if addition_unit else v
             add[i, j] = refusal_logodds(lm, harmless_val, template, token_ids,
-                                        interventions=addition_interventions(v, l, site),
+                                        interventions=addition_interventions(add_v, l, site),
                                         batch_size=batch_size).mean()
+            if kl_max is not None:
+                kl[i, j] = ablation_kl(lm, harmless_val, template, v, sites=ablation_sites, batch_size=batch_size,
+                                       baseline=harmless_lp)
     score = (base_h - abl) + (add - base_l)
     if np.isnan(score).all():
         raise ValueError(f"{model or 'model'}: every candidate direction is zero or NaN")
+    if kl_max is not None:
+        kept = np.isfinite(score) & (kl <= kl_max)
+        if not kept.any():
+            raise ValueError(f"{model or 'model'}: every candidate's ablation moves harmless next-token "
+                             f"distributions by KL > {kl_max} (smallest {np.nanmin(kl):.3g}); raise kl_max or "
+                             "give kl_max=None")
+        score = np.where(kept, score, np.nan)
     i, j = np.unravel_index(int(np.nanargmax(score)), score.shape)  # ties: the earliest layer, position
     coords = {"layer": layers, "position": positions}
     scores = xr.Dataset(
         {"ablation": (("layer", "position"), abl), "addition": (("layer", "position"), add),
-         "score": (("layer", "position"), score)},
+         "score": (("layer", "position"), score), "kl": (("layer", "position"), kl)},
         coords=coords,
     )
     coef, gen = 1.0, None
@@ -570,7 +648,8 @@ def select_direction(
         (i, j), coef, gen = _rerank(generator, score, vals, layers, positions, coefs, harmful_val, harmless_val,
                                     n_layers=n_layers, site=site, rerank=rerank, scope=addition_scope,
                                     ablation_sites=ablation_sites, max_new_tokens=max_new_tokens,
-                                    phrases=_check_phrases(phrases if phrases is not None else default_refusal_phrases()))
+                                    phrases=_check_phrases(phrases if phrases is not None else default_refusal_phrases()),
+                                    match=match, addition_unit=addition_unit)
     chosen = RefusalDirection(model, site, layers[i], positions[j], vals[i, j], coef)
     return Selection(chosen, scores, base_h, base_l, cands, gen)
 
@@ -578,12 +657,12 @@ def select_direction(
 def _rerank(generator: Generator, score: np.ndarray, vals: np.ndarray, layers: list[int], positions: list[int],
             coefs: tuple[float, ...], harmful_val: Sequence[str], harmless_val: Sequence[str], *, n_layers: int,
             site: str, rerank: int, scope: str, ablation_sites: Sequence[str], max_new_tokens: int,
-            phrases: tuple[str, ...]) -> tuple[tuple[int, int], float, xr.Dataset]:
+            phrases: tuple[str, ...], match: str, addition_unit: bool) -> tuple[tuple[int, int], float, xr.Dataset]:
     """Re-score the ``rerank`` best candidates by validation generations; see :func:`select_direction`."""
 
     def refusal(texts: Sequence[str], ivs: Sequence[Intervention]) -> float:
         return refusal_score(generator.generate(list(texts), max_new_tokens=max_new_tokens, interventions=ivs),
-                             phrases)
+                             phrases, match)
 
     flat = np.where(np.isfinite(score), score, -np.inf).ravel()
     top = [np.unravel_index(int(k), score.shape) for k in np.argsort(-flat, kind="stable")[:rerank]
@@ -594,8 +673,9 @@ def _rerank(generator: Generator, score: np.ndarray, vals: np.ndarray, layers: l
     best, best_gain, best_coef = top[0], -np.inf, coefs[0]
     for i, j in top:  # best logit score first, so ties keep it
         abl[i, j] = refusal(harmful_val, ablation_interventions(vals[i, j], n_layers, ablation_sites))
+        v = vals[i, j] / np.linalg.norm(vals[i, j]) if addition_unit else vals[i, j]
         for k, c in enumerate(coefs):
-            add[i, j, k] = refusal(harmless_val, addition_interventions(vals[i, j], layers[i], site, c, scope))
+            add[i, j, k] = refusal(harmless_val, addition_interventions(v, layers[i], site, c, scope))
         k = int(np.argmax(add[i, j]))  # the first maximum: the smallest coefficient
         gain = (base_h - abl[i, j]) + (add[i, j, k] - base_l)
         if gain > best_gain:
@@ -622,6 +702,7 @@ class RefusalScores:
     ablation: dict[str, float]  # source model -> score on harmful prompts
     addition: dict[str, float]  # source model -> score on harmless prompts
     completions: dict[str, list[str]] = field(default_factory=dict)  # e.g. "harmful", "harmful|ablate:base"
+    flags: dict[str, np.ndarray] = field(default_factory=dict)  # per completion key: 1.0 = a refusal
 
     def effect(self, source: str) -> float:
         """Refusal removed on harmful plus refusal induced on harmless prompts by ``source``'s direction."""
@@ -641,13 +722,17 @@ def intervention_scores(
     ablation_sites: Sequence[str] = ABLATION_SITES,
     coef: float | None = None,
     addition_scope: str = "all",
+    match: str = "substring",
+    addition_unit: bool = False,
+    baseline: Mapping[str, list[str]] | None = None,
 ) -> RefusalScores:
     """Greedy completions (``max_new_tokens``) of ``harmful`` and ``harmless`` prompts by ``generator`` (which
     templates them), plain and under each direction: ablated at every layer on harmful prompts, added at its
     layer (``addition_scope``) on harmless prompts, times ``coef`` (default: each direction's own; give the
     target's to compare directions under one recipe). ``lm`` is the generator's model (for layer counts and
-    width checks)."""
+    width checks). ``baseline``: the unsteered ``harmful`` / ``harmless`` completions, when already made."""
     phrases = _check_phrases(phrases if phrases is not None else default_refusal_phrases())
+    _check_match(match)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: at least 1")
     if not harmful or not harmless:
@@ -656,15 +741,20 @@ def intervention_scores(
     def gen(texts: Sequence[str], ivs: Sequence[Intervention]) -> list[str]:
         return generator.generate(list(texts), max_new_tokens=max_new_tokens, interventions=ivs)
 
-    comps: dict[str, list[str]] = {"harmful": gen(harmful, []), "harmless": gen(harmless, [])}
-    res = RefusalScores(target, {k: refusal_score(v, phrases) for k, v in comps.items()}, {}, {}, comps)
+    comps: dict[str, list[str]] = {k: list(baseline[k]) if baseline is not None else gen(v, [])
+                                    for k, v in (("harmful", harmful), ("harmless", harmless))}
+    res = RefusalScores(target, {}, {}, {}, comps)
+
+    def score(key: str) -> float:
+        res.flags[key] = refusal_flags(comps[key], phrases, match)
+        return float(res.flags[key].mean())
+
+    res.baseline = {k: score(k) for k in ("harmful", "harmless")}
     for src, d in directions.items():
-        c = gen(harmful, d.ablation(lm, ablation_sites))
-        comps[f"harmful|ablate:{src}"] = c
-        res.ablation[src] = refusal_score(c, phrases)
-        c = gen(harmless, d.addition(lm, coef, addition_scope))
-        comps[f"harmless|add:{src}"] = c
-        res.addition[src] = refusal_score(c, phrases)
+        comps[f"harmful|ablate:{src}"] = gen(harmful, d.ablation(lm, ablation_sites))
+        res.ablation[src] = score(f"harmful|ablate:{src}")
+        comps[f"harmless|add:{src}"] = gen(harmless, d.addition(lm, coef, addition_scope, unit=addition_unit))
+        res.addition[src] = score(f"harmless|add:{src}")
     return res
 
 
@@ -726,9 +816,54 @@ def _templates(group: ModelGroup, templates: Mapping[str, str] | None) -> dict[s
     return out
 
 
-def _group_name(group: ModelGroup, label: str, prompts: PromptSet) -> str:
+def _group_name(group: ModelGroup, label: str, prompts: PromptSet, template: str | None = None) -> str:
+    """The store group of ``label``'s activations: under its own template, or (``template``) under another."""
     clean = "".join(c if c.isalnum() or c in "-_." else "_" for c in group.name)
-    return f"{clean}/{label}/refusal-{prompts.hash[:12]}"
+    name = f"{clean}/{label}/refusal-{prompts.hash[:12]}"
+    if template is not None:
+        import hashlib
+
+        name += f"-template-{hashlib.sha256(template.encode()).hexdigest()[:8]}"
+    return name
+
+
+def _partners(group: ModelGroup, label: str) -> list[str]:
+    """The labels ``label`` is compared with: the post models for the base, the base for a post model."""
+    return [q for b, p in group.pairs for q in ((p,) if b == label else (b,) if p == label else ())]
+
+
+@contextmanager
+def _chat_template_for(lm: LoadedModel, spec: str, label: str, group: ModelGroup, own: bool):
+    """A base model prompted under its partner's chat template may have none of its own: it borrows the
+    partner's for the extraction (the vocabulary is the same; checked by the store's tokenizer record)."""
+    tok = lm.tokenizer
+    if spec != "chat" or getattr(tok, "chat_template", None):
+        yield
+        return
+    if own:
+        raise ValueError(f"model {label!r} ({group.models[label]}) has no chat template; "
+                         f"give it a template with {{text}} (templates={{{label!r}: ...}})")
+    from mechdiff.engine.models import load_tokenizer
+
+    donors = [load_tokenizer(group.models[q]) for q in _partners(group, label)]
+    donor = next((d.chat_template for d in donors if getattr(d, "chat_template", None)), None)
+    if donor is None:
+        raise ValueError(f"model {label!r} has no chat template and no partner has one to lend")
+    tok.chat_template = donor
+    try:
+        yield
+    finally:
+        tok.chat_template = None
+
+
+def _unselected(label: str, site: str, dirs: xr.DataArray, layer: int) -> Selection:
+    """The difference of means at ``layer``, last position, for a model not searched for a direction."""
+    pos = int(dirs["position"].values.max())
+    scores = xr.full_like(dirs.isel(hidden=0, drop=True), np.nan, dtype=np.float64)
+    ds = xr.Dataset({k: scores for k in ("ablation", "addition", "score", "kl")})
+    vec = np.asarray(dirs.sel(layer=layer, position=pos).values, dtype=np.float64)
+    return Selection(RefusalDirection(label, site, layer, pos, vec), ds, math.nan, math.nan, [], None,
+                     selected=False)
 
 
 def run_refusal(
@@ -753,11 +888,16 @@ def run_refusal(
     device: str = "cpu",
     token_budget: int = 16384,
     seed: int = 0,
-    transfer_ratio: float = 0.5,
-    low_cosine: float = 0.5,
     addition_scope: str = "prompt",
     addition_coefs: Sequence[float] = (1.0, 1.5, 2.0, 3.0),
+    addition_unit: bool = False,
     rerank: int = 4,
+    match: str = "substring",
+    kl_max: float | None = None,
+    select_all: bool = False,
+    n_bootstrap: int = 1000,
+    n_null: int = 20,
+    n_splits: int = 5,
     lms: Mapping[str, LoadedModel] | None = None,
     progress: bool = False,
 ) -> StudyResult:
@@ -769,13 +909,21 @@ def run_refusal(
     drawn at random, seeded, when a split has more). ``store``: store root for the activations (default
     ``out_dir/store.zarr``); extraction resumes and reuses finished groups. ``templates``: label -> template
     (default: base ``User: {text}\\nAssistant:``, post-trained ``chat``). ``phrases``: refusal phrases
-    (default :func:`default_refusal_phrases`). ``lms``: already loaded models by label (otherwise loaded
-    from the group's paths, one at a time). ``transfer_ratio`` / ``low_cosine``: the finding agrees with the
-    paper when the base direction's effect on the post model is below ``transfer_ratio`` times the post
-    model's own, or the chosen directions' cosine is below ``low_cosine``. ``addition_scope``,
-    ``addition_coefs``, ``rerank``: how activation addition acts and how the candidate and its coefficient are
-    chosen (:func:`select_direction`); at test time every direction is added to a target model with the
-    target's own chosen coefficient, so own and transferred directions differ only in the vector.
+    (default :func:`default_refusal_phrases`), scored by ``match`` (:func:`refusal_flags`: ``substring``, or
+    ``prefix`` as Arditi et al. and Du et al. score). ``lms``: already loaded models by label (otherwise
+    loaded from the group's paths, one at a time). ``addition_scope``, ``addition_coefs``, ``addition_unit``,
+    ``rerank``, ``kl_max``: how activation addition acts and how the candidate and its coefficient are chosen
+    (:func:`select_direction`; Du et al.'s addition is ``addition_unit=True, addition_scope="all"``, Arditi et
+    al.'s filter ``kl_max=0.1``); at test time every direction is added to a target model with the target's own
+    chosen coefficient, so own and transferred directions differ only in the vector.
+
+    The verdict (:func:`~mechdiff.analyses.refusal_controls.refusal_verdict`) is decided against controls of
+    the same run: each model's refusal on unsteered test prompts (harmful vs harmless, bootstrap interval), the
+    drop its own direction causes, and the directions' cosines both under each model's own template and
+    template-matched (each model is also extracted under its partner's template), each against a shuffled-label
+    null (``n_null`` shuffles) and a split-half ceiling (``n_splits``), with ``n_bootstrap`` resamples. A model
+    that does not refuse is not searched for a direction and not steered (``select_all``: it is anyway): its
+    comparison is inconclusive.
 
     Writes ``out_dir/refusal/`` (results.zarr, summary.json, figures) and returns the :class:`StudyResult`.
     """
@@ -799,6 +947,11 @@ def run_refusal(
     if generator == "vllm" and addition_scope == "prompt":
         raise ValueError("the vLLM generator cannot add to prompt positions only: give addition_scope='all'")
     addition_coefs = _check_coefs(addition_coefs)
+    _check_match(match)
+    if kl_max is not None and not (math.isfinite(kl_max) and kl_max > 0):
+        raise ValueError(f"kl_max={kl_max}: a positive number, or None for no filter")
+    if n_bootstrap < 1 or n_null < 1 or n_splits < 1:
+        raise ValueError("n_bootstrap, n_null and n_splits must be at least 1")
     if rerank < 0:
         raise ValueError(f"rerank={rerank}: 0 or more candidates")
     if max_new_tokens < 1 or n_val < 1 or n_eval < 1 or batch_size < 1:
@@ -830,62 +983,106 @@ def run_refusal(
             return lms[label]
         return load_model(group.models[label], dtype=model_dtype, device=device)
 
-    # -- per model: extract, directions, choice of (layer, position)
+    # -- per model: extract under every template the comparisons need, directions, unsteered test completions
+    # (each model's own template, and each partner's: the template-matched comparison needs both models under
+    # one template), then the choice of (layer, position) for models that refuse
+    specs = {l: [tmpl[l].spec] for l in group.labels}
+    for b, p in group.pairs:
+        for x, y in ((b, p), (p, b)):
+            if tmpl[y].spec not in specs[x]:
+                specs[x].append(tmpl[y].spec)
+    acts: dict[tuple[str, str], xr.Dataset] = {}
     dirs: dict[str, xr.DataArray] = {}
     sel: dict[str, Selection] = {}
     groups: dict[str, str] = {}
     extract_info: dict[str, dict] = {}
     tokens: dict[str, list[str]] = {}
     n_layers: dict[str, int] = {}
+    plain: dict[str, dict[str, list[str]]] = {}
+    refuses: dict[str, Rate] = {}
+    # one model under one template gives one set of activations and completions, whatever its label (a model
+    # compared with itself, as a control, is extracted and generated once)
+    seen: dict[tuple[str, str], str] = {}
     for label in group.labels:
         lm = model(label)
-        if tmpl[label].spec == "chat" and not getattr(lm.tokenizer, "chat_template", None):
-            raise ValueError(f"model {label!r} ({group.models[label]}) has no chat template; "
-                             f"give it a template with {{text}} (templates={{{label!r}: ...}})")
         n_layers[label] = lm.adapter.n_layers
-        g = groups[label] = _group_name(group, label, prompts)
-        spec = CaptureSpec(sites=(site,), layers="all", positions="post_instruction", template=tmpl[label].spec,
-                           dtype=store_dtype)
-        rep = extract(lm, prompts, spec, store, g, token_budget=token_budget, progress=progress)
-        extract_info[label] = {"group": g, "shards_written": rep.shards_written, "shards_skipped": rep.shards_skipped,
-                               "tokens": rep.tokens, "seconds": round(rep.seconds, 3)}
-        ds = open_store(store, g)
-        check_store(ds, site=site, template=tmpl[label].spec, n_layers=lm.adapter.n_layers)
-        dirs[label] = refusal_directions(ds, site=site, rows=train).load()
+        for spec in specs[label]:
+            own = spec == tmpl[label].spec
+            key = label if own else f"{label}|{spec}"
+            twin = seen.setdefault((group.models[label], spec), key)
+            if twin != key:
+                acts[(label, spec)] = acts[(twin.split("|")[0], spec)]
+                extract_info[key] = {**extract_info[twin], "same_as": twin}
+                continue
+            g = groups[key] = _group_name(group, label, prompts, None if own else spec)
+            with _chat_template_for(lm, spec, label, group, own):
+                cap = CaptureSpec(sites=(site,), layers="all", positions="post_instruction", template=spec,
+                                  dtype=store_dtype)
+                rep = extract(lm, prompts, cap, store, g, token_budget=token_budget, progress=progress)
+            extract_info[key] = {"group": g, "template": spec, "shards_written": rep.shards_written,
+                                 "shards_skipped": rep.shards_skipped, "tokens": rep.tokens,
+                                 "seconds": round(rep.seconds, 3)}
+            ds = acts[(label, spec)] = open_store(store, g)
+            check_store(ds, site=site, template=spec, n_layers=lm.adapter.n_layers)
+        dirs[label] = refusal_directions(acts[(label, tmpl[label].spec)], site=site, rows=train).load()
         ids = refusal_token_ids(lm.tokenizer, phrases)
         if not ids:
             raise ValueError(f"model {label!r}: no refusal phrase starts with a token its vocabulary knows; "
                              "give phrases in the model's language")
         tokens[label] = lm.tokenizer.convert_ids_to_tokens(ids)
         gen = make_generator(generator, lm, tmpl[label], model_path=group.models[label], batch_size=batch_size)
-        sel[label] = select_direction(lm, dirs[label], val_h, val_l, tmpl[label], ids, model=label, site=site,
-                                      skip_last=skip_last, ablation_sites=ablation_sites, batch_size=batch_size,
-                                      generator=gen, rerank=rerank, addition_coefs=addition_coefs,
-                                      addition_scope=addition_scope, phrases=phrases, max_new_tokens=max_new_tokens)
+        twin = next((q for q in plain if (group.models[q], tmpl[q].spec) == (group.models[label], tmpl[label].spec)),
+                    None)
+        plain[label] = plain[twin] if twin is not None else {
+            k: gen.generate(list(v), max_new_tokens=max_new_tokens) for k, v in (("harmful", test_h), ("harmless", test_l))}
+        refuses[label] = rate_difference(refusal_flags(plain[label]["harmful"], phrases, match),
+                                         refusal_flags(plain[label]["harmless"], phrases, match), paired=False,
+                                         n_bootstrap=n_bootstrap, seed=seed + 21)
+        if refuses[label].positive or select_all:
+            sel[label] = select_direction(lm, dirs[label], val_h, val_l, tmpl[label], ids, model=label, site=site,
+                                          skip_last=skip_last, ablation_sites=ablation_sites,
+                                          batch_size=batch_size, generator=gen, rerank=rerank,
+                                          addition_coefs=addition_coefs, addition_scope=addition_scope,
+                                          phrases=phrases, max_new_tokens=max_new_tokens, match=match,
+                                          addition_unit=addition_unit, kl_max=kl_max)
         del gen
         if label not in lms:
             del lm
+    # a model that does not refuse is not searched for a direction (nothing to ablate): its difference of means
+    # is read at a partner's chosen layer (else the middle candidate layer), last position, for the cosines
+    for label in group.labels:
+        if label not in sel:
+            chosen = [sel[q].direction.layer for q in _partners(group, label) if q in sel]
+            cands = candidate_layers(n_layers[label], skip_last)
+            layer = chosen[0] if chosen else cands[len(cands) // 2]
+            sel[label] = _unselected(label, site, dirs[label], min(layer, n_layers[label] - 1))
 
-    # -- per model: generation, own and transferred directions
-    partners = {l: [] for l in group.labels}
-    for b, p in group.pairs:
-        partners[b].append(p)
-        partners[p].append(b)
+    # -- generation under interventions, for models that refuse: own and partners' directions
     scores: dict[str, RefusalScores] = {}
     for label in group.labels:
-        lm = model(label)
-        gen = make_generator(generator, lm, tmpl[label], model_path=group.models[label], batch_size=batch_size)
-        srcs = {s: sel[s].direction for s in [label, *partners[label]]}
+        steer = refuses[label].positive or select_all
+        srcs = {s: sel[s].direction for s in [label, *_partners(group, label)]} if steer else {}
+        lm = model(label) if srcs else None
+        gen = make_generator(generator, lm, tmpl[label], model_path=group.models[label],
+                             batch_size=batch_size) if lm is not None else None
         scores[label] = intervention_scores(gen, lm, test_h, test_l, srcs, target=label, phrases=phrases,
                                             max_new_tokens=max_new_tokens, ablation_sites=ablation_sites,
-                                            coef=sel[label].direction.coef, addition_scope=addition_scope)
+                                            coef=sel[label].direction.coef, addition_scope=addition_scope,
+                                            match=match, addition_unit=addition_unit, baseline=plain[label])
+        del gen
         if label not in lms:
             del lm
 
     # -- cosines and the results
     cos = {f"{b} vs {p}": direction_cosines(dirs[b], dirs[p], sel[b].direction, sel[p].direction) for b, p in group.pairs}
+    harmful_rows = np.asarray(lab)[train]
+    comps = {f"{b} vs {p}": template_comparisons(acts, sel, tmpl, b, p, site=site, rows=train, harmful=harmful_rows,
+                                                 n_null=n_null, n_splits=n_splits, n_bootstrap=n_bootstrap,
+                                                 seed=seed + 31)
+             for b, p in group.pairs}
     data = _results_dataset(group, dirs, sel, cos, scores)
-    findings = [_finding(b, p, cos[f"{b} vs {p}"], scores, transfer_ratio, low_cosine) for b, p in group.pairs]
+    findings = [_finding(b, p, cos[f"{b} vs {p}"], scores, refuses, comps[f"{b} vs {p}"], n_bootstrap, seed)
+                for b, p in group.pairs]
     summary = {
         "models": group.models,
         "group": group.name,
@@ -899,8 +1096,16 @@ def run_refusal(
         "skip_last": skip_last,
         "addition_scope": addition_scope,
         "addition_coefs": list(addition_coefs),
+        "addition_unit": addition_unit,
         "rerank": rerank,
+        "match": match,
+        "kl_max": kl_max,
         "seed": seed,
+        "refuses": {m: vars(r) for m, r in refuses.items()},
+        "comparisons": {pair: {k: {"cosine": c.cosine, "interval": list(c.interval), "null_upper": c.null_upper,
+                                   "ceiling": c.ceiling, "where": c.where, "status": c.status}
+                               for k, c in cs.items()}
+                        for pair, cs in comps.items()},
         "splits": {
             what: {s: int(((splits == s) & (lab == v)).sum()) for s in _SPLITS}
             for what, v in (("harmful", 1), ("harmless", 0))
@@ -925,19 +1130,94 @@ def run_refusal(
         },
         "transfer": {f"{b} vs {p}": _transfer(b, p, scores) for b, p in group.pairs},
         "examples": {t: {k: v[:3] for k, v in s.completions.items()} for t, s in scores.items()},
+        "completions": {t: {k: [{"prompt": pr, "completion": c, "refusal": bool(f)}
+                                for pr, c, f in zip(test_h if k.startswith("harmful") else test_l, v, s.flags[k])]
+                            for k, v in s.completions.items()}
+                        for t, s in scores.items()},
     }
-    res = StudyResult(STUDY, data, summary, findings=findings)
+    res = StudyResult(STUDY, data, summary, findings=findings, tables=_completion_tables(scores, test_h, test_l))
     res.figures = _figures(group, sel, cos, scores, n_layers, skip_last, fig_dir)
+    res.figures["pca"] = _pca_figure(group, acts, sel, tmpl, site, train, harmful_rows, fig_dir / "pca.png")
+    res.notes["pca"] = ("Each model's train prompts at its chosen (layer, position), under its own template, on "
+                        "that model's first two principal components (harmful vs harmless), with its refusal "
+                        "direction as an arrow (the paper's Figure 1c).")
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     res.save(out)
     return res
 
 
+def template_comparisons(
+    acts: Mapping[tuple[str, str], xr.Dataset],
+    sel: Mapping[str, Selection],
+    templates: Mapping[str, PromptTemplate],
+    b: str,
+    p: str,
+    *,
+    site: str,
+    rows: np.ndarray,
+    harmful: np.ndarray,
+    n_null: int = 20,
+    n_splits: int = 5,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, Comparison]:
+    """The cosines between ``b``'s and ``p``'s refusal directions, each with its controls
+    (:func:`~mechdiff.analyses.directions.direction_controls` on the ``rows`` the directions are fitted on,
+    ``harmful`` their 0/1 labels).
+
+    A template ``T`` is read at the (layer, position) chosen by the model whose own template it is. Keys:
+    ``own templates`` (each model under its own template: what the paper compares), ``under <x>'s template``
+    (both models under ``x``'s template: the template-matched comparisons; one when the templates are the
+    same) and ``<m> across templates`` (one model under the two templates: what the template alone does).
+    ``acts``: (label, template spec) -> store dataset."""
+    from mechdiff.analyses.directions import direction_controls
+
+    own = {m: templates[m].spec for m in (b, p)}
+    ref = {m: (sel[m].direction.layer, sel[m].direction.position) for m in (b, p)}
+
+    def x(m: str, owner: str) -> np.ndarray:
+        layer, pos = ref[owner]
+        return np.asarray(acts[(m, own[owner])][site].sel(layer=layer, position=pos).values, dtype=np.float64)[rows]
+
+    def compare(what: str, m1: str, o1: str, m2: str, o2: str) -> Comparison:
+        c = direction_controls(x(m1, o1), x(m2, o2), harmful, n_null=n_null, n_splits=n_splits,
+                               n_bootstrap=n_bootstrap, seed=seed)
+        where = ", ".join(f"{m} under {o}'s template at layer {ref[o][0]}, position {ref[o][1]}"
+                          for m, o in ((m1, o1), (m2, o2)))
+        return Comparison.from_controls(what, c, where)
+
+    out = {"own templates": compare("own templates", b, b, p, p)}
+    owners = [b] if own[b] == own[p] else [b, p]
+    for o in owners:
+        out[f"under {o}'s template"] = compare(f"under {o}'s template", b, o, p, o)
+    if len(owners) == 2:
+        for m in (b, p):
+            out[f"{m} across templates"] = compare(f"{m} across templates", m, b, m, p)
+    return out
+
+
+def _completion_tables(scores: Mapping[str, RefusalScores], harmful: Sequence[str], harmless: Sequence[str],
+                       per_condition: int = 3) -> dict[str, list[dict[str, Any]]]:
+    """The first few test completions per model and condition, for the report (all are in summary.json)."""
+    rows = []
+    for t, s in scores.items():
+        for key, comps in s.completions.items():
+            prompts = harmful if key.startswith("harmful") else harmless
+            for pr, c, f in list(zip(prompts, comps, s.flags[key]))[:per_condition]:
+                rows.append({"model": t, "condition": key.replace("|", ", "), "prompt": pr, "completion": c,
+                             "refusal": "yes" if f else "no"})
+    return {"Test completions (greedy; the first few per model and condition)": rows}
+
+
 def _transfer(b: str, p: str, scores: Mapping[str, RefusalScores]) -> dict[str, Any]:
-    """Own vs transferred, both ways: scores and the ratio of effects (transferred / own)."""
-    out = {}
+    """Own vs transferred, both ways: scores and the ratio of effects (transferred / own); None where the target
+    was not steered (it does not refuse)."""
+    out: dict[str, Any] = {}
     for src, tgt in ((b, p), (p, b)):
         s = scores[tgt]
+        if tgt not in s.ablation or src not in s.ablation:
+            out[f"{src}->{tgt}"] = None
+            continue
         own, tr = s.effect(tgt), s.effect(src)
         out[f"{src}->{tgt}"] = {
             "target": tgt,
@@ -955,44 +1235,46 @@ def _transfer(b: str, p: str, scores: Mapping[str, RefusalScores]) -> dict[str, 
     return out
 
 
-def _finding(b: str, p: str, cos: xr.Dataset, scores: Mapping[str, RefusalScores], transfer_ratio: float,
-             low_cosine: float) -> Finding:
+def _own_drop(s: RefusalScores, n_bootstrap: int, seed: int) -> Rate | None:
+    """The refusal rate its own direction removes from ``s.target`` on the same harmful prompts."""
+    key = f"harmful|ablate:{s.target}"
+    if key not in s.flags:
+        return None
+    return rate_difference(s.flags["harmful"], s.flags[key], paired=True, n_bootstrap=n_bootstrap, seed=seed)
+
+
+def _finding(b: str, p: str, cos: xr.Dataset, scores: Mapping[str, RefusalScores], refuses: Mapping[str, Rate],
+             comps: Mapping[str, Comparison], n_bootstrap: int, seed: int) -> Finding:
+    pair = {m: refuses[m] for m in (b, p)}
+    drops = {m: _own_drop(scores[m], n_bootstrap, seed + 41) for m in (b, p)}
+    matched = {k: c for k, c in comps.items() if k.startswith("under ")}
+    verdict, reason = refusal_verdict(pair, drops, matched, comps["own templates"])
     t = _transfer(b, p, scores)
-    fwd, bwd = t[f"{b}->{p}"], t[f"{p}->{b}"]
-    c = float(cos["chosen"])
-    low = c < low_cosine
-    weak = fwd["ratio"] is not None and fwd["ratio"] < transfer_ratio
-    figures = {
-        "cosine_chosen": c,
-        "cosine_at_chosen_positions_mean": float(np.nanmean(cos["at_chosen"].values)),
-        f"{p}_own_effect": fwd["own_effect"],
-        f"{b}->{p}_effect": fwd["transferred_effect"],
-        f"{b}->{p}_ratio": fwd["ratio"] if fwd["ratio"] is not None else math.nan,
-        f"{b}_own_effect": bwd["own_effect"],
-        f"{p}->{b}_effect": bwd["transferred_effect"],
-        f"{p}->{b}_ratio": bwd["ratio"] if bwd["ratio"] is not None else math.nan,
-    }
-    why = []
-    why.append(f"cosine of the chosen directions {c:.2f} ({'below' if low else 'not below'} {low_cosine})")
-    if fwd["ratio"] is None:
-        why.append(f"{p}'s own direction changes its refusal score by only {fwd['own_effect']:+.2f}, so transfer "
-                   "is not measurable")
-    else:
-        why.append(f"{b}->{p} effect {fwd['transferred_effect']:+.2f} vs own {fwd['own_effect']:+.2f} "
-                   f"(ratio {fwd['ratio']:.2f}, {'below' if weak else 'not below'} {transfer_ratio})")
-    if low or weak:
-        verdict = "agrees"
-        reason = (f"cosine {c:.2f} < {low_cosine}" if low else "") + (" and " if low and weak else "") + (
-            f"{b}->{p} transfer ratio {fwd['ratio']:.2f} < {transfer_ratio}" if weak else "")
-    elif fwd["ratio"] is None:
-        verdict = "inconclusive"  # the direction is shared by cosine, and transfer cannot be measured
-        reason = (f"cosine {c:.2f} >= {low_cosine}, and {p}'s own direction moves its refusal score by only "
-                  f"{fwd['own_effect']:+.2f}: transfer not measurable")
-    else:
-        verdict = "disagrees"
-        reason = f"cosine {c:.2f} >= {low_cosine} and {b}->{p} transfer ratio {fwd['ratio']:.2f} >= {transfer_ratio}"
-    return Finding(FINDING, f"{b} vs {p}", figures, verdict, "; ".join(why), reason=reason,
-                   controls={f"{p}_own_effect": fwd["own_effect"], f"{b}_own_effect": bwd["own_effect"]})
+    figures: dict[str, float] = {"cosine_chosen": float(cos["chosen"])}
+    for k, c in comps.items():
+        figures[f"cosine {k}"] = c.cosine
+    for m in (b, p):
+        figures[f"{m}_refuses_harmful_minus_harmless"] = pair[m].value
+        figures[f"{m}_own_ablation_drop"] = drops[m].value if drops[m] is not None else math.nan
+    for k, v in t.items():
+        if v is not None:
+            figures[f"{k}_effect"] = v["transferred_effect"]
+            figures[f"{k}_ratio"] = v["ratio"] if v["ratio"] is not None else math.nan
+    controls: dict[str, float] = {}
+    for k, c in comps.items():
+        controls[f"null {k}"] = c.null_upper
+        controls[f"ceiling {k}"] = c.ceiling
+    for m in (b, p):
+        controls[f"{m}_refuses_low"] = pair[m].low
+        if drops[m] is not None:
+            controls[f"{m}_own_ablation_drop_low"] = drops[m].low
+    detail = "; ".join([*(c.text() for c in comps.values()),
+                        *(f"{m} refusal harmful - harmless {pair[m].text()}" for m in (b, p)),
+                        *(f"{m}'s own ablation removes {drops[m].text()}" for m in (b, p) if drops[m] is not None),
+                        *(f"{k} effect {v['transferred_effect']:+.2f} vs own {v['own_effect']:+.2f}"
+                          for k, v in t.items() if v is not None)])
+    return Finding(FINDING, f"{b} vs {p}", figures, verdict, detail, reason=reason,
+                   interval=comps["own templates"].interval, controls=controls)
 
 
 def _results_dataset(group: ModelGroup, dirs: Mapping[str, xr.DataArray], sel: Mapping[str, Selection],
@@ -1045,6 +1327,18 @@ def _results_dataset(group: ModelGroup, dirs: Mapping[str, xr.DataArray], sel: M
 
 # ---------------------------------------------------------------------------------------------
 # figures
+
+
+def _pca_figure(group: ModelGroup, acts: Mapping[tuple[str, str], xr.Dataset], sel: Mapping[str, Selection],
+                tmpl: Mapping[str, PromptTemplate], site: str, rows: np.ndarray, harmful: np.ndarray,
+                path: Path) -> Path:
+    from mechdiff.report.plotting import pca_figure
+
+    x = {m: np.asarray(acts[(m, tmpl[m].spec)][site].sel(layer=sel[m].direction.layer,
+                                                        position=sel[m].direction.position).values)[rows]
+         for m in group.labels}
+    return pca_figure(x, harmful, path, title="refusal directions", class_names=("harmless", "harmful"),
+                      directions={m: sel[m].direction.vector for m in group.labels})
 
 
 def _figures(group: ModelGroup, sel: Mapping[str, Selection], cos: Mapping[str, xr.Dataset],

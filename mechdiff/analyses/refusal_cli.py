@@ -19,10 +19,15 @@ WHAT IT DOES
   1. Extracts (resumable) both models' residual stream at every layer and
      post-instruction position for HARMFUL and HARMLESS instructions, each
      model in its own template (base: "User: {text}\\nAssistant:"; post: its
-     chat template), into STORE.
+     chat template) and in its partner's (for the template-matched
+     comparison), into STORE.
   2. Candidates: mean(harmful) - mean(harmless) per (layer, position), on
      the train rows.
-  3. Chooses the (layer, position) on validation rows: drop of the refusal
+  3. Greedy completions of the test rows, unsteered: a model that does not
+     refuse harmful prompts more often than harmless ones (bootstrap 95%
+     interval above 0) is not searched for a direction and not steered.
+     Then, for each model that refuses,
+     chooses the (layer, position) on validation rows: drop of the refusal
      token log-odds with the direction ablated (harmful prompts) plus its
      rise with the direction added (harmless prompts); the RERANK best are
      re-scored by the refusal score of greedy validation completions, which
@@ -36,6 +41,20 @@ WHAT IT DOES
      at every generated token too), times the target model's chosen
      coefficient; each model's own direction and the other model's
      (transferred): base -> post and post -> base.
+  6. The verdict, against controls of the same run: "inconclusive" when a
+     model does not refuse or its own direction does not lower its refusal;
+     otherwise from the template-matched cosines (both models under the
+     base template, and under the post template), each against a
+     shuffled-label null and a split-half ceiling: all clearly below the
+     ceiling -> "agrees" (the weights differ); all at the ceiling ->
+     "disagrees" (the reason says when the own-template cosine is low only
+     because of the template); else "inconclusive".
+
+\b
+THE PAPER'S RECIPE
+  --match prefix --addition-unit --addition-scope all --kl-max 0.1
+  (prefix-matched refusal phrases; the unit direction times the
+  coefficient added at every position; Arditi et al.'s KL filter).
 
 \b
 SPLITS
@@ -44,7 +63,7 @@ SPLITS
 
 \b
 OUTPUT
-  OUT/refusal/summary.json   every number, the findings, sample completions
+  OUT/refusal/summary.json   every number, the findings, every completion
   OUT/refusal/results.zarr   directions, selection scores, cosines, scores
   OUT/refusal/*.png          cosine by layer, refusal scores, selection
   STORE                      activations (default OUT/store.zarr)
@@ -107,6 +126,11 @@ def register(analyze_app: typer.Typer) -> None:
         addition_scope: str = typer.Option("prompt", "--addition-scope", help="Where addition acts: prompt (the prompt's positions) or all (every position, generated tokens too; needed for vllm)."),
         addition_coef: Optional[List[float]] = typer.Option(None, "--addition-coef", help="Addition coefficient to try on validation (repeat; default 1 1.5 2 3)."),
         rerank: int = typer.Option(4, "--rerank", help="Best candidates by the logit score re-scored by validation completions (0: logit score only, coefficient 1)."),
+        match: str = typer.Option("substring", "--match", help="How a completion counts as a refusal: substring (a phrase anywhere) or prefix (the reply starts with one)."),
+        addition_unit: bool = typer.Option(False, "--addition-unit", help="Add the unit direction times the coefficient (the paper) instead of the difference of means."),
+        kl_max: Optional[float] = typer.Option(None, "--kl-max", help="Drop candidates whose ablation moves harmless next-token distributions by KL above this (Arditi et al.: 0.1)."),
+        select_all: bool = typer.Option(False, "--select-all", help="Search and steer a direction also in models that do not refuse (their verdict stays inconclusive)."),
+        n_bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the intervals."),
     ) -> None:
         from rich.console import Console
         from rich.table import Table
@@ -133,17 +157,29 @@ def register(analyze_app: typer.Typer) -> None:
                 generator=generator, batch_size=batch_size, text_column=text_column, store_dtype=store_dtype,
                 model_dtype=model_dtype, device=device, seed=seed, addition_scope=addition_scope,
                 addition_coefs=tuple(addition_coef) if addition_coef else (1.0, 1.5, 2.0, 3.0), rerank=rerank,
-                progress=True,
+                match=match, addition_unit=addition_unit, kl_max=kl_max, select_all=select_all,
+                n_bootstrap=n_bootstrap, progress=True,
             )
         except (*EXPECTED, RuntimeError) as e:
             fail(e)
         s = res.summary
         t = Table(title="chosen refusal direction", title_justify="left")
-        for c in ("model", "layer", "position", "norm", "coef", "val logit score"):
+        for c in ("model", "refuses (harmful - harmless)", "layer", "position", "norm", "coef", "val logit score"):
             t.add_column(c)
         for m, c in s["chosen"].items():
-            t.add_row(m, str(c["layer"]), str(c["position"]), f"{c['norm']:.3g}", f"{c['coef']:g}", f"{c['score']:.2f}")
+            r = s["refuses"][m]
+            t.add_row(m, f"{r['value']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}]", str(c["layer"]), str(c["position"]),
+                      f"{c['norm']:.3g}", f"{c['coef']:g}",
+                      f"{c['score']:.2f}" if c["selected"] else "not searched (does not refuse)")
         out.print(t)
+        for pair, cs in s["comparisons"].items():
+            t = Table(title=f"refusal directions {pair}: cosine vs controls", title_justify="left")
+            for c in ("comparison", "cosine [95% CI]", "null (95%)", "split-half ceiling", "reading"):
+                t.add_column(c)
+            for k, c in cs.items():
+                t.add_row(k, f"{c['cosine']:+.2f} [{c['interval'][0]:+.2f}, {c['interval'][1]:+.2f}]",
+                          f"{c['null_upper']:+.2f}", f"{c['ceiling']:+.2f}", c["status"])
+            out.print(t)
         for pair, c in s["cosine"].items():
             by_layer = " ".join("nan" if v is None or v != v else f"{v:+.2f}" for v in c["at_chosen_positions_by_layer"])
             out.print(f"cosine {pair}: chosen {c['chosen']:+.3f}; by layer (chosen positions): {by_layer}")

@@ -8,13 +8,17 @@ Following Marks & Tegmark ("The Geometry of Truth") as used by Du et al. (COLM 2
   every topic but a held-out one; a 1-D probe (projection + threshold) tested on the held-out topic. With no
   ``heldout_topics`` given every topic is held out in turn (leave one topic out) and accuracies are averaged;
 * the best layer of each model is chosen by the probe's accuracy on validation rows (the ``test`` split of the
-  training topics: held-out subjects), never hard-coded;
+  training topics: held-out subjects), never hard-coded; or, as in the paper, one ``probe_layer`` is given for
+  every model and topic;
+* optionally (``center_by_topic``, the paper's centring) each topic's mean activation over all its statements is
+  subtracted first, for directions, probes, transfer and cosines alike;
 * across models: cosine of the directions per layer, and probe transfer (model A's direction on model B's
   activations, with A's threshold as it is and refitted on B's training rows);
 * intervention on few-shot prompts ending in "This statement is:": the direction, scaled by the mean
   difference times ``coef``, is added at the statement's final tokens of false statements and subtracted from
   true ones over a layer range; effect on P(TRUE) - P(FALSE) and the normalised intervention effect NIE
-  (1 = each statement moved all the way to the other label's mean, 0 = no change), own vs transferred direction.
+  (1 = each statement moved all the way to the other label's mean, 0 = no change), own vs transferred direction;
+* a PCA figure of every model's statements at the probe layer with its truth direction (the paper's Figure 1b).
 
 Everything that needs only activations is a dask reduction over the stores; only the intervention runs the
 models (through the engine's ``Intervention`` + ``hooks``).
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -32,11 +37,20 @@ import numpy as np
 import xarray as xr
 
 from mechdiff.analyses.common import Finding, ModelGroup, StoreRequirementError, StudyResult, require
-from mechdiff.analyses.directions import best_threshold, cosine_by_layer, cosine_matrix, mean_diff_sums
+from mechdiff.errors import MechdiffError
+from mechdiff.analyses.directions import (
+    accuracy_interval,
+    best_threshold,
+    cosine_by_layer,
+    cosine_matrix,
+    direction_controls,
+    mean_diff_sums,
+)
 
 __all__ = [
     "STUDY",
     "TruthSettings",
+    "TruthSettingsError",
     "TruthData",
     "load_statements",
     "check_truth_store",
@@ -59,14 +73,35 @@ POSITIONS = "last:2"
 PROBE_POSITIONS = (-1, -2)
 
 
+class TruthSettingsError(MechdiffError, ValueError):
+    """A truthfulness setting is out of range or does not fit the stores (e.g. a probe layer they lack)."""
+
+
 @dataclass(frozen=True)
 class TruthSettings:
-    """Knobs of the truthfulness study (defaults follow the paper's protocol)."""
+    """Knobs of the truthfulness study (defaults follow the paper's protocol, except where said).
+
+    Two protocol choices keep mechdiff's defaults, and each has the paper's version as an option:
+
+    * ``probe_layer``: the paper (following Marks & Tegmark) probes every model and dataset at one fixed layer
+      chosen once for the model family. Give it to do the same; the default None chooses each model's best layer
+      on validation rows instead, because mechdiff runs model families whose truth layer nobody has measured yet
+      and a layer must never be hard-coded for them. The cross-model cosine is compared at one layer either way
+      (the pair's first model's).
+    * ``center_by_topic``: the paper subtracts each dataset's mean activation (over all its statements, labels
+      unused) before fitting directions and probes, so a dataset's offset cannot pass for truth nor shift a
+      transferred probe's threshold. True does exactly that, per topic and per model, for the directions, the
+      probes (fitting, validation, held-out test and transfer), the cosines and their controls and the PCA figure.
+      The default False leaves activations as they are: centring a held-out topic uses that topic's own mean,
+      which a probe applied to one new statement cannot know, so the uncentred held-out accuracy is the stricter
+      test that a direction generalises.
+    """
 
     site: str = "resid_post"
     probe_position: int | None = None  # -1: the period; -2: the token before it; None: chosen on validation
+    probe_layer: int | None = None  # one layer for every model and topic (the paper's); None: each model's best on validation
     heldout_topics: tuple[str, ...] | None = None  # None: every topic in turn
-    center_by_topic: bool = False  # centre each topic's activations before the difference of means
+    center_by_topic: bool = False  # subtract each topic's mean activation (all its statements) first: the paper's centring
     val_fraction: float = 0.25  # validation share of each topic when the data has no split column
     seed: int = 0
     # intervention
@@ -94,22 +129,25 @@ class TruthSettings:
 
     def __post_init__(self) -> None:
         if self.direction_layer not in ("each", "best"):
-            raise ValueError(f"direction_layer {self.direction_layer!r}: each or best")
+            raise TruthSettingsError(f"direction_layer {self.direction_layer!r}: each or best")
         if self.transfer_scale not in ("target", "source"):
-            raise ValueError(f"transfer_scale {self.transfer_scale!r}: target or source")
+            raise TruthSettingsError(f"transfer_scale {self.transfer_scale!r}: target or source")
         if self.probe_position not in (-1, -2, None):
-            raise ValueError("probe_position must be -1 (the period), -2 (the token before it) or None (chosen "
-                             "on validation)")
+            raise TruthSettingsError("probe_position must be -1 (the period), -2 (the token before it) or None (chosen "
+                                     "on validation)")
+        if self.probe_layer is not None and (isinstance(self.probe_layer, bool) or not isinstance(self.probe_layer, (int, np.integer))
+                                             or self.probe_layer < 0):
+            raise TruthSettingsError(f"probe_layer {self.probe_layer!r}: a layer index >= 0, or None (each model's best)")
         if not 0 < self.val_fraction < 1:
-            raise ValueError("val_fraction must be in (0, 1)")
+            raise TruthSettingsError("val_fraction must be in (0, 1)")
         if self.n_shots < 0 or self.n_intervene < 2:
-            raise ValueError("n_shots must be >= 0 and n_intervene >= 2")
+            raise TruthSettingsError("n_shots must be >= 0 and n_intervene >= 2")
         if not math.isfinite(self.coef):
-            raise ValueError("coef must be finite")
+            raise TruthSettingsError("coef must be finite")
         if self.n_null < 1 or self.n_splits < 1 or self.n_bootstrap < 1:
-            raise ValueError("n_null, n_splits and n_bootstrap must be >= 1")
+            raise TruthSettingsError("n_null, n_splits and n_bootstrap must be >= 1")
         if not 0 < self.null_quantile < 1:
-            raise ValueError("null_quantile must be in (0, 1)")
+            raise TruthSettingsError("null_quantile must be in (0, 1)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,6 +331,10 @@ def probe_analysis(
     accuracy (mean over models) is highest is kept; ties go to the period, the usual choice. Models differ in
     where they keep a statement's truth: one that judges truth after a prompt suffix may keep it on the last
     word rather than the period. ``attrs``: ``probe_position`` and ``probe_position_val_acc`` (JSON).
+
+    ``settings.probe_layer`` fixes every model's probe layer (``best_layer``) to that layer (positions are then
+    compared at it); ``settings.center_by_topic`` centres each topic's activations on their mean first (see
+    :class:`TruthSettings`).
     """
     tries = [settings.probe_position] if settings.probe_position is not None else list(PROBE_POSITIONS)
     best = None
@@ -301,7 +343,9 @@ def probe_analysis(
     for pos in tries:
         res, data = _probe_analysis_at(stores, replace(settings, probe_position=pos), pairs=pairs, shots=shots,
                                        sums_cache=sums)
-        scores[pos] = float(res["val_acc"].mean("fold").max("layer").mean("model"))
+        val = res["val_acc"].mean("fold")
+        val = val.sel(layer=settings.probe_layer) if settings.probe_layer is not None else val.max("layer")
+        scores[pos] = float(val.mean("model"))
         if best is None or scores[pos] > scores[best[0]]:
             best = (pos, res, data)
     _, res, data = best
@@ -332,6 +376,11 @@ def _probe_analysis_at(
     if len(set(widths.values())) != 1 or len(set(layers_of.values())) != 1:
         raise ValueError(f"{STUDY}: models differ in width {widths} or layers; directions cannot be compared")
     layers = np.asarray(layers_of[names[0]])
+    if settings.probe_layer is not None and settings.probe_layer not in layers:
+        raise TruthSettingsError(
+            f"{STUDY}: probe_layer {settings.probe_layer} is not among the stored layers {layers.tolist()}; choose one of "
+            "them (or leave it unset for each model's best layer)"
+        )
     pairs = list(pairs) if pairs is not None else [(names[0], n) for n in names[1:]]
 
     folds = _folds(data, settings)
@@ -347,21 +396,26 @@ def _probe_analysis_at(
     for t in data.topic_names:
         idx = np.flatnonzero(topics == t)
         shuffled[idx] = rng.permutation(shuffled[idx])
+    centred = settings.center_by_topic
     if sums_cache and "sums" in sums_cache:
-        sums, null_sums = sums_cache["sums"], sums_cache["null_sums"]
+        sums, null_sums, means = sums_cache["sums"], sums_cache["null_sums"], sums_cache["means"]
     else:
         lazy = {n: mean_diff_sums(stores[n], settings.site, data.labels, rows=fit, center_by=topics, compute=False) for n in names}
         lazy_null = {n: mean_diff_sums(stores[n], settings.site, shuffled, rows=fit, center_by=topics, compute=False) for n in names}
-        totals = dask.compute(*[lazy[n].total for n in names], *[lazy_null[n].total for n in names])
+        # the paper's centring subtracts each topic's mean over all its statements (no labels used): their sums too,
+        # in the same pass over the stores
+        lazy_all = {n: mean_diff_sums(stores[n], settings.site, data.labels, center_by=topics, compute=False) for n in names} if centred else {}
+        totals = dask.compute(*[lazy[n].total for n in names], *[lazy_null[n].total for n in names],
+                              *[lazy_all[n].total for n in lazy_all])
         sums = {n: lazy[n].finish(t) for n, t in zip(names, totals[: len(names)])}
-        null_sums = {n: lazy_null[n].finish(t) for n, t in zip(names, totals[len(names):])}
+        null_sums = {n: lazy_null[n].finish(t) for n, t in zip(names, totals[len(names): 2 * len(names)])}
+        means = {n: _topic_means(lazy_all[n].finish(t)) for n, t in zip(lazy_all, totals[2 * len(names):])}
         if sums_cache is not None:
-            sums_cache.update(sums=sums, null_sums=null_sums)
-    centred = settings.center_by_topic
+            sums_cache.update(sums=sums, null_sums=null_sums, means=means)
     topic_keys = [t for t in data.topic_names if t in sums[names[0]].groups]
 
     def direction(n: str, keep: Sequence[str]) -> np.ndarray:  # [layer, position, width]
-        return sums[n].select_groups(list(keep), centred=centred).diff
+        return _centred_diff(sums[n], keep, means.get(n))
 
     full = {n: direction(n, topic_keys) for n in names}
     fold_dirs = {n: np.stack([direction(n, [t for t in topic_keys if t != h]) for h in folds]) for n in names}
@@ -381,6 +435,10 @@ def _probe_analysis_at(
     computed = dask.compute(*[p.data for p in lazy_p])
     for n, arr in zip(names, computed):
         projs[n] = np.asarray(arr)  # [example, source, fold, layer]
+        if centred:
+            # (x - topic mean) . d == x . d - mean over the topic's rows of x . d: every probe score (fit, validation,
+            # held-out and transferred: each target centred on its own means) as of centred activations
+            projs[n] = _centre_rows(projs[n], topics)
 
     # 3) probes: own (validation + held-out test) and transferred (unrefitted / refitted threshold).
     S, F, L = len(names), len(folds), len(layers)
@@ -415,7 +473,10 @@ def _probe_analysis_at(
                     own = projs[names[si]][:, si, f, l]
                     val_acc[si, f, l] = np.mean((own[rows] > thresholds[si, f, l]) == y[rows])
     mean_val = np.nanmean(val_acc, axis=1)  # [source, layer]
-    best = np.asarray([int(np.nanargmax(mean_val[si])) for si in range(S)])  # first of the maxima
+    if settings.probe_layer is not None:
+        best = np.full(S, int(np.flatnonzero(layers == settings.probe_layer)[0]))  # the paper's: one layer for all
+    else:
+        best = np.asarray([int(np.nanargmax(mean_val[si])) for si in range(S)])  # first of the maxima
     # per-statement correctness of each model's own probe on its held-out topic at its best layer (NaN: not
     # held out in that fold): what the accuracy's bootstrap interval resamples
     correct = np.full((S, F, len(y)), np.nan)
@@ -438,7 +499,7 @@ def _probe_analysis_at(
         [cosine_matrix(dirs.sel(model=a, position=settings.probe_position), dirs.sel(model=b, position=settings.probe_position)) for a, b in pairs],
         dim="pair",
     ).assign_coords(pair=pair_names)
-    null = {n: _unitv(null_sums[n].select_groups(topic_keys, centred=centred).diff[:, p_idx]) for n in names}
+    null = {n: _unitv(_centred_diff(null_sums[n], topic_keys, means.get(n))[:, p_idx]) for n in names}
     null_cos = np.stack([np.einsum("lw,lw->l", null[a], null[b]) for a, b in pairs])
     # cosines of the fold directions too (the ones probes and interventions use)
     fold_cos = np.stack(
@@ -482,6 +543,7 @@ def _probe_analysis_at(
             "site": settings.site,
             "probe_position": settings.probe_position,
             "center_by_topic": int(settings.center_by_topic),
+            "layer_choice": "fixed" if settings.probe_layer is not None else "validation",
             "n_fit": int(fit.sum()),
             "n_examples": len(data.texts),
         },
@@ -492,6 +554,46 @@ def _probe_analysis_at(
 def _unitv(x: np.ndarray) -> np.ndarray:
     n = np.linalg.norm(x, axis=-1, keepdims=True)
     return x / np.where(n > 0, n, 1.0)
+
+
+def _topic_means(s: Any) -> dict[Any, np.ndarray]:
+    """topic -> its mean activation [layer, position, width] over every row the sums saw (both labels)."""
+    total = s.group_count_pos + s.group_count_neg
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mu = (s.group_sum_pos + s.group_sum_neg) / total[..., None]
+    return {k: np.where(total[g][..., None] > 0, mu[g], 0.0) for g, k in enumerate(s.groups)}
+
+
+def _centred_diff(s: Any, keep: Sequence[Any], means: Mapping[Any, np.ndarray] | None) -> np.ndarray:
+    """Difference of class means over the rows of the sums ``s`` in topics ``keep`` [layer, position, width]; with
+    ``means`` (topic -> mean over all its statements) each row first has its topic's mean subtracted."""
+    sel = s.select_groups(list(keep))
+    if means is None:
+        return sel.uncentred().diff
+    mu = np.stack([means[k] for k in keep])  # [topic, layer, position, width]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pos = (sel.sum_pos - np.einsum("g...,g...w->...w", sel.group_count_pos, mu)) / sel.count_pos[..., None]
+        neg = (sel.sum_neg - np.einsum("g...,g...w->...w", sel.group_count_neg, mu)) / sel.count_neg[..., None]
+    return pos - neg
+
+
+def _centre_rows(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """``x`` [example, ...] with each group's mean over its rows (NaN rows left out) subtracted from its rows."""
+    out = np.array(x, dtype=np.float64)
+    groups = np.asarray(groups)
+    for g in dict.fromkeys(groups.tolist()):
+        rows = groups == g
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a slot no row of the group has stays NaN
+            out[rows] -= np.nanmean(out[rows], axis=0)
+    return out
+
+
+def _rows_at(ds: xr.Dataset, layer: int, data: TruthData, settings: TruthSettings) -> np.ndarray:
+    """Every statement's activations [example, width] at ``layer`` and the probe position, centred per topic as
+    the probes are when ``settings.center_by_topic``."""
+    x = np.asarray(ds[settings.site].sel(layer=layer, position=settings.probe_position).values, dtype=np.float64)
+    return _centre_rows(x, data.topics) if settings.center_by_topic else x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -768,139 +870,6 @@ def intervention_analysis(
 # controls and the verdict (pure functions over arrays: testable on planted data)
 
 
-def _strata(y: np.ndarray, groups: np.ndarray) -> list[np.ndarray]:
-    """Row indices of each (group, label) cell: resampling and splitting within cells keeps every class's count."""
-    keys = list(dict.fromkeys(zip(groups.tolist(), y.tolist())))
-    return [np.flatnonzero((groups == g) & (y == l)) for g, l in keys]
-
-
-def _diff_weights(y: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Row weights [k, n] whose product with X is the difference of class means (true minus false) of the rows
-    counted ``counts`` [k, n] times."""
-    pos = counts * y
-    neg = counts * ~y
-    n_pos = np.maximum(pos.sum(1, keepdims=True), 1e-300)
-    n_neg = np.maximum(neg.sum(1, keepdims=True), 1e-300)
-    return pos / n_pos - neg / n_neg
-
-
-def _row_cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    na, nb = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.einsum("kw,kw->k", a, b) / (na * nb)
-
-
-def direction_controls(
-    Xa: np.ndarray,
-    Xb: np.ndarray,
-    labels: np.ndarray,
-    *,
-    groups: np.ndarray | None = None,
-    center: bool = False,
-    n_null: int = 20,
-    null_quantile: float = 0.95,
-    n_splits: int = 5,
-    n_bootstrap: int = 200,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """The cross-model cosine of the difference-of-means directions and its controls, from activations alone.
-
-    ``Xa``, ``Xb``: [n, width] activations of the same n statements in two models (the rows the directions are
-    fitted on, at the chosen layer and position); ``labels``: 0/1 per row; ``groups``: topic per row (shuffles,
-    resamples and splits stay within each topic x label cell; ``center`` removes each topic's mean first).
-
-    * ``cosine`` and its ``interval``: the 2.5/97.5% quantiles over ``n_bootstrap`` resamples of the statements
-      (the same resample in both models);
-    * ``null``: the cosine with the labels shuffled within topic, independently in each model, ``n_null`` seeded
-      times: what two directions without any truth signal give; ``null_upper`` is its ``null_quantile`` quantile.
-      ``null_shared_upper`` is the same with one shuffle for both models (the similarity of an arbitrary contrast of
-      the same statements; near 1 for a near-copy): recorded, not used by the verdict;
-    * ``split_half``: per model, the cosine between the directions of two random halves of the statements,
-      averaged over ``n_splits`` seeded splits; ``ceiling`` is their Spearman-Brown correction to full size
-      (2r / (1 + r)), geometric mean over the two models: the cosine identical directions would reach through
-      the sampling noise of this many statements.
-    """
-    Xa = np.asarray(Xa, dtype=np.float64)
-    Xb = np.asarray(Xb, dtype=np.float64)
-    y = np.asarray(labels).astype(bool)
-    n = len(y)
-    if Xa.shape != Xb.shape or Xa.shape[0] != n:
-        raise ValueError(f"activations {Xa.shape} / {Xb.shape} do not match {n} labels")
-    if y.all() or not y.any():
-        raise ValueError("the directions need both true and false statements")
-    g = np.zeros(n, dtype=np.int64) if groups is None else np.asarray(groups)
-    if center:
-        Xa, Xb = Xa.copy(), Xb.copy()
-        for t in dict.fromkeys(g.tolist()):
-            m = g == t
-            Xa[m] -= Xa[m].mean(0)
-            Xb[m] -= Xb[m].mean(0)
-    cells = _strata(y, g)
-    rng = np.random.default_rng(seed)
-
-    w = _diff_weights(y, np.ones((1, n)))
-    cosine = float(_row_cos(w @ Xa, w @ Xb)[0])
-
-    counts = np.zeros((n_bootstrap, n))
-    for idx in cells:
-        counts[:, idx] = rng.multinomial(idx.size, np.full(idx.size, 1.0 / idx.size), size=n_bootstrap)
-    wb = _diff_weights(y, counts)
-    boot = _row_cos(wb @ Xa, wb @ Xb)
-    lo, hi = np.nanquantile(boot, [0.025, 0.975])
-
-    def shuffled() -> np.ndarray:
-        out = y.copy()
-        for t in dict.fromkeys(g.tolist()):
-            idx = np.flatnonzero(g == t)
-            out[idx] = rng.permutation(out[idx])
-        return out
-
-    wa = np.stack([_diff_weights(shuffled(), np.ones((1, n)))[0] for _ in range(n_null)])
-    wn = np.stack([_diff_weights(shuffled(), np.ones((1, n)))[0] for _ in range(n_null)])
-    null = _row_cos(wa @ Xa, wn @ Xb)
-    null_shared = _row_cos(wa @ Xa, wa @ Xb)
-
-    halves = np.zeros((n_splits, n), dtype=bool)
-    for s in range(n_splits):
-        for idx in cells:
-            p = rng.permutation(idx)
-            halves[s, p[: (idx.size + int(rng.integers(2))) // 2]] = True
-    w1, w2 = _diff_weights(y, halves.astype(float)), _diff_weights(y, (~halves).astype(float))
-    split = {"a": float(np.nanmean(_row_cos(w1 @ Xa, w2 @ Xa))), "b": float(np.nanmean(_row_cos(w1 @ Xb, w2 @ Xb)))}
-    sb = {k: 2 * r / (1 + r) if r > 0 else r for k, r in split.items()}
-    ceiling = float(math.sqrt(sb["a"] * sb["b"])) if min(sb.values()) > 0 else float(min(sb.values()))
-    return {
-        "cosine": cosine,
-        "interval": (float(lo), float(hi)),
-        "bootstrap": boot,
-        "null": null,
-        "null_upper": float(np.quantile(null, null_quantile)),
-        "null_mean": float(np.mean(null)),
-        "null_shared_upper": float(np.quantile(null_shared, null_quantile)),
-        "split_half": split,
-        "ceiling": ceiling,
-    }
-
-
-def accuracy_interval(correct: np.ndarray, *, n_bootstrap: int = 200, seed: int = 0) -> tuple[float, float, float]:
-    """Held-out accuracy (mean over folds of each fold's mean) and its bootstrap 95% interval, resampling the
-    statements within each fold. ``correct``: [fold, example] 1/0, NaN where the statement was not held out."""
-    c = np.atleast_2d(np.asarray(correct, dtype=np.float64))
-    rng = np.random.default_rng(seed)
-    point, boots = [], []
-    for row in c:
-        v = row[np.isfinite(row)]
-        if v.size == 0:
-            continue
-        point.append(v.mean())
-        boots.append(v[rng.integers(0, v.size, size=(n_bootstrap, v.size))].mean(1))
-    if not point:
-        return math.nan, math.nan, math.nan
-    b = np.mean(boots, axis=0)
-    lo, hi = np.quantile(b, [0.025, 0.975])
-    return float(np.mean(point)), float(lo), float(hi)
-
-
 def truth_verdict(
     cosine: float,
     interval: tuple[float, float],
@@ -953,7 +922,8 @@ def truth_controls(
     stores: Mapping[str, xr.Dataset], res: xr.Dataset, data: TruthData, settings: TruthSettings
 ) -> dict[str, dict[str, Any]]:
     """:func:`direction_controls` and each model's :func:`accuracy_interval` per pair of ``res``, at the pair's
-    chosen layer (the first model's best layer) and the probe position, over the fit rows."""
+    chosen layer (the first model's best layer, or the fixed ``probe_layer``) and the probe position, over the fit
+    rows (centred per topic over all its statements, as the directions are, with ``center_by_topic``)."""
     fit = data.fit_mask(settings)
     best = {str(n): int(res["best_layer"].sel(model=n)) for n in res["model"].values}
     acc = {
@@ -963,12 +933,9 @@ def truth_controls(
     out = {}
     for p, a, b in zip(res["pair"].values, res["pair_a"].values, res["pair_b"].values):
         a, b = str(a), str(b)
-        X = {
-            m: np.asarray(stores[m][settings.site].sel(layer=best[a], position=settings.probe_position).values)[fit]
-            for m in (a, b)
-        }
+        X = {m: _rows_at(stores[m], best[a], data, settings)[fit] for m in (a, b)}
         c = direction_controls(
-            X[a], X[b], data.labels[fit], groups=data.topics[fit], center=settings.center_by_topic,
+            X[a], X[b], data.labels[fit], groups=data.topics[fit], center=False,  # centred above, on all rows
             n_null=settings.n_null, null_quantile=settings.null_quantile, n_splits=settings.n_splits,
             n_bootstrap=settings.n_bootstrap, seed=settings.seed + 13,
         )
@@ -1083,8 +1050,10 @@ def _findings(res: xr.Dataset, iv: xr.Dataset | None, summ: dict[str, Any], sett
             controls_out[f"acc_{m}_own_high"] = ahi
         verdict, reason = truth_verdict(cos, (lo, hi), c["null_upper"], c["ceiling"],
                                         {m: c["accuracy"][m] for m in (a, b)}, settings)
+        where = f"the fixed probe layer {best[a]}" if settings.probe_layer is not None else f"{a}'s best layer {best[a]}"
         detail = [
-            f"cosine {cos:.2f} (95% CI [{lo:.2f}, {hi:.2f}]) at {a}'s best layer {best[a]}; shuffled-label null "
+            f"cosine {cos:.2f} (95% CI [{lo:.2f}, {hi:.2f}]) at {where}"
+            + (" (activations centred per topic)" if settings.center_by_topic else "") + "; shuffled-label null "
             f"{c['null_mean']:.2f} (upper {c['null_upper']:.2f}; one shuffle shared by both models: upper "
             f"{c['null_shared_upper']:.2f}); split-half ceiling {c['ceiling']:.2f} ({a} {c['split_half'][a]:.2f}, "
             f"{b} {c['split_half'][b]:.2f} per half)",
@@ -1193,6 +1162,21 @@ def _figures(res: xr.Dataset, iv: xr.Dataset | None, out_dir: Path, settings: Tr
     return figs
 
 
+def _pca(stores: Mapping[str, xr.Dataset], res: xr.Dataset, data: TruthData, settings: TruthSettings, layer: int,
+         path: Path) -> Path:
+    """The paper's Figure 1b/c: each model's statements at ``layer`` on its first two principal components, with
+    its truth direction (as fitted by the study: training rows, centred when the study centres)."""
+    from mechdiff.report.plotting import pca_figure
+
+    names = [str(n) for n in res["model"].values]
+    acts = {n: _rows_at(stores[n], layer, data, settings) for n in names}
+    keep = np.all([np.isfinite(x).all(axis=1) for x in acts.values()], axis=0)  # a statement too short for the slot
+    acts = {n: x[keep] for n, x in acts.items()}
+    dirs = {n: res["direction"].sel(model=n, layer=layer, position=settings.probe_position).values for n in names}
+    return pca_figure(acts, data.labels[keep], path, title=f"truth directions: layer {layer}, position {settings.probe_position}",
+                      class_names=("false", "true"), directions=dirs)
+
+
 def _heatmap(ax, m: np.ndarray, rows: list[str], cols: list[str], *, vmin: float, vmax: float) -> None:
     im = ax.imshow(m, vmin=vmin, vmax=vmax, cmap="viridis")
     ax.set_xticks(range(len(cols)), cols); ax.set_yticks(range(len(rows)), rows)
@@ -1228,6 +1212,8 @@ def truthfulness_study(
     d = Path(out_dir) / STUDY
     d.mkdir(parents=True, exist_ok=True)
     figs = _figures(res, iv, d, settings)
+    pca_layer = int(res["best_layer"].sel(model=res["pair_a"].values[0]))
+    figs["pca"] = _pca(stores, res, data, settings, pca_layer, d / "pca.png")
     data_ds = res if iv is None else xr.merge([res, iv.rename({"label": "statement_label"})], combine_attrs="no_conflicts")
     data_ds.attrs.update(res.attrs)
     if iv is not None:
@@ -1244,6 +1230,11 @@ def truthfulness_study(
         "activations (columns), with the source's threshold (left) and a threshold refitted on the target (right).",
         "nie_table": "Normalised intervention effect on P(TRUE)-P(FALSE) when the row model is steered with the column "
         "model's direction: 1 = statements moved to the other label's mean, 0 = no change.",
+        "pca": f"Every statement at layer {pca_layer} (position {settings.probe_position}"
+        + (", each topic centred on its mean" if settings.center_by_topic else "")
+        + ") on each model's own first two principal components, true and false coloured; the arrow is the model's truth "
+        "direction projected into that plane, from the false statements' mean: two clouds split along the arrow are a "
+        "linear truth direction, and similar pictures in both panels a shared one.",
     }
     data_ds["null_cosine_samples"] = (("pair", "null_sample"), np.stack([controls[str(p)]["null"] for p in res["pair"].values]))
     data_ds["bootstrap_cosine"] = (("pair", "bootstrap"), np.stack([controls[str(p)]["bootstrap"] for p in res["pair"].values]))

@@ -24,8 +24,9 @@ def truthfulness_cmd(
     coef: float = typer.Option(1.0, "--coef", help="Intervention strength in units of the mean difference between true and false statements."),
     direction_layer: str = typer.Option("each", "--direction-layer", help="each: every intervened layer gets its own layer's direction; best: the direction at the model's best layer everywhere."),
     transfer_scale: str = typer.Option("target", "--transfer-scale", help="Scale of a transferred direction: target (the intervened model's mean difference) or source (the other model's)."),
-    center_by_topic: bool = typer.Option(False, "--center-by-topic", help="Centre each topic's activations before the difference of means."),
+    center_by_topic: bool = typer.Option(False, "--center-by-topic", help="The paper's centring: subtract each topic's (dataset's) mean activation over all its statements, per model, before directions, probes, probe transfer, cosines and the PCA figure \\[default: off: a held-out topic's own mean is not known for a single new statement, so uncentred held-out accuracy is the stricter test]."),
     probe_position: Optional[int] = typer.Option(None, "--probe-position", help="-1: the period; -2: the token before it (default: the one with the better validation accuracy)."),
+    probe_layer: Optional[int] = typer.Option(None, "--probe-layer", help="The paper's protocol: one layer for every model and topic (probes, cosine, intervention window) \\[default: each model's best layer on validation rows]."),
     n_intervene: int = typer.Option(100, "--n-intervene", help="Held-out statements intervened on per topic (balanced true/false)."),
     n_shots: int = typer.Option(4, "--n-shots", help="Few-shot examples in each intervention prompt."),
     suffix: str = typer.Option(" This statement is:", "--suffix", help="Text after the statement in the few-shot prompt."),
@@ -47,8 +48,9 @@ def truthfulness_cmd(
     positions last:2) for every model into the store, resuming finished shards. Then, per model and layer:
     the difference-of-means direction (true minus false) fitted on the train split of all topics but a
     held-out one, and a 1-D probe's accuracy on the held-out topic; the best layer is the one with the best
-    validation accuracy (held-out subjects of the training topics). Across models: cosine of the directions
-    per layer and probe transfer (model A's direction on model B's activations, threshold as it was and
+    validation accuracy (held-out subjects of the training topics), or the layer --probe-layer gives, for
+    every model (the paper's protocol). --center-by-topic subtracts each topic's mean activation first (the
+    paper's centring). Across models: cosine of the directions per layer and probe transfer (model A's direction on model B's activations, threshold as it was and
     refitted on B). Finally the intervention: on few-shot prompts ending in SUFFIX, the direction, scaled by
     the mean difference times COEF, is added at the statement's last two tokens of false statements and
     subtracted from true ones; the normalised intervention effect NIE on P(TRUE) - P(FALSE) is 1 when
@@ -58,7 +60,8 @@ def truthfulness_cmd(
     [bold]OUTPUT[/]
 
     OUT/truthfulness/results.zarr (xarray), summary.json (every number and the findings),
-    cosine_by_layer.png, probe_accuracy_by_layer.png, transfer_table.png, nie_table.png.
+    cosine_by_layer.png, probe_accuracy_by_layer.png, transfer_table.png, nie_table.png, pca.png (each model's
+    statements at the probe layer on its first two principal components, with its truth direction).
     The verdict (agrees / disagrees / inconclusive) is decided against controls from the same run: a
     shuffled-label null of the cross-model cosine (20 seeded shuffles, 95th percentile), a split-half
     reliability ceiling, and bootstrap 95% intervals. No truth direction in a model (own held-out probe
@@ -98,8 +101,12 @@ def truthfulness_cmd(
         names = tuple(x.strip() for x in labels.split(",")) if labels else ()
         group = ModelGroup("truthfulness", str(base), tuple(post), names)
         iv_layers = _parse_layers(layers, str(base)) if layers else None
+        if probe_layer is not None:
+            n_layers = _n_layers(str(base))
+            if not 0 <= probe_layer < n_layers:
+                raise ValueError(f"--probe-layer {probe_layer}: the model has layers 0..{n_layers - 1}")
         settings = TruthSettings(
-            probe_position=probe_position, heldout_topics=tuple(heldout_topic) if heldout_topic else None,
+            probe_position=probe_position, probe_layer=probe_layer, heldout_topics=tuple(heldout_topic) if heldout_topic else None,
             center_by_topic=center_by_topic, seed=seed, intervene=intervene, iv_layers=iv_layers, coef=coef,
             direction_layer=direction_layer, transfer_scale=transfer_scale, n_intervene=n_intervene,
             n_shots=n_shots, suffix=suffix, label_words=words,  # type: ignore[arg-type]

@@ -87,6 +87,17 @@ def _findings_table(findings: Sequence[Finding]) -> str:
     )
 
 
+def _rows_table(title: str, rows: Sequence[dict[str, Any]]) -> str:
+    """A study's table of plain rows (e.g. completions), columns in the first row's order."""
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c, '')))}</td>" for c in cols) + "</tr>"
+                   for r in rows)
+    return f"<h3>{html.escape(title)}</h3><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3g}"
@@ -159,6 +170,8 @@ def render_report(
                 f"<figure><img alt='{html.escape(name + '/' + key)}' src='{_img(path)}'>"
                 f"<figcaption><b>{html.escape(note.title)}.</b> {html.escape(note.how_to_read)}</figcaption></figure>"
             )
+        for title_, rows in r.tables.items():
+            parts.append(_rows_table(title_, rows))
     if provenance:
         parts.append("<h2 id='provenance'>Provenance</h2>")
         parts.append(_provenance_table(provenance))
