@@ -59,9 +59,12 @@ def planted(tiny_dir):
     return plant(load_model(path), S_A, 0), plant(load_model(path), S_B, 1)
 
 
-def by_hand(lm, q: float, n: int):
+def by_hand(lm, q: float, n: int, mode: str = "transformer_lens"):
     w = lm.adapter.down_proj_weight(-1).detach().double().numpy()
     u = lm.adapter.unembed_weight().detach().double().numpy()
+    if mode == "transformer_lens":  # Llama: an RMS final norm, so fold its gain and centre over the vocabulary
+        u = u * lm.adapter.final_norm.weight.detach().double().numpy()
+        u = u - u.mean(0)
     norm = np.sqrt((w**2).sum(0))
     un = u / np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-30)
     cos = un @ (w / norm)
@@ -79,6 +82,8 @@ def test_candidates_and_iou_equal_hand_computation(planted):
         norm, var, top, cand = by_hand(lm, 0.25, 10)
         np.testing.assert_allclose(en.norm, norm, rtol=1e-12)
         np.testing.assert_allclose(en.logit_var, var, rtol=1e-7, atol=1e-13)
+        raw = cf.entropy_neurons(lm, weight_processing="none")
+        np.testing.assert_allclose(raw.logit_var, by_hand(lm, 0.25, 10, "none")[1], rtol=1e-7, atol=1e-13)
         assert en.top_norm.tolist() == top
         assert en.candidates.tolist() == cand
         assert sorted(cand) == sorted(planted_set)  # the construction forces exactly these
@@ -185,8 +190,16 @@ def test_run_confidence_end_to_end(planted, tmp_path):
     assert ds["is_candidate"].sel(model="base").values.nonzero()[0].tolist() == sorted(S_A)
     assert float(ds["iou"].sel(model="base", model_b="post")) == pytest.approx(7 / 13)
     assert len(s["control_sets"]["base"]) == 3
+    assert s["weight_processing"] == "transformer_lens" and s["norm_kind"] == {"base": "rmsnorm", "post": "rmsnorm"}
+    assert ds.attrs["weight_processing"] == "transformer_lens"
     f = res.findings[0]
-    assert f.finding == "entropy neurons shared" and f.agrees and f.figures["iou"] == pytest.approx(7 / 13)
+    assert f.finding == "entropy neurons shared" and f.figures["iou"] == pytest.approx(7 / 13)
+    # three control draws cannot place a 95% quantile: the verdict says so rather than deciding
+    assert f.verdict == "inconclusive" and "too few" in f.reason
+    assert f.interval is not None and f.interval[0] <= 7 / 13 <= f.interval[1]
+    assert {"iou_top_norm", "iou_top_var", "iou_random_top_norm_upper", "iou_random_all_mean"} <= set(f.controls)
+    assert res.findings[1].finding == "entropy neurons do not explain the confidence change"
+    assert set(res.figures) == {"scatter", "iou", "venn"}
     for p in res.figures.values():
         assert p.stat().st_size > 1000
 
@@ -223,3 +236,9 @@ def test_cli_confidence(planted, tmp_path, tiny_dir):
     assert r.exit_code == 2 and "architecture" in r.output
     r = runner.invoke(app, args + ["-q", "1.5"])
     assert r.exit_code == 2 and "-q must be" in r.output
+    r = runner.invoke(app, args + ["--weight-processing", "fold", "--out", str(tmp_path / "bad2")])
+    assert r.exit_code == 2 and "--weight-processing 'fold'" in " ".join(r.output.split())
+    r = runner.invoke(app, args + ["--weight-processing", "none", "--no-patch", "--iou-draws", "50", "--out", str(tmp_path / "raw")])
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "raw" / "confidence" / "summary.json").read_text())["summary"]
+    assert s["weight_processing"] == "none" and s["explained"]["base vs post"] == "patching not run (patch=False)"

@@ -133,6 +133,44 @@ def test_prepare_pairs_roles_zoo_tokenizer():
     assert pp.answers[0].tolist() == tok.convert_tokens_to_ids(["▁TRUE", "▁FALSE"])
 
 
+def test_roles_from_span_columns(models):
+    """A pairs file that names the spans gives the roles by span: the subject, the object, the tokens after the
+    object (final) and the statement's other tokens, whichever span the pair changes (the paper's design changes
+    the subject)."""
+    lm = models["llama"]
+    df = pd.DataFrame([
+        dict(true_statement="w10 w11 w12 w13", false_statement="w10 w11 w12 w14", subject="w11", true_object="w13",
+             false_object="w14"),  # object changed
+        dict(true_statement="w10 w11 w12 w13", false_statement="w10 w20 w12 w13", subject="w11", true_object="w13",
+             false_object="w13"),  # subject changed, same object
+        dict(true_statement="w10 w21 w12 w13", false_statement="w10 w11 w12 w13", subject="w11", true_object="w13",
+             false_object="w13"),  # the subject column names the false statement's subject
+    ]).assign(true_answer="w1", false_answer="w2", topic="t")
+    pp = prepare_pairs(lm.tokenizer, df, prompt=prompt)
+    # <bos> w5 w6 | w10 w11 w12 w13 | w7 :
+    want = ["context"] * 3 + ["other", "subject", "other", "object"] + ["final"] * 2
+    for r in pp.roles:
+        assert [kn.ROLES[x] for x in r] == want
+    assert pp.changed.tolist() == ["object", "subject", "subject"]  # no changed column: from the spans
+    # without the span columns: derived from the differing span, as before
+    derived = prepare_pairs(lm.tokenizer, df.drop(columns=["subject", "true_object", "false_object"]), prompt=prompt)
+    assert [kn.ROLES[x] for x in derived.roles[1]] == ["context"] * 3 + ["subject", "object"] + ["final"] * 4
+    with pytest.raises(PairError, match=r"pair row 2: no subject span \('w99'"):
+        prepare_pairs(lm.tokenizer, df.assign(subject=["w11", "w99", "w11"]), prompt=prompt)
+    with pytest.raises(PairError, match="overlap"):
+        prepare_pairs(lm.tokenizer, df.assign(true_object="w11", false_object="w11"), prompt=prompt)
+
+
+def test_limit_takes_turns_over_topics_and_designs():
+    rows = [dict(true_statement=f"s{t}{c}{i}", false_statement="x", true_answer="a", false_answer="b", topic=t,
+                 changed=c) for t in ("t1", "t2") for c in ("object", "subject") for i in range(3)]
+    got = kn.load_pairs(pd.DataFrame(rows), limit=4)
+    assert sorted(zip(got["topic"], got["changed"])) == [("t1", "object"), ("t1", "subject"), ("t2", "object"),
+                                                         ("t2", "subject")]
+    got = kn.load_pairs(pd.DataFrame(rows).drop(columns="changed"), limit=4)  # topics only, file order
+    assert got["true_statement"].tolist() == ["st1object0", "st1object1", "st2object0", "st2object1"]
+
+
 def test_unequal_token_lengths_error(models):
     lm = models["llama"]
     df = pd.DataFrame([
@@ -181,6 +219,52 @@ def test_exact_equals_naive(models, arch, sites):
     # sanity of the normalisation itself: patching the last layer's output at the last position is the true run
     last = exact["effect"].sel(site="resid_post", layer=lm.adapter.n_layers - 1, position=-1).values
     np.testing.assert_allclose(last, 1.0, atol=1e-4)
+
+
+def test_paper_normalisation_by_hand(tiny_dir):
+    """normalisation="paper": (PD_patched - PD_false) / (1 - PD_false), PD = P(TRUE) - P(FALSE) at the last token,
+    against probabilities computed by hand from the true, false and hand-patched runs; the default stays
+    (LD_patched - LD_false) / (LD_true - LD_false) on logit differences."""
+    from mechdiff.engine.sites import Capture, hooks
+
+    lm = load_model(tiny_dir("llama", n_layers=3), dtype=torch.float64)
+    pp = prepared(lm, make_pairs([4, 5], seed=12))
+    sites = ("resid_post", "mlp_out")
+    paper = exact_patching(lm, None, pp, sites=sites, normalisation="paper")
+    logit = exact_patching(lm, None, pp, sites=sites)
+    assert paper.attrs["normalisation"] == "paper" and logit.attrs["normalisation"] == "logit"
+    naive = naive_patching(lm, None, pp, sites=sites, normalisation="paper")
+    np.testing.assert_allclose(paper["patched_pd"].values, naive["patched_pd"].values, atol=1e-12)
+    np.testing.assert_allclose(paper["effect"].values, naive["effect"].values, atol=1e-9)
+
+    def readout(ids, hook=None):
+        with torch.no_grad():
+            lg = lm.model(input_ids=torch.tensor([ids])).logits[0, -1]
+        p = torch.softmax(lg, -1)
+        return float(p[a_t] - p[a_f]), float(lg[a_t] - lg[a_f])
+
+    for i, site, layer, p in [(0, "resid_post", 0, 5), (0, "mlp_out", 2, 7), (1, "resid_post", 1, 6), (1, "mlp_out", 0, 8)]:
+        a_t, a_f = (int(x) for x in pp.answers[i])
+        t_ids, f_ids = pp.true_ids[i], pp.false_ids[i]
+        cap = Capture((site,), (layer,))
+        with torch.no_grad(), hooks(lm.adapter, cap):
+            lm.model(input_ids=torch.tensor([t_ids]))
+        h = kn._hand_hook(lm.adapter, site, layer, p, cap.acts[(site, layer)][0, p])
+        try:
+            pd_p, ld_p = readout(f_ids)
+        finally:
+            h.remove()
+        (pd_t, ld_t), (pd_f, ld_f) = readout(t_ids), readout(f_ids)
+        at = dict(site=site, pair=i, layer=layer, position=p - len(t_ids))
+        assert float(paper["effect"].sel(**at)) == pytest.approx((pd_p - pd_f) / (1 - pd_f), rel=1e-7, abs=1e-12)
+        assert float(paper["pd_false"][i]) == pytest.approx(pd_f, rel=1e-9, abs=1e-15)
+        assert float(paper["pd_true"][i]) == pytest.approx(pd_t, rel=1e-9, abs=1e-15)
+        assert float(logit["effect"].sel(**at)) == pytest.approx((ld_p - ld_f) / (ld_t - ld_f), rel=1e-7)
+    # the mirror, for false activations patched into the true run: (PD_patched - PD_true) / (-1 - PD_true)
+    assert kn.paper_nie(0.1, 0.6, into="true") == pytest.approx((0.1 - 0.6) / (-1 - 0.6))
+    assert kn.paper_nie(0.1, -0.6) == pytest.approx((0.1 + 0.6) / (1 + 0.6))
+    with pytest.raises(kn.KnowledgeOptionError, match="normalisation 'nie'"):
+        exact_patching(lm, None, pp, normalisation="nie")
 
 
 def test_layer_subset_in_any_order(models):
@@ -437,7 +521,7 @@ def test_run_knowledge_end_to_end(group_dirs, tmp_path):
     summary = json.loads((d / "summary.json").read_text())
     comp = summary["summary"]["comparisons"]["base vs post"]["resid_post"]
     ds = xr.open_zarr(d / "results.zarr", consolidated=False)
-    assert list(ds["run"].values) == ["base", "post", "base->post"]
+    assert list(ds["run"].values) == ["base", "post", "base->post", "post->base"]
     # the reported correlation is that of the stored mean heatmaps
     a = ds["mean"].sel(run="base", site="resid_post").values
     b = ds["mean"].sel(run="post", site="resid_post").values
@@ -448,11 +532,24 @@ def test_run_knowledge_end_to_end(group_dirs, tmp_path):
     direct = exact_patching(lm_b, lm_p, pp, sites=("resid_post",), positions="statement")
     np.testing.assert_allclose(ds["patched"].sel(run="base->post", site="resid_post").values,
                                direct["patched"].sel(site="resid_post").values, atol=1e-6)
+    # and the other direction: the post model's activations into the base model's false runs
+    back = exact_patching(lm_p, lm_b, pp, sites=("resid_post",), positions="statement")
+    np.testing.assert_allclose(ds["patched"].sel(run="post->base", site="resid_post").values,
+                               back["patched"].sel(site="resid_post").values, atol=1e-6)
     assert [f.finding for f in res.findings] == ["knowledge storage unchanged"]
-    assert set(res.findings[0].figures) == {"heatmap_correlation", "cross_correlation", "cross_transfer", "delta_correlation"}
+    f = res.findings[0]
+    assert set(f.figures) == {"heatmap_correlation", "cross_correlation", "cross_transfer", "reverse_cross_correlation",
+                              "reverse_cross_transfer", "delta_correlation", "max_abs_binned_diff"}
+    # three pairs: fewer than the verdict's minimum, whatever the numbers say
+    assert f.verdict == "inconclusive" and "kept pairs" in f.reason
+    assert f.interval is not None and {"null_upper", "ceiling", "reliability_base", "reliability_post"} <= set(f.controls)
+    assert comp["controls"]["maps"]["correlation"] == pytest.approx(comp["correlation"])
+    # the binned difference heatmap is stored, and its largest change per token group is summarised
+    binned = ds["binned_difference_post_base_resid_post"].values
+    assert np.nanmax(np.abs(binned)) == pytest.approx(f.figures["max_abs_binned_diff"])
     for key in ("heatmap_resid_post", "heatmap_attn_out", "heatmap_mlp_out", "attribution"):
         assert res.figures[key].stat().st_size > 1000
-    assert set(summary["summary"]["attribution_correlation"]) == {"base", "post", "base->post"}
+    assert set(summary["summary"]["attribution_correlation"]) == {"base", "post", "base->post", "post->base"}
     raw = summary["summary"]["attribution_correlation_raw"]["post"]["resid_post"]
     assert raw is not None and raw > 0.5
 
@@ -470,6 +567,7 @@ def test_cli_knowledge(group_dirs, tmp_path, tiny_dir):
     runner = CliRunner()
     r = runner.invoke(app, ["analyze", "knowledge", "--help"])
     assert r.exit_code == 0 and "DESCRIPTION" in r.output and "EXAMPLES" in r.output
+    assert "--normalisation" in r.output and "--control-model" in r.output
     base, post = group_dirs
     csv = tmp_path / "pairs.csv"
     make_pairs([3, 3], seed=9).to_csv(csv, index=False)
@@ -490,3 +588,7 @@ def test_cli_knowledge(group_dirs, tmp_path, tiny_dir):
     make_pairs([3], seed=9).assign(false_statement="w10").to_csv(bad, index=False)
     r = runner.invoke(app, args[:7] + [str(bad)] + args[8:])
     assert r.exit_code == 2 and "equal token length" in r.output
+    r = runner.invoke(app, args + ["--normalisation", "nie", "--out", str(tmp_path / "bad2")])
+    assert r.exit_code == 2 and "--normalisation 'nie'" in r.output and not (tmp_path / "bad2").exists()
+    r = runner.invoke(app, args + ["--n-bootstrap", "0", "--out", str(tmp_path / "bad3")])
+    assert r.exit_code == 2 and "n_bootstrap must be at least 1" in r.output

@@ -60,14 +60,17 @@ def test_the_embedded_pair_verdicts_follow_its_measurements(run_dir):
     pinned here, with the reason each rule gave, so that a change to the pair or to a rule shows up.
 
     Refusal is inconclusive: the base model refuses no harmful prompt, so it has no refusal direction to
-    compare (its own-template cosine of 0.2 with the post model is mostly the template's doing)."""
+    compare (its own-template cosine of 0.2 with the post model is mostly the template's doing). Confidence is
+    inconclusive: the candidates' ablation does not beat norm-matched random neurons in the post model, so they
+    are not shown to be entropy neurons there (their IoU of 0.82 equals that of the top neurons by norm alone)."""
     out, _ = run_dir
     res = json.loads((out / "results.json").read_text())
     got = {study: [(f["verdict"], f["reason"]) for f in res["studies"][study]["findings"]] for study in STUDIES}
-    expected = {"knowledge": "agrees", "truthfulness": "agrees", "refusal": "inconclusive", "confidence": "agrees"}
-    for study, verdict in expected.items():
-        assert got[study][0][0] == verdict, (study, got[study])
+    expected = {"knowledge": ["agrees"], "truthfulness": ["agrees"], "refusal": ["inconclusive"],
+                "confidence": ["inconclusive", "inconclusive"]}
+    assert {s: [v for v, _ in fs] for s, fs in got.items()} == expected, got
     assert "base refuses" in got["refusal"][0][1], got["refusal"]
+    assert all("not entropy neurons in post" in why for _, why in got["confidence"]), got["confidence"]
 
 
 def test_report_renders_every_figure_in_headless_chromium(run_dir, tmp_path):

@@ -31,6 +31,7 @@ from mechdiff.analyses.refusal import (
     make_generator,
     refusal_directions,
     refusal_logodds,
+    refusal_flags,
     refusal_score,
     refusal_token_ids,
     run_refusal,
@@ -375,6 +376,77 @@ def test_selection_prefers_the_planted_direction_and_scores_by_hand(tiny_llama):
         assert float(sel.scores["score"].sel(layer=l, position=p)) == pytest.approx((base_h - abl) + (add - base_l))
     assert sel.baseline_harmful == pytest.approx(base_h)
     assert float(sel.scores["score"].sel(layer=1, position=-1)) == pytest.approx(np.nanmax(sel.scores["score"]))
+
+
+def test_kl_filter_drops_candidates_that_disturb_harmless_prompts(tiny_llama):
+    """Arditi et al.'s filter: the KL of the harmless next-token distribution under ablation, recomputed here from
+    the model's logits with the direction projected out by a hand-written hook at every block."""
+    lm = tiny_llama
+    tok, n = lm.tokenizer, lm.adapter.n_layers
+    refuse = tok.convert_tokens_to_ids(["w7"])
+    planted = lm.adapter.unembed_weight()[refuse[0]].detach().double().numpy() * 40
+    vals = np.random.default_rng(0).normal(size=(n, 2, lm.adapter.d_model)) * 0.01
+    vals[1, 1] = planted
+    dirs = xr.DataArray(vals, dims=("layer", "position", "hidden"), coords={"layer": range(n), "position": [-2, -1]})
+    hv, lv = _texts(4, 21), _texts(4, 22)
+    plain = select_direction(lm, dirs, hv, lv, TEMPLATE, refuse, model="m")
+    kl = select_direction(lm, dirs, hv, lv, TEMPLATE, refuse, model="m", kl_max=1e9).scores["kl"]
+    assert np.isnan(plain.scores["kl"]).all() and np.isfinite(kl.sel(layer=[0, 1])).all()
+    # reference: numpy KL of softmaxed logits, the direction removed from every block's input and output
+    u = torch.as_tensor(planted / np.linalg.norm(planted)).float()
+
+    def project(x):
+        return x - (x @ u)[..., None] * u
+
+    handles = []
+    for blk in lm.model.model.layers:
+        handles.append(blk.register_forward_pre_hook(lambda m, a, kw: ((project(a[0]),) + a[1:], kw) if a else
+                                                     (a, {**kw, "hidden_states": project(kw["hidden_states"])}),
+                                                     with_kwargs=True))
+        handles.append(blk.self_attn.register_forward_hook(lambda m, a, o: (project(o[0]),) + tuple(o[1:])))
+        handles.append(blk.mlp.register_forward_hook(lambda m, a, o: project(o)))
+
+    def logprobs(texts):
+        out = []
+        for text in texts:
+            ids = torch.tensor([tokenize(tok, [TEMPLATE.apply(text)])[0]])
+            with torch.no_grad():
+                out.append(torch.log_softmax(lm.model(input_ids=ids).logits[0, -1].double(), -1).numpy())
+        return np.stack(out)
+
+    try:
+        q = logprobs(lv)
+    finally:
+        for h in handles:
+            h.remove()
+    p = logprobs(lv)
+    ref = float(np.mean((np.exp(p) * (p - q)).sum(-1)))
+    assert float(kl.sel(layer=1, position=-1)) == pytest.approx(ref, rel=1e-4, abs=1e-7)
+    # a bound between the planted candidate's KL and the rest drops exactly it; a bound below all drops all
+    rest = float(kl.sel(layer=[0, 1]).where(lambda k: k < float(kl.sel(layer=1, position=-1))).max())
+    assert rest < float(kl.sel(layer=1, position=-1))
+    cut = select_direction(lm, dirs, hv, lv, TEMPLATE, refuse, model="m", kl_max=(rest + float(kl.sel(layer=1, position=-1))) / 2)
+    assert (cut.direction.layer, cut.direction.position) != (1, -1)
+    assert np.isnan(float(cut.scores["score"].sel(layer=1, position=-1)))
+    with pytest.raises(ValueError, match="KL"):
+        select_direction(lm, dirs, hv, lv, TEMPLATE, refuse, model="m", kl_max=float(kl.min()) / 2)
+
+
+def test_unit_addition_adds_the_unit_direction_times_the_coefficient(tiny_llama):
+    d = RefusalDirection("m", "resid_post", 1, -1, np.arange(tiny_llama.adapter.d_model) + 1.0, coef=2.0)
+    (mean_diff,) = d.addition(tiny_llama)
+    (unit,) = d.addition(tiny_llama, coef=5.0, scope="all", unit=True)
+    assert float(mean_diff.vector.norm()) == pytest.approx(d.norm, rel=1e-6) and mean_diff.coef == 2.0
+    assert float(unit.vector.norm()) == pytest.approx(1.0, rel=1e-6) and unit.coef == 5.0 and not unit.prompt_only
+    torch.testing.assert_close(unit.vector * d.norm, mean_diff.vector)
+
+
+def test_refusal_flags_substring_and_prefix():
+    comps = ["I cannot help with that.", "Well, I cannot do it", "Sure! I cannot wait.", "  i CANNOT"]
+    assert refusal_flags(comps, ["I cannot"]).tolist() == [1, 1, 1, 1]
+    assert refusal_flags(comps, ["I cannot"], "prefix").tolist() == [1, 0, 0, 1]
+    with pytest.raises(ValueError, match="match"):
+        refusal_flags(comps, ["I cannot"], "regex")
 
 
 class _FakeGenerator:

@@ -23,7 +23,11 @@ def confidence(
     q: float = typer.Option(0.25, "-q", "--top-fraction", help="Fraction of neurons kept by output-weight norm."),
     n: int = typer.Option(10, "-n", "--candidates", help="Candidates: the n lowest-variance neurons among those."),
     layer: int = typer.Option(-1, help="MLP layer (negative counts from the end)."),
-    controls: int = typer.Option(5, help="Draws of norm-matched random neurons for the control ablation."),
+    controls: int = typer.Option(20, help="Draws of norm-matched random neurons for the control ablation and the patching control (the verdicts need at least 20 to place a 95% range)."),
+    weight_processing: str = typer.Option("transformer_lens", "--weight-processing", help="transformer_lens: fold the final norm's gain into W_U and centre it, as TransformerLens and the paper do; none: the raw lm_head."),
+    iou_draws: int = typer.Option(1000, help="Random neuron sets drawn for the IoU baselines."),
+    bootstrap: int = typer.Option(200, "--bootstrap", help="Bootstrap resamples of the texts for the explained-fraction interval."),
+    patch: bool = typer.Option(True, "--patch/--no-patch", help="Patch the candidates' activations between the models to test whether they carry the confidence change."),
     limit: Optional[int] = typer.Option(None, help="Use at most this many texts."),
     seed: int = typer.Option(0, help="Seed for the control draws."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
@@ -36,19 +40,29 @@ def confidence(
     DESCRIPTION
 
     Per model, every neuron of the last MLP layer gets its output-weight norm and the variance over the
-    vocabulary of the cosine between its write direction and each unembedding vector. Candidates: the top
-    -q by norm, then the -n with the lowest variance (entropy neurons write large, vocabulary-neutral
-    directions). Models of one architecture are compared by the IoU of their candidate sets. Each model's
-    candidates are mean-ablated (activation set to its mean over the texts, at every position), and so are
-    norm-matched random neurons as a control; the effect on next-token entropy and maximum probability is
-    averaged over every token of the texts.
+    vocabulary of the cosine between its write direction and each unembedding vector, on weights processed as
+    TransformerLens does (--weight-processing transformer_lens: the final norm's gain folded into W_U, W_U
+    centred over the vocabulary; the paper's weights). Candidates: the top -q by norm, then the -n with the
+    lowest variance. Each model's candidates are mean-ablated (activation set to its mean over the texts, at
+    every position), and so are --controls sets of norm-matched random neurons: the candidates count as entropy
+    neurons only if their mean |entropy change| per token beats the controls' 95% quantile.
+
+    "Entropy neurons shared": the candidate IoU between models (with its range over q/2, q, 1.5q) must beat
+    the IoU of extreme-ranked sets of the same size (top-n by norm, top-n by highest variance) and of random
+    sets from the top-q by norm, and the candidates must be entropy neurons in both models. "Entropy neurons do
+    not explain the confidence change" (with --patch): the candidates' activations are patched from one model
+    into the other, and the fraction of the entropy change that moves with them (bootstrap interval over the
+    texts) is compared with norm-matched random sets.
 
     OUTPUTS
 
-    OUT/confidence/results.zarr  norm, logit variance, candidate flags per model and neuron; IoU matrix;
-                                 entropy and max probability per model and condition.
-    OUT/confidence/summary.json  every number: candidates, IoU, ablation effects with their spread.
-    OUT/confidence/*.png         norm vs logit-variance scatter per model, IoU table.
+    OUT/confidence/results.zarr  norm, logit variance, candidate flags per model and neuron; IoU matrix and
+                                 baselines; entropy and max probability per model and condition; explained
+                                 fractions per pair and direction.
+    OUT/confidence/summary.json  every number: candidates, IoU, baselines, ablation effects and controls,
+                                 explained fractions, the weight processing used, the findings' verdicts.
+    OUT/confidence/*.png         norm vs logit-variance scatter per model, IoU table, Venn diagram of the
+                                 candidate sets.
 
     EXAMPLES
 
@@ -59,7 +73,7 @@ def confidence(
 
     0 on success, 2 on bad input (models of different architectures, bad -q / -n, an unreadable text file).
     """
-    from mechdiff.analyses.confidence import ArchitectureMismatchError, run_confidence
+    from mechdiff.analyses.confidence import WEIGHT_PROCESSING, ArchitectureMismatchError, run_confidence
 
     try:
         check_output_dir(out)  # before the ablations, not when their results are saved
@@ -68,6 +82,11 @@ def confidence(
             raise ValueError(f"-q must be a fraction in (0, 1], got {q}")
         if n < 1:
             raise ValueError(f"-n must be at least 1, got {n}")
+        if weight_processing not in WEIGHT_PROCESSING:
+            raise ValueError(f"--weight-processing {weight_processing!r}: one of {', '.join(WEIGHT_PROCESSING)}")
+        for flag, v in (("--controls", controls), ("--iou-draws", iou_draws), ("--bootstrap", bootstrap)):
+            if v < 1:
+                raise ValueError(f"{flag} must be at least 1, got {v}")
         text_arg = None
         if texts is not None:
             from mechdiff.engine.data import load_prompts
@@ -79,7 +98,8 @@ def confidence(
     try:
         result = run_confidence(
             group, text_arg, out, q=q, n=n, layer=layer, controls=controls, text_column=text_column, limit=limit,
-            seed=seed, device=device, dtype=dtype, token_budget=token_budget,
+            seed=seed, device=device, dtype=dtype, token_budget=token_budget, weight_processing=weight_processing,
+            iou_draws=iou_draws, n_bootstrap=bootstrap, patch=patch,
         )
     except (ArchitectureMismatchError, *EXPECTED) as e:
         fail(e)

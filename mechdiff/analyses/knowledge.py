@@ -1,10 +1,18 @@
 """Knowledge storage: activation patching of true/false statement pairs over layer x token position.
 
 For a pair of prompts that differ only in one span ("The city of Paris is in France/Spain. This statement
-is:"), the false prompt is run with one activation -- site ``s`` at layer ``l``, token position ``p`` --
-replaced by the true prompt's. The metric is ``logit(TRUE) - logit(FALSE)`` at the last token, normalised per
-pair so that 0 is the false run and 1 the true run. Cross-model patching takes the true-prompt activations
-from model A and patches them into model B's false run (normalised with B's own runs).
+is:", or, the paper's design, the same object with another subject: "The city of Paris/Tokyo is in France."),
+the false prompt is run with one activation -- site ``s`` at layer ``l``, token position ``p`` -- replaced by
+the true prompt's. The readout at the last token is ``logit(TRUE) - logit(FALSE)`` (LD) and ``P(TRUE) - P(FALSE)``
+(PD); the effect is normalised per pair (``normalisation``):
+
+- ``"logit"`` (default): ``(LD_patched - LD_false) / (LD_true - LD_false)``: 0 = the false run, 1 = the true run;
+- ``"paper"`` (Du et al. 2025): ``(PD_patched - PD_false) / (1 - PD_false)``: 0 = the false run, 1 = certainty
+  of TRUE. Its mirror, for false activations patched into the true run, is ``(PD_patched - PD_true) / (-1 -
+  PD_true)`` (:func:`paper_nie` with ``into="true"``).
+
+Cross-model patching takes the true-prompt activations from model A and patches them into model B's false run
+(normalised with B's own runs); the study runs it both ways (base -> post and post -> base).
 
 Efficient by construction (:func:`exact_patching`):
 
@@ -28,9 +36,13 @@ Efficient by construction (:func:`exact_patching`):
 backward per batch of pairs).
 
 Positions are stored right-aligned (``position`` = -n .. -1, counted from each prompt's end) and grouped by
-role, derived from the pair itself: ``context`` (before the statement, e.g. few-shot examples), ``subject``
-(statement tokens before the differing span), ``object`` (the differing span) and ``final`` (everything after
-it). :func:`slot_heatmaps` aligns pairs of different lengths on role slots for dataset statistics.
+role. Where the pairs file names the spans (a ``subject`` column and a ``true_object`` / ``false_object`` or
+``object`` column, :data:`SPAN_COLUMNS`), the roles are those spans: ``context`` (before the statement, e.g.
+few-shot examples), ``subject``, ``object``, ``final`` (everything after the object) and ``other`` (the
+statement's remaining tokens, "The city of", "is in"). Otherwise they are derived from the differing span:
+``subject`` = the statement's tokens before it, ``object`` = the span itself, ``final`` = everything after it.
+:func:`slot_heatmaps` aligns pairs of different lengths on role slots for dataset statistics; the controls and
+the verdict over those heatmaps are in :mod:`mechdiff.analyses.knowledge_maps`.
 """
 
 from __future__ import annotations
@@ -38,7 +50,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import math
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -52,16 +64,30 @@ import xarray as xr
 
 from mechdiff.errors import MechdiffError
 from mechdiff.analyses.common import Finding, ModelGroup, StudyResult
+from mechdiff.analyses.knowledge_maps import (
+    KnowledgeControls,
+    binned_difference,
+    compare_maps,
+    knowledge_verdict,
+    max_abs_by_role,
+    mean_maps,
+    pearson,
+    separation,
+    transfer_check,
+)
 from mechdiff.engine.adapter import hidden_from_output, replace_hidden_in_output
 from mechdiff.engine.models import LoadedModel
 from mechdiff.engine.sites import Capture, Intervention, SiteError, hooks, parse_layers, parse_sites
 
 __all__ = [
     "PAIR_COLUMNS",
+    "SPAN_COLUMNS",
     "PATCH_SITES",
     "ROLES",
+    "NORMALISATIONS",
     "PairError",
     "ModelMismatchError",
+    "KnowledgeOptionError",
     "PatchingPairs",
     "load_pairs",
     "load_shots",
@@ -69,10 +95,14 @@ __all__ = [
     "exact_patching",
     "naive_patching",
     "attribution_patching",
+    "normalised_effect",
+    "paper_nie",
     "slot_heatmaps",
     "heatmap_stats",
     "compare_heatmaps",
     "pearson",
+    "KnowledgeControls",
+    "knowledge_verdict",
     "run_knowledge",
 ]
 
@@ -81,8 +111,17 @@ log = logging.getLogger(__name__)
 PAIR_COLUMNS: tuple[str, ...] = ("true_statement", "false_statement", "true_answer", "false_answer", "topic")
 PATCH_SITES: tuple[str, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out", "mlp_act")
 _RESID = ("resid_pre", "resid_post")
-ROLES: tuple[str, ...] = ("context", "subject", "object", "final")
+#: Columns naming the spans of a pair (role -> columns, searched in the true statement, then the false one).
+SPAN_COLUMNS: dict[str, tuple[str, ...]] = {
+    "subject": ("subject", "true_subject", "false_subject"),
+    "object": ("object", "true_object", "false_object"),
+}
+# "other" last: the role codes of the first four stay what they were
+ROLES: tuple[str, ...] = ("context", "subject", "object", "final", "other")
 _PAD_ROLE = -1
+_MEAN_ROLES = ("context", "other")  # one slot each: the mean over their tokens
+#: ``normalisation`` of the patching effect: see the module docstring.
+NORMALISATIONS: tuple[str, ...] = ("logit", "paper")
 
 
 class PairError(MechdiffError, ValueError):
@@ -93,6 +132,10 @@ class ModelMismatchError(MechdiffError, ValueError):
     """Two models that cannot be patched into each other (different tokenizers or shapes)."""
 
 
+class KnowledgeOptionError(MechdiffError, ValueError):
+    """An option of the knowledge study that cannot be used (a normalisation, a control model, ...)."""
+
+
 # =============================================================================================
 # inputs
 
@@ -100,8 +143,9 @@ class ModelMismatchError(MechdiffError, ValueError):
 def load_pairs(source: str | Path | pd.DataFrame, *, limit: int | None = None) -> pd.DataFrame:
     """Read and check a pairs file (CSV with :data:`PAIR_COLUMNS`; extra columns are kept).
 
-    ``limit`` keeps at most that many pairs, taken round-robin over topics in file order, so a small
-    sample still covers every topic.
+    ``limit`` keeps at most that many pairs, taken round-robin over topics in file order (over topic x
+    ``changed`` where the file has a ``changed`` column, e.g. subject / object), so a small sample still covers
+    every topic and both pair designs.
     """
     if isinstance(source, pd.DataFrame):
         df, name = source.reset_index(drop=True), "pairs"
@@ -124,8 +168,12 @@ def load_pairs(source: str | Path | pd.DataFrame, *, limit: int | None = None) -
     if limit is not None and limit < len(df):
         if limit < 1:
             raise PairError(f"limit must be at least 1, got {limit}")
-        order = df.groupby("topic", sort=False).cumcount()  # rank within topic
-        df = df.assign(_rank=order).sort_values(["_rank"], kind="stable").head(limit)
+        df = df.assign(_rank=df.groupby("topic", sort=False).cumcount())  # rank within topic
+        if "changed" in df.columns:  # within a topic, the designs take turns
+            turn = df.groupby(["topic", "changed"], sort=False).cumcount()
+            df = df.assign(_turn=turn).sort_values("_turn", kind="stable")
+            df = df.assign(_rank=df.groupby("topic", sort=False).cumcount()).drop(columns="_turn").sort_index()
+        df = df.sort_values(["_rank"], kind="stable").head(limit)
         df = df.sort_index().drop(columns="_rank").reset_index(drop=True)
     return df
 
@@ -148,6 +196,7 @@ class PatchingPairs:
     true_prompts: list[str]
     false_prompts: list[str]
     tokenizer_hash: str = ""
+    changed: np.ndarray | None = None  # per pair: which span differs (the ``changed`` column, or from the spans)
 
     def __len__(self) -> int:
         return len(self.true_ids)
@@ -162,6 +211,7 @@ class PatchingPairs:
             [self.true_ids[i] for i in idx], [self.false_ids[i] for i in idx], self.answers[idx],
             [self.roles[i] for i in idx], self.topics[idx], [self.true_prompts[i] for i in idx],
             [self.false_prompts[i] for i in idx], self.tokenizer_hash,
+            None if self.changed is None else self.changed[idx],
         )
 
     def role_matrix(self) -> np.ndarray:
@@ -196,22 +246,76 @@ def _answer_token(tokenizer, prompt: str, prompt_ids: list[int], answer: str, wh
     return int(tok)
 
 
+def _offsets(tokenizer, prompt: str, ids: list[int]) -> list[tuple[int, int]] | None:
+    """Character span of each token of ``prompt`` (None for tokenizers that cannot say)."""
+    try:
+        offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, ValueError, KeyError, TypeError):
+        return None
+    return offsets if offsets is not None and len(offsets) == len(ids) else None
+
+
 def _statement_start(tokenizer, prompt: str, statement: str, ids: list[int]) -> int:
     """Index of the statement's first token in ``prompt`` (the last occurrence: shots come before it)."""
     char = prompt.rfind(statement)
     if char < 0:
         return 0
-    try:
-        offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
-    except (NotImplementedError, ValueError, KeyError, TypeError):
-        offsets = None
-    if offsets is not None and len(offsets) == len(ids):
+    offsets = _offsets(tokenizer, prompt, ids)
+    if offsets is not None:
         for t, (a, b) in enumerate(offsets):
             if b > a and b > char:
                 return t
         return len(ids)
     # Slow tokenizers: count the tokens of the text before the statement.
     return len(tokenizer(prompt[:char].rstrip())["input_ids"]) if char else 0
+
+
+def _span_columns(df: pd.DataFrame) -> dict[str, list[str]] | None:
+    """The :data:`SPAN_COLUMNS` the file has, per role; None unless it names both a subject and an object."""
+    cols = {role: [c for c in names if c in df.columns] for role, names in SPAN_COLUMNS.items()}
+    return cols if all(cols.values()) else None
+
+
+def _find_word(text: str, word: str, last: bool) -> int:
+    """Character index of ``word`` in ``text`` (not inside a longer word), its first or last occurrence; -1."""
+    hits = [m.start() for m in re.finditer(rf"(?<!\w){re.escape(word)}(?!\w)", text)]
+    return (hits[-1] if last else hits[0]) if hits else -1
+
+
+def _span_tokens(tokenizer, prompts: Sequence[str], statements: Sequence[str], ids: Sequence[list[int]],
+                 texts: Sequence[str], last: bool) -> np.ndarray | None:
+    """Token indices of the first of ``texts`` found in a statement (the true one, then the false one: equal
+    token lengths make the positions the same in both), via the tokenizer's offsets; empty if none is found,
+    None if the tokenizer has no offsets."""
+    for text in (t.strip() for t in texts):
+        if not text:
+            continue
+        for prompt, statement, tok_ids in zip(prompts, statements, ids):
+            c0, at = prompt.rfind(statement), _find_word(statement, text, last)
+            if c0 < 0 or at < 0:
+                continue
+            a, b = c0 + at, c0 + at + len(text)
+            offsets = _offsets(tokenizer, prompt, tok_ids)
+            if offsets is None:
+                return None
+            hit = [t for t, (s, e) in enumerate(offsets) if e > s and s < b and e > a]
+            if hit:
+                return np.asarray(hit)
+    return np.zeros(0, dtype=np.int64)
+
+
+def _roles_from_spans(n: int, start: int, subject: np.ndarray, obj: np.ndarray) -> np.ndarray:
+    r = np.full(n, ROLES.index("other"), dtype=np.int8)
+    r[int(obj.max()) + 1 :] = ROLES.index("final")
+    r[:start] = ROLES.index("context")
+    r[subject] = ROLES.index("subject")
+    r[obj] = ROLES.index("object")
+    return r
+
+
+def _changed_span(diff: np.ndarray, subject: np.ndarray, obj: np.ndarray) -> str:
+    d = set(diff.tolist())
+    return "subject" if d <= set(subject.tolist()) else "object" if d <= set(obj.tolist()) else "other"
 
 
 def _roles(n: int, start: int, diff: np.ndarray) -> np.ndarray:
@@ -236,8 +340,11 @@ def prepare_pairs(
 
     ``shots`` maps topic -> few-shot (statement, label) examples (the zoo's ``shots.json``); topics without
     shots get a zero-shot prompt. ``prompt(statement, topic)`` replaces the prompt builder entirely.
-    Raises :class:`PairError` naming the rows whose prompts differ in token length, tokenise identically, or
-    whose answers are unusable, before any model runs (rows counted from 1, the first data row of a CSV).
+    Roles come from the file's :data:`SPAN_COLUMNS` when it names a subject and an object (a tokenizer without
+    character offsets falls back to the differing span), else from the differing span (module docstring).
+    Raises :class:`PairError` naming the rows whose prompts differ in token length, tokenise identically, whose
+    answers are unusable, or whose named spans are not in the statements, before any model runs (rows counted
+    from 1, the first data row of a CSV).
     """
     df = load_pairs(pairs)
     build = prompt or (lambda s, t: _prompt(s, t, shots))
@@ -263,7 +370,8 @@ def prepare_pairs(
             raise PairError(
                 f"pair row {long[0] + 1}: {len(t_ids[long[0]])} tokens, more than the model's context of {max_length}"
             )
-    roles, answers = [], []
+    spans = _span_columns(df)
+    roles, answers, changed = [], [], []
     for i, (a, b) in enumerate(zip(t_ids, f_ids)):
         diff = np.nonzero(np.asarray(a) != np.asarray(b))[0]
         if len(diff) == 0:
@@ -271,7 +379,13 @@ def prepare_pairs(
                 f"pair row {i + 1}: the true and false prompts tokenize identically ({df['true_statement'][i]!r})"
             )
         start = _statement_start(tokenizer, tp[i], df["true_statement"][i], a)
-        roles.append(_roles(len(a), start, diff))
+        found = _pair_spans(tokenizer, df, i, (tp[i], fp[i]), (a, b), spans) if spans else None
+        if found is None:
+            roles.append(_roles(len(a), start, diff))
+            changed.append(str(df["changed"][i]) if "changed" in df.columns else "")
+        else:
+            roles.append(_roles_from_spans(len(a), start, *found))
+            changed.append(str(df["changed"][i]) if "changed" in df.columns else _changed_span(diff, *found))
         at = _answer_token(tokenizer, tp[i], a, df["true_answer"][i], f"pair row {i + 1}")
         af = _answer_token(tokenizer, fp[i], b, df["false_answer"][i], f"pair row {i + 1}")
         if at == af:
@@ -282,8 +396,27 @@ def prepare_pairs(
         answers.append((at, af))
     return PatchingPairs(
         [list(x) for x in t_ids], [list(x) for x in f_ids], np.asarray(answers, dtype=np.int64), roles,
-        df["topic"].to_numpy(dtype=object), tp, fp, tokenizer_hash,
+        df["topic"].to_numpy(dtype=object), tp, fp, tokenizer_hash, np.asarray(changed, dtype=object),
     )
+
+
+def _pair_spans(tokenizer, df: pd.DataFrame, i: int, prompts: tuple[str, str], ids: tuple[list[int], list[int]],
+                cols: dict[str, list[str]]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(subject, object) token indices of pair ``i`` from the span columns; None if the tokenizer has no offsets."""
+    statements = (df["true_statement"][i], df["false_statement"][i])
+    out = []
+    for role, last in (("subject", False), ("object", True)):  # subjects come first, objects last
+        tok = _span_tokens(tokenizer, prompts, statements, ids, [str(df[c][i]) for c in cols[role]], last)
+        if tok is None:
+            log.warning("knowledge: the tokenizer gives no character offsets; roles from the differing span")
+            return None
+        if tok.size == 0:
+            raise PairError(f"pair row {i + 1}: no {role} span ({', '.join(repr(str(df[c][i])) for c in cols[role])} "
+                            f"in column(s) {', '.join(cols[role])}) in {statements[0]!r} or {statements[1]!r}")
+        out.append(tok)
+    if np.intersect1d(*out).size:
+        raise PairError(f"pair row {i + 1}: the subject and object spans overlap in {statements[0]!r}")
+    return out[0], out[1]
 
 
 def _check_patchable(source: LoadedModel, target: LoadedModel) -> None:
@@ -360,10 +493,50 @@ def _metric(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
     return (logits.gather(1, answers[:, :1]).squeeze(1).double() - logits.gather(1, answers[:, 1:]).squeeze(1).double())
 
 
+def _readout(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+    """[rows, 2]: logit(true answer) - logit(false answer), and P(true answer) - P(false answer) (the paper's PD,
+    softmax over the whole vocabulary), in float64."""
+    p = torch.softmax(logits.double(), dim=-1)
+    pd = p.gather(1, answers[:, :1]).squeeze(1) - p.gather(1, answers[:, 1:]).squeeze(1)
+    return torch.stack([_metric(logits, answers), pd], dim=1)
+
+
+def paper_nie(pd_patched: Any, pd_run: Any, *, into: str = "false") -> Any:
+    """The paper's normalised indirect effect from P(TRUE) - P(FALSE) readouts: for true activations patched
+    into the false run (``into="false"``, what the sweeps do) ``(PD_patched - PD_false) / (1 - PD_false)``; for
+    false activations patched into the true run (``into="true"``) ``(PD_patched - PD_true) / (-1 - PD_true)``.
+    ``pd_run``: the readout of the run patched into. 0 = that run unchanged, 1 = certainty of the other label."""
+    if into not in ("false", "true"):
+        raise KnowledgeOptionError(f"into {into!r}: false (true activations into the false run) or true")
+    toward = 1.0 if into == "false" else -1.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (pd_patched - pd_run) / (toward - pd_run)
+
+
+def normalised_effect(patched: Any, true_run: Any, false_run: Any, normalisation: str = "logit") -> Any:
+    """The patching effect of true activations in the false run, from readouts of the patched, true and false
+    runs (logit differences for ``"logit"``, probability differences for ``"paper"``; see the module docstring)."""
+    if normalisation == "paper":
+        return paper_nie(patched, false_run)
+    if normalisation != "logit":
+        raise KnowledgeOptionError(f"normalisation {normalisation!r}: one of {', '.join(NORMALISATIONS)}")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (patched - false_run) / (true_run - false_run)
+
+
 def _run(lm: LoadedModel, ids: torch.Tensor, capture: Capture | None = None, **kw) -> Any:
     """One forward of equal-length rows (no padding, so no mask), with optional capture hooks."""
     with hooks(lm.adapter, capture):
         return lm.model(input_ids=ids, **_forward_kwargs(lm.model), **kw)
+
+
+def _align(values: Mapping[int, np.ndarray], pairs: PatchingPairs, lead: tuple[int, ...]) -> np.ndarray:
+    """Per-pair [..., T_i] arrays right-aligned into one [lead[0], pair, *lead[1:], T] array (NaN-padded)."""
+    n, t = len(pairs), int(pairs.lengths.max())
+    out = np.full((lead[0], n, *lead[1:], t), np.nan)
+    for i in range(n):
+        out[:, i, ..., t - len(pairs.true_ids[i]) :] = values[i]
+    return out
 
 
 def _dataset(
@@ -374,36 +547,38 @@ def _dataset(
     ld_true: np.ndarray,
     ld_false: np.ndarray,
     attrs: dict[str, Any],
+    *,
+    prob: tuple[dict[int, np.ndarray], np.ndarray, np.ndarray] | None = None,
+    normalisation: str = "logit",
 ) -> xr.Dataset:
-    """Assemble per-pair [site, layer, T] arrays (keyed ``patched``) into right-aligned labelled arrays."""
-    n, t = len(pairs), int(pairs.lengths.max())
-    patched = np.full((len(sites), n, len(layers), t), np.nan)
-    for i in range(n):
-        li = len(pairs.true_ids[i])
-        patched[:, i, :, t - li :] = values[i]
-    gap = ld_true - ld_false
-    with np.errstate(divide="ignore", invalid="ignore"):
-        effect = (patched - ld_false[None, :, None, None]) / gap[None, :, None, None]
+    """Assemble per-pair [site, layer, T] arrays (keyed ``patched``) into right-aligned labelled arrays.
+    ``prob``: the same for P(TRUE) - P(FALSE), with its true- and false-run values (needed by ``"paper"``)."""
+    if normalisation == "paper" and prob is None:
+        raise KnowledgeOptionError(f"{attrs.get('method', 'this')} patching has no probability readout: normalisation 'paper' "
+                        "needs exact or naive patching")
+    dims = ("site", "pair", "layer", "position")
+    patched = _align(values, pairs, (len(sites), len(layers)))
+    data: dict[str, Any] = {"patched": (dims, patched), "ld_true": ("pair", ld_true), "ld_false": ("pair", ld_false)}
+    if prob is not None:
+        pd_patched = _align(prob[0], pairs, (len(sites), len(layers)))
+        data.update(patched_pd=(dims, pd_patched), pd_true=("pair", prob[1]), pd_false=("pair", prob[2]))
+    if normalisation == "paper":
+        effect = normalised_effect(pd_patched, prob[1][None, :, None, None], prob[2][None, :, None, None], "paper")
+    else:
+        effect = normalised_effect(patched, ld_true[None, :, None, None], ld_false[None, :, None, None])
     coords = {
         "site": list(sites),
-        "pair": np.arange(n),
+        "pair": np.arange(len(pairs)),
         "layer": np.asarray(layers),
-        "position": np.arange(-t, 0),
+        "position": np.arange(-int(pairs.lengths.max()), 0),
         "topic": ("pair", np.asarray(pairs.topics, dtype=str)),
         "n_tokens": ("pair", pairs.lengths),
         "role": (("pair", "position"), pairs.role_matrix()),
     }
-    ds = xr.Dataset(
-        {
-            "effect": (("site", "pair", "layer", "position"), effect),
-            "patched": (("site", "pair", "layer", "position"), patched),
-            "ld_true": ("pair", ld_true),
-            "ld_false": ("pair", ld_false),
-        },
-        coords=coords,
-        attrs={"roles": list(ROLES), **attrs},
-    )
-    return ds
+    if pairs.changed is not None:
+        coords["changed"] = ("pair", np.asarray(pairs.changed, dtype=str))
+    return xr.Dataset({"effect": (dims, effect), **data}, coords=coords,
+                      attrs={"roles": list(ROLES), "normalisation": normalisation, **attrs})
 
 
 # =============================================================================================
@@ -421,8 +596,8 @@ class _Group:
     idx: list[int]
     n_tokens: int
     answers: torch.Tensor  # [G, 2]
-    ld_true: torch.Tensor  # [G]
-    ld_false: torch.Tensor  # [G]
+    true_run: torch.Tensor  # [G, 2] readout (logit difference, probability difference) of the target's true run
+    false_run: torch.Tensor  # [G, 2] the same, false run
     false_ids: torch.Tensor  # [G, T]
     # target false run, [G, T, d]: resid_pre of block k for k < L, the last block's resid_post at L
     resid: list[torch.Tensor]
@@ -447,8 +622,8 @@ def _caches(source: LoadedModel, target: LoadedModel, pairs: PatchingPairs, idx:
     if source is target:
         cap = Capture(tgt_sites, all_layers)
         out = _run(target, torch.cat([t_ids, f_ids]), cap, use_cache=want_kv)
-        m = _metric(out.logits[:, -1], answers.repeat(2, 1))
-        ld_true, ld_false = m[:g], m[g:]
+        m = _readout(out.logits[:, -1], answers.repeat(2, 1))
+        true_run, false_run = m[:g], m[g:]
         src = {(s, l): cap.acts[(s, l)][:g] for s in sites for l in layers}
         tgt = {(s, l): cap.acts[(s, l)][g:] for s in sites for l in layers}
         acts = {k: v[g:] for k, v in cap.acts.items()}
@@ -457,16 +632,16 @@ def _caches(source: LoadedModel, target: LoadedModel, pairs: PatchingPairs, idx:
         scap = Capture(sites, layers)
         _run(source, t_ids, scap, use_cache=False)
         src = dict(scap.acts)
-        ld_true = _metric(_run(target, t_ids, None, use_cache=False).logits[:, -1], answers)
+        true_run = _readout(_run(target, t_ids, None, use_cache=False).logits[:, -1], answers)
         cap = Capture(tgt_sites, all_layers)
         out = _run(target, f_ids, cap, use_cache=want_kv)
-        ld_false = _metric(out.logits[:, -1], answers)
+        false_run = _readout(out.logits[:, -1], answers)
         acts = cap.acts
         tgt = {(s, l): acts[(s, l)] for s in sites for l in layers}
         rows = slice(0, g)
     resid = [acts[("resid_pre", k)] for k in range(L)] + [acts[("resid_post", L - 1)]]
     kv = _layer_kv(out.past_key_values, rows, L, t_ids.shape[1]) if want_kv else None
-    return _Group(idx, int(t_ids.shape[1]), answers, ld_true, ld_false, f_ids, resid, src, tgt, kv)
+    return _Group(idx, int(t_ids.shape[1]), answers, true_run, false_run, f_ids, resid, src, tgt, kv)
 
 
 def _layer_kv(cache: Any, rows: slice, n_layers: int, n_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
@@ -605,7 +780,7 @@ def _rows(grp: _Group, sites: tuple[str, ...], layers: tuple[int, ...], skip_unc
 
 def _replay(target: LoadedModel, grp: _Group, rows: _Rows, sites: tuple[str, ...]) -> torch.Tensor:
     """Resume every row from its cached residual stream; rows join the batch at their first block. Returns
-    the metric per row."""
+    the readout per row, [rows, 2] (see :func:`_readout`)."""
     order = torch.argsort(rows.start, stable=True)  # rows join the batch in this order
     rows = rows.take(order)
     adapter = target.adapter
@@ -652,8 +827,8 @@ def _replay(target: LoadedModel, grp: _Group, rows: _Rows, sites: tuple[str, ...
             hidden = _call_block(target, grp, k, hidden, src_rows)
     assert hidden is not None and n_done == len(rows)
     logits = adapter.logits(hidden[:, -1])
-    out = torch.empty(len(rows), dtype=torch.float64, device=logits.device)
-    out[order] = _metric(logits, grp.answers.index_select(0, rows.pair))
+    out = torch.empty(len(rows), 2, dtype=torch.float64, device=logits.device)
+    out[order] = _readout(logits, grp.answers.index_select(0, rows.pair))
     return out
 
 
@@ -673,7 +848,7 @@ def _hooked(target: LoadedModel, grp: _Group, rows: _Rows, sites: tuple[str, ...
     with hooks(target.adapter, None, ivs):
         out = target.model(input_ids=grp.false_ids.index_select(0, rows.pair), use_cache=False,
                            **_forward_kwargs(target.model))
-    return _metric(out.logits[:, -1], grp.answers.index_select(0, rows.pair))
+    return _readout(out.logits[:, -1], grp.answers.index_select(0, rows.pair))
 
 
 def _segments(rows: _Rows, n_tokens: int, g: int, n_layers: int, prefix_ok: bool) -> list[tuple[int, torch.Tensor]]:
@@ -722,8 +897,8 @@ def _validate(target: LoadedModel, grp: _Group) -> None:
     pair = torch.arange(g, device=grp.false_ids.device).repeat(2)
     z = torch.zeros_like(pair)
     ident = _Rows(z - 1, z, pair, z + grp.start, z)  # site -1: no patch
-    got = _replay(target, grp, ident, ())
-    want = grp.ld_false.repeat(2)
+    got = _replay(target, grp, ident, ())[:, 0]
+    want = grp.false_run[:, 0].repeat(2)
     scale = 1.0 + float(want.abs().max())
     tol = {torch.float32: 1e-4, torch.float64: 1e-8}.get(target.dtype, 5e-2) * scale
     err = float((got - want).abs().max())
@@ -743,6 +918,7 @@ def exact_patching(
     positions: str = "all",
     token_budget: int = 8192,
     reuse_prefix: bool = True,
+    normalisation: str = "logit",
 ) -> xr.Dataset:
     """Exact activation patching of every (site, layer, position): ``source``'s true-prompt activations into
     ``target``'s false run (``target=None`` or ``source``: within one model).
@@ -754,23 +930,25 @@ def exact_patching(
     ``token_budget``: rows x recomputed tokens per batched pass.
     ``reuse_prefix``: a resumed patch recomputes only the positions from the patched one on, attending to the
     false run's cached keys/values before it; False recomputes every position from the patched layer on.
+    ``normalisation``: ``logit`` (``effect`` 0 = false run, 1 = true run, from logit differences) or ``paper``
+    (``(PD_patched - PD_false) / (1 - PD_false)``, PD = P(TRUE) - P(FALSE); module docstring).
 
-    Returns a Dataset with ``effect`` (normalised: 0 = false run, 1 = true run) and ``patched`` (raw logit
-    difference) over (site, pair, layer, position), ``ld_true`` / ``ld_false`` per pair, and attrs with the
-    method used, variants run and skipped, and seconds.
+    Returns a Dataset with ``effect`` (normalised), ``patched`` (raw logit difference) and ``patched_pd`` (raw
+    probability difference) over (site, pair, layer, position), ``ld_true`` / ``ld_false`` and ``pd_true`` /
+    ``pd_false`` per pair, and attrs with the normalisation, method used, variants run and skipped, and seconds.
     """
     t0 = time.perf_counter()
     target = source if target is None else target
     if method not in ("auto", "resume", "hooked"):
         raise ValueError(f"method {method!r}: auto, resume or hooked")
+    normalised_effect(0.0, 1.0, 0.0, normalisation)  # a bad normalisation fails before any work
     _check_patchable(source, target)
     _check_pairs_for(target, pairs)
     sites = _resolve_sites(sites)
     layers = parse_layers(layers, target.adapter.n_layers)
     L = target.adapter.n_layers
-    values: dict[int, np.ndarray] = {}
-    ld_t = np.zeros(len(pairs))
-    ld_f = np.zeros(len(pairs))
+    values: dict[int, np.ndarray] = {}  # per pair [site, layer, T, 2]: both readouts
+    runs = np.zeros((len(pairs), 2, 2))  # per pair: (true run, false run) x (logit diff, prob diff)
     n_run = n_skip = 0
     used: set[str] = set()
     resume_ok = method != "hooked"
@@ -783,10 +961,10 @@ def exact_patching(
             rows, skipped = _rows(grp, sites, layers, skip_unchanged, allowed)
             n_skip += skipped
             n_run += len(rows)
-            res = grp.ld_false[:, None, None, None].expand(len(idx), len(sites), len(layers), grp.n_tokens).clone()
-            res.masked_fill_(~allowed[:, None, None, :], float("nan"))
+            res = grp.false_run[:, None, None, None].expand(len(idx), len(sites), len(layers), grp.n_tokens, 2).clone()
+            res.masked_fill_(~allowed[:, None, None, :, None], float("nan"))
             if len(rows):
-                out = torch.empty(len(rows), dtype=torch.float64, device=grp.false_ids.device)
+                out = torch.empty(len(rows), 2, dtype=torch.float64, device=grp.false_ids.device)
                 mode = "hooked"
                 if resume_ok:
                     try:
@@ -816,7 +994,7 @@ def exact_patching(
                 res[rows.pair, rows.site, lut[rows.layer], rows.pos] = out
             for j, i in enumerate(idx):
                 values[i] = res[j].cpu().numpy().astype(np.float64)
-                ld_t[i], ld_f[i] = float(grp.ld_true[j]), float(grp.ld_false[j])
+                runs[i] = torch.stack([grp.true_run[j], grp.false_run[j]]).cpu().numpy()
     attrs = {
         "method": "exact",
         "execution": "+".join(sorted(used)) or "none",
@@ -826,7 +1004,17 @@ def exact_patching(
         "variants_skipped": n_skip,
         "seconds": time.perf_counter() - t0,
     }
-    return _dataset(values, pairs, sites, layers, ld_t, ld_f, attrs)
+    return _readout_dataset(values, runs, pairs, sites, layers, attrs, normalisation)
+
+
+def _readout_dataset(values: Mapping[int, np.ndarray], runs: np.ndarray, pairs: PatchingPairs,
+                     sites: tuple[str, ...], layers: tuple[int, ...], attrs: dict[str, Any],
+                     normalisation: str) -> xr.Dataset:
+    """:func:`_dataset` from per-pair [..., 2] readouts (logit difference, probability difference) and the true
+    and false runs' ``runs`` [pair, 2 runs, 2 readouts]."""
+    prob = ({i: v[..., 1] for i, v in values.items()}, runs[:, 0, 1], runs[:, 1, 1])
+    return _dataset({i: v[..., 0] for i, v in values.items()}, pairs, sites, layers, runs[:, 0, 0], runs[:, 1, 0],
+                    attrs, prob=prob, normalisation=normalisation)
 
 
 # =============================================================================================
@@ -870,18 +1058,19 @@ def naive_patching(
     sites: str | Sequence[str] = ("resid_post",),
     layers: str | Sequence[int] = "all",
     positions: str = "all",
+    normalisation: str = "logit",
 ) -> xr.Dataset:
     """The reference: for every pair, site, layer and position, one full forward of the false prompt with that
     one activation replaced by a hand-written hook. Slow by design; same output layout as :func:`exact_patching`."""
     t0 = time.perf_counter()
     target = source if target is None else target
+    normalised_effect(0.0, 1.0, 0.0, normalisation)
     _check_patchable(source, target)
     _check_pairs_for(target, pairs)
     sites = _resolve_sites(sites)
     layers = parse_layers(layers, target.adapter.n_layers)
     values: dict[int, np.ndarray] = {}
-    ld_t = np.zeros(len(pairs))
-    ld_f = np.zeros(len(pairs))
+    runs = np.zeros((len(pairs), 2, 2))
     dev = target.device
     with torch.no_grad():
         for i in range(len(pairs)):
@@ -892,13 +1081,15 @@ def naive_patching(
             with hooks(source.adapter, cap):
                 source.model(input_ids=t_ids, use_cache=False)
 
-            def ld(ids: torch.Tensor) -> float:
+            def ld(ids: torch.Tensor) -> tuple[float, float]:
+                """(logit difference, probability difference), written out independently of ``_readout``."""
                 lg = target.model(input_ids=ids, use_cache=False).logits[0, -1].double()
-                return float(lg[a_t] - lg[a_f])
+                p = torch.exp(lg - torch.logsumexp(lg, 0))
+                return float(lg[a_t] - lg[a_f]), float(p[a_t] - p[a_f])
 
-            ld_t[i], ld_f[i] = ld(t_ids), ld(f_ids)
+            runs[i] = ld(t_ids), ld(f_ids)
             n = t_ids.shape[1]
-            v = np.full((len(sites), len(layers), n), np.nan)
+            v = np.full((len(sites), len(layers), n, 2), np.nan)
             mask = _position_mask(pairs, i, positions)
             for si, site in enumerate(sites):
                 for li, l in enumerate(layers):
@@ -911,7 +1102,7 @@ def naive_patching(
             values[i] = v
     attrs = {"method": "naive", "source": source.model_id, "target": target.model_id,
              "seconds": time.perf_counter() - t0}
-    return _dataset(values, pairs, sites, layers, ld_t, ld_f, attrs)
+    return _readout_dataset(values, runs, pairs, sites, layers, attrs, normalisation)
 
 
 # =============================================================================================
@@ -1022,27 +1213,17 @@ def attribution_patching(
 # statistics over a dataset
 
 
-def pearson(a: np.ndarray | xr.DataArray, b: np.ndarray | xr.DataArray) -> float:
-    """Pearson correlation over the entries finite in both (NaN if fewer than 3 or no variance)."""
-    x = np.asarray(a, dtype=np.float64).ravel()
-    y = np.asarray(b, dtype=np.float64).ravel()
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
-    if len(x) < 3:
-        return float("nan")
-    x, y = x - x.mean(), y - y.mean()
-    den = math.sqrt(float((x * x).sum() * (y * y).sum()))
-    return float((x * y).sum() / den) if den > 0 else float("nan")
-
-
-def _slot_spec(roles: np.ndarray, n_subject: int, n_object: int, n_final: int | None) -> list[tuple[str, str, int]]:
-    """(label, role, k): context (mean over its tokens), the last ``n_subject`` subject tokens, the first
-    ``n_object`` object tokens, the last ``n_final`` tokens of the prompt (default: the longest final span,
-    at most 8)."""
+def _slot_spec(roles: np.ndarray, n_subject: int, n_object: int, n_final: int | None,
+               other: bool | None = None) -> list[tuple[str, str, int]]:
+    """(label, role, k): context (mean over its tokens), other (mean over its tokens; where ``other``, default:
+    where any pair has such tokens), the last ``n_subject`` subject tokens, the first ``n_object`` object tokens,
+    the last ``n_final`` tokens of the prompt (default: the longest final span, at most 8)."""
     if n_final is None:
         fin = (roles == ROLES.index("final")).sum(axis=1)
         n_final = int(min(8, max(1, fin.max() if fin.size else 1)))
-    spec = [("context", "context", 0)]
+    if other is None:
+        other = bool((roles == ROLES.index("other")).any())
+    spec = [("context", "context", 0)] + ([("other", "other", 0)] if other else [])
     spec += [(f"subject[{k}]", "subject", k) for k in range(-n_subject, 0)]
     spec += [(f"object[{k}]", "object", k) for k in range(n_object)]
     spec += [(f"final[{k}]", "final", k) for k in range(-n_final, 0)]
@@ -1055,11 +1236,13 @@ def slot_heatmaps(
     n_subject: int = 3,
     n_object: int = 2,
     n_final: int | None = None,
+    other: bool | None = None,
 ) -> xr.DataArray:
     """Align per-pair heatmaps (``effect`` with dims (..., pair, layer, position) and a ``role`` coord
-    (pair, position)) on role slots: dims (..., pair, layer, slot), NaN where a pair lacks a slot."""
+    (pair, position)) on role slots: dims (..., pair, layer, slot), NaN where a pair lacks a slot. ``other``:
+    whether to have the ``other`` slot (default: where any pair has ``other`` tokens)."""
     roles = np.asarray(effect["role"].values)
-    spec = _slot_spec(roles, n_subject, n_object, n_final)
+    spec = _slot_spec(roles, n_subject, n_object, n_final, other)
     v = np.moveaxis(effect.transpose(..., "pair", "layer", "position").values, -3, 0)  # [pair, ..., layer, pos]
     out = np.full(v.shape[:-1] + (len(spec),), np.nan)
     for i in range(v.shape[0]):
@@ -1067,7 +1250,7 @@ def slot_heatmaps(
         where = {name: np.nonzero(r == c)[0] for c, name in enumerate(ROLES)}
         for j, (_, role, k) in enumerate(spec):
             pos = where[role]
-            if role == "context":
+            if role in _MEAN_ROLES:
                 if len(pos):
                     with np.errstate(all="ignore"), warnings.catch_warnings():
                         warnings.simplefilter("ignore", RuntimeWarning)  # unpatched context: all NaN
@@ -1142,19 +1325,16 @@ def _pairs_source(pairs: Any) -> tuple[pd.DataFrame, Path | None]:
     return load_pairs(pairs), Path(pairs)
 
 
-def _mass_ratio(cross: xr.DataArray, own: xr.DataArray) -> float:
-    """Cross-model effect relative to the target's own, summed over the object and final slots."""
-    sel = cross["slot_role"].isin(["object", "final"])
-    c = float(cross.where(sel).sum(skipna=True))
-    o = float(own.where(sel).sum(skipna=True))
-    return c / o if o != 0 else float("nan")
+def _heatmap_figure(stats: xr.Dataset, site: str, panels: list[str],
+                    diffs: list[tuple[str, xr.DataArray, Mapping[str, float]]], n_bins: int, path: Path) -> Path:
+    """Mean heatmaps of every run side by side, then the binned difference heatmaps (the paper's Figure 1a):
+    ``diffs`` holds (title, binned difference [layer, slot], max |difference| per token group)."""
+    from matplotlib import colormaps
 
-
-def _heatmap_figure(stats: xr.Dataset, site: str, panels: list[str], diffs: list[tuple[str, str]], path: Path) -> Path:
     from mechdiff.report.plotting import new_figure, save_figure
 
     n = len(panels) + len(diffs)
-    fig, axes = new_figure(width=3.6, height=3.2, ncols=n)
+    fig, axes = new_figure(width=3.6, height=3.4, ncols=n)
     axes = np.atleast_1d(axes)
     mean = stats["mean"].sel(site=site)
     vmax = float(np.nanmax(np.abs(mean.values))) if np.isfinite(mean.values).any() else 1.0
@@ -1162,11 +1342,12 @@ def _heatmap_figure(stats: xr.Dataset, site: str, panels: list[str], diffs: list
     for ax, run in zip(axes, panels):
         im = ax.imshow(mean.sel(run=run).values, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-vmax, vmax=vmax)
         ax.set_title(run, fontsize=9)
-    for ax, (a, b) in zip(axes[len(panels) :], diffs):
-        d = (mean.sel(run=b) - mean.sel(run=a)).values
-        dm = float(np.nanmax(np.abs(d))) if np.isfinite(d).any() else 1.0
-        ax.imshow(d, aspect="auto", origin="lower", cmap="PuOr_r", vmin=-dm, vmax=dm)
-        ax.set_title(f"{b} − {a}", fontsize=9)
+    for ax, (title, d, peak) in zip(axes[len(panels) :], diffs):
+        # one colour per bin step: the paper's 20-bin scale, -1 .. 1 in steps of 1 / n_bins
+        cmap = colormaps["PuOr_r"].resampled(2 * n_bins + 1)
+        ax.imshow(d.values, aspect="auto", origin="lower", cmap=cmap, vmin=-1 - 0.5 / n_bins, vmax=1 + 0.5 / n_bins)
+        groups = ", ".join(f"{r} {v:.2f}" for r, v in peak.items() if np.isfinite(v))
+        ax.set_title(f"{title} ({n_bins} bins)\nmax |diff|: {groups}", fontsize=7)
     for ax in axes:
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=90, fontsize=6)
@@ -1194,6 +1375,89 @@ def _attribution_figure(exact: xr.Dataset, attrib: xr.Dataset, runs: list[str], 
     return save_figure(fig, path)
 
 
+def _load_group(group: ModelGroup, models: Mapping[str, LoadedModel] | None, control_model: str | Path | None,
+                device: str, dtype: str) -> tuple[dict[str, LoadedModel], str | None]:
+    """The group's models by label (loaded unless given), plus the control model; returns them and its label.
+    The control loads first, so a bad one fails before the group's models load."""
+    from mechdiff.engine.models import load_model
+
+    models = dict(models) if models is not None else {}
+    missing = [lab for lab in group.labels if lab not in models]
+    if missing and models:
+        raise KnowledgeOptionError(f"no loaded model for label(s) {', '.join(missing)}")
+    label = None
+    if control_model is not None:
+        label = str(control_model) if str(control_model) in models else "control"
+        if label in group.labels or str(control_model) in group.models.values():
+            raise KnowledgeOptionError(f"control model {str(control_model)!r} is a model of the group; give an "
+                                       "unrelated model of the same tokenizer")
+        if label not in models:
+            models[label] = load_model(control_model, device=device, dtype=dtype)
+    for lab in missing:
+        models[lab] = load_model(group.models[lab], device=device, dtype=dtype)
+    base = models[group.labels[0]]
+    if label is not None and models[label].tokenizer_hash != base.tokenizer_hash:
+        raise ModelMismatchError(
+            f"the control model {models[label].model_id!r} has another tokenizer than {base.model_id!r}: its heatmap "
+            "would not align with the base model's token positions; give an unrelated model of the same tokenizer")
+    return models, label
+
+
+def _slot_array(slots: xr.DataArray, run: str, site: str) -> np.ndarray:
+    return slots.sel(run=run, site=site).transpose("pair", "layer", "slot").values
+
+
+def _compare_site(slots: xr.DataArray, keep: xr.DataArray, gap: xr.DataArray, pairs: PatchingPairs, a: str, b: str,
+                  site: str, cross: bool, control: str | None, controls: KnowledgeControls) -> dict[str, Any]:
+    """The controls of one comparison at one site: base vs post maps, both cross-model runs against the target's
+    own, the control model against base, each model's separation, and each pair design's correlation."""
+    roles = list(slots["slot_role"].values)
+    topics = np.asarray(pairs.topics, dtype=str)
+
+    def x(run: str) -> tuple[np.ndarray, np.ndarray]:
+        return _slot_array(slots, run, site), keep.sel(run=run).values
+
+    out: dict[str, Any] = {"maps": compare_maps(*x(a), *x(b), roles, topics, controls)}
+    out["separation"] = {m: separation(gap.sel(run=m).values, keep.sel(run=m).values, topics, controls) for m in (a, b)}
+    if cross:
+        out["cross"] = {f"{s}->{t}": transfer_check(*x(f"{s}->{t}"), *x(t), roles, topics, controls)
+                        for s, t in ((a, b), (b, a))}
+    if control is not None:
+        out["control"] = compare_maps(*x(control), *x(a), roles, topics, controls)
+    if pairs.changed is not None:  # each pair design on its own (e.g. subject- vs object-changed pairs)
+        design = np.asarray(pairs.changed, dtype=str)
+        kinds = [k for k in dict.fromkeys(design.tolist()) if k]
+        if len(kinds) > 1:
+            (xa, ka), (xb, kb) = x(a), x(b)
+            out["by_design"] = {k: {"n_pairs": int((design == k).sum()),
+                                    "correlation": pearson(mean_maps(xa, ka & (design == k))[0],
+                                                           mean_maps(xb, kb & (design == k))[0])}
+                                for k in kinds}
+    return out
+
+
+def _finite_max(values: Any) -> float:
+    v = [float(x) for x in values if np.isfinite(x)]
+    return max(v) if v else float("nan")
+
+
+def _verdict_numbers(c: dict[str, Any], a: str, b: str) -> tuple[dict[str, float], dict[str, float]]:
+    """(figures, controls) of the finding from one site's comparison."""
+    m = c["maps"]
+    figs = {"heatmap_correlation": m.correlation}
+    ctl = {"null_upper": m.null_upper, "null_mean": m.null_mean, f"reliability_{a}": m.reliability[0],
+           f"reliability_{b}": m.reliability[1], "ceiling": m.ceiling}
+    for name, x in c.get("cross", {}).items():
+        key = "cross" if name == f"{a}->{b}" else "reverse_cross"
+        figs[f"{key}_correlation"] = x.comparison.correlation
+        figs[f"{key}_transfer"] = x.transfer
+        ctl[f"{key}_null_upper"] = x.comparison.null_upper
+        ctl[f"{key}_transfer_low"] = x.transfer_interval[0]
+    if "control" in c:
+        ctl["control_correlation"] = c["control"].correlation
+    return figs, ctl
+
+
 def run_knowledge(
     group: ModelGroup,
     pairs: str | Path | pd.DataFrame | None,
@@ -1211,26 +1475,36 @@ def run_knowledge(
     dtype: str = "float32",
     token_budget: int = 8192,
     models: Mapping[str, LoadedModel] | None = None,
-    min_correlation: float = 0.8,
-    min_transfer: float = 0.5,
+    normalisation: str = "logit",
+    control_model: str | Path | None = None,
+    controls: KnowledgeControls = KnowledgeControls(),
 ) -> StudyResult:
     """The knowledge-storage study for a model group.
 
     Per model: exact patching heatmaps (and attribution estimates) for every site x layer x position; per
-    (base, post) pair: cross-model patching of the base model's true-prompt activations into the post model's
-    false runs. Statistics over pairs on role slots; between models: heatmap correlation, peak layer per role,
-    difference heatmap. Pairs whose target model does not separate them by more than ``min_gap`` (ld_true -
-    ld_false, in logits) are left out of the normalised statistics (None keeps all); ``mean_delta`` holds the
-    un-normalised change of the logit difference over every pair. ``positions="statement"`` leaves the context
-    before the statement (the few-shot examples) unpatched; ``"all"`` patches it too (within a model those
-    patches are exact no-ops, across models they are the bulk of the work).
+    (base, post) pair: cross-model patching both ways (the base model's true-prompt activations into the post
+    model's false runs, and the post model's into the base model's). Statistics over pairs on role slots;
+    between models: heatmap correlation with its controls (:func:`~mechdiff.analyses.knowledge_maps.compare_maps`:
+    bootstrap interval over pairs, permuted-map null, split-half ceiling), peak layer per role, the difference
+    heatmap and the paper's binned one with its largest change per token group; the verdict is
+    :func:`~mechdiff.analyses.knowledge_maps.knowledge_verdict` on the ``resid_post`` site (else the first).
 
-    ``pairs``: a CSV / DataFrame with :data:`PAIR_COLUMNS`, or None for the zoo's ``patching.csv``.
-    ``shots``: "auto" (a ``shots.json`` next to the pairs file, if any), a path, a mapping, or None.
-    ``models``: already loaded models by label (else loaded from ``group``).
+    Pairs whose target model does not separate them by more than ``min_gap`` (ld_true - ld_false, in logits) are
+    left out of the normalised statistics (None keeps all); ``mean_delta`` holds the un-normalised change of the
+    logit difference over every pair. ``positions="statement"`` leaves the context before the statement (the
+    few-shot examples) unpatched; ``"all"`` patches it too (within a model those patches are exact no-ops, across
+    models they are the bulk of the work). ``normalisation``: ``logit`` or ``paper`` (module docstring).
+
+    ``pairs``: a CSV / DataFrame with :data:`PAIR_COLUMNS` (and optionally :data:`SPAN_COLUMNS` and ``changed``),
+    or None for the zoo's ``patching.csv``. ``shots``: "auto" (a ``shots.json`` next to the pairs file, if any), a
+    path, a mapping, or None. ``models``: already loaded models by label (else loaded from ``group``).
+    ``control_model``: an unrelated model of the same tokenizer (a path, or a label in ``models``): its own
+    heatmap's correlation with base's is the control a "storage unchanged" verdict must clear.
+    ``controls``: sizes, seed and thresholds of the controls and the verdict rule.
     Writes ``out_dir/knowledge/{results.zarr, summary.json, *.png}``.
     """
     t0 = time.perf_counter()
+    normalised_effect(0.0, 1.0, 0.0, normalisation)  # bad options fail before any model loads
     df, path = _pairs_source(pairs)
     df = load_pairs(df, limit=limit)
     if shots == "auto":
@@ -1239,17 +1513,11 @@ def run_knowledge(
     elif isinstance(shots, (str, Path)):
         shots = load_shots(shots)
     sites = _resolve_sites(sites)
-    labels = list(group.labels)
-    if models is None:
-        from mechdiff.engine.models import load_model
-
-        models = {lab: load_model(p, device=device, dtype=dtype) for lab, p in group.models.items()}
-    missing = [lab for lab in labels if lab not in models]
-    if missing:
-        raise ValueError(f"no loaded model for label(s) {', '.join(missing)}")
+    models, control = _load_group(group, models, control_model, device, dtype)
+    labels = list(group.labels) + ([control] if control else [])
     base = labels[0]
     if cross:
-        for lab in labels[1:]:
+        for lab in group.labels[1:]:
             _check_patchable(models[base], models[lab])
     prepared: dict[str, PatchingPairs] = {}
     by_tok: dict[str, PatchingPairs] = {}
@@ -1265,13 +1533,14 @@ def run_knowledge(
 
     runs: list[tuple[str, str, str]] = [(lab, lab, lab) for lab in labels]  # (run name, source, target)
     if cross:
-        runs += [(f"{base}->{lab}", base, lab) for lab in labels[1:]]
+        for lab in group.labels[1:]:
+            runs += [(f"{base}->{lab}", base, lab), (f"{lab}->{base}", lab, base)]
     exact_ds, attr_ds, timing = [], [], {}
     for name, s, t in runs:
         src, tgt = models[s], models[t]
         log.info("knowledge: exact patching %s", name)
         e = exact_patching(src, tgt, prepared[t], sites=sites, layers=layers, positions=positions,
-                           token_budget=token_budget)
+                           token_budget=token_budget, normalisation=normalisation)
         exact_ds.append(e)
         timing[name] = {"exact_s": e.attrs["seconds"], "execution": e.attrs["execution"],
                         "variants_run": e.attrs["variants_run"], "variants_skipped": e.attrs["variants_skipped"]}
@@ -1281,6 +1550,7 @@ def run_knowledge(
             attr_ds.append(a)
             timing[name]["attribution_s"] = a.attrs["seconds"]
     names = [r[0] for r in runs]
+    run_dim = xr.DataArray(names, dims="run", name="run")
 
     def stack(dss: list[xr.Dataset]) -> xr.Dataset:
         # roles become a variable: models with different tokenizers have different roles per position
@@ -1290,28 +1560,31 @@ def run_knowledge(
             d = d.drop_vars("role").assign(role=(("pair", "position"), role))
             d.attrs = {}
             out.append(d)
-        return xr.concat(out, dim=xr.DataArray(names, dims="run", name="run"), join="outer",
-                         data_vars="all", coords="minimal", compat="override")
+        return xr.concat(out, dim=run_dim, join="outer", data_vars="all", coords="minimal", compat="override")
 
-    # one slot layout for every run: the longest final span over all tokenizations (at most 8)
+    # one slot layout for every run: the longest final span over all tokenizations (at most 8), and an "other"
+    # slot where any tokenization has such tokens
     fin = [int((pp.role_matrix() == ROLES.index("final")).sum(1).max()) for pp in prepared.values()]
     n_final = max(1, min(8, max(fin)))
+    other = any((pp.role_matrix() == ROLES.index("other")).any() for pp in prepared.values())
     ex = stack(exact_ds)
     gap = ex["ld_true"] - ex["ld_false"]
     keep = gap > min_gap if min_gap is not None else xr.ones_like(gap, dtype=bool)
-    slots = xr.concat([slot_heatmaps(d["effect"], n_final=n_final) for d in exact_ds],
-                      dim=xr.DataArray(names, dims="run", name="run"))
+    slots = xr.concat([slot_heatmaps(d["effect"], n_final=n_final, other=other) for d in exact_ds], dim=run_dim)
     stats = heatmap_stats(slots, keep)
     # Un-normalised change of the logit difference, over every pair: defined even where a model barely
     # separates a pair (and the normalised effect is not).
-    delta = heatmap_stats(xr.concat([slot_heatmaps(d["patched"] - d["ld_false"], n_final=n_final) for d in exact_ds],
-                                    dim=xr.DataArray(names, dims="run", name="run")))
+    delta = heatmap_stats(xr.concat([slot_heatmaps(d["patched"] - d["ld_false"], n_final=n_final, other=other)
+                                     for d in exact_ds], dim=run_dim))
     data = xr.Dataset(
         {
             "effect": ex["effect"],
             "patched": ex["patched"],
+            "patched_pd": ex["patched_pd"],
             "ld_true": ex["ld_true"],
             "ld_false": ex["ld_false"],
+            "pd_true": ex["pd_true"],
+            "pd_false": ex["pd_false"],
             "role": ex["role"].fillna(_PAD_ROLE).astype(np.int8),
             "kept": keep,
             "slot_effect": slots,
@@ -1323,7 +1596,10 @@ def run_knowledge(
     )
     summary: dict[str, Any] = {
         "models": {lab: models[lab].model_id for lab in labels},
+        "control_model": control,
+        "normalisation": normalisation,
         "n_pairs": len(df),
+        "designs": {str(k): int(v) for k, v in pd.Series(prepared[base].changed).value_counts().items() if k},
         "min_gap": min_gap,
         "pairs_kept": {n: int(keep.sel(run=n).sum()) for n in names},
         "sites": list(sites),
@@ -1332,13 +1608,18 @@ def run_knowledge(
         "timing": timing,
         "mean_ld_true": {n: float(ex["ld_true"].sel(run=n).mean()) for n in names},
         "mean_ld_false": {n: float(ex["ld_false"].sel(run=n).mean()) for n in names},
+        "mean_pd_true": {n: float(ex["pd_true"].sel(run=n).mean()) for n in names},
+        "mean_pd_false": {n: float(ex["pd_false"].sel(run=n).mean()) for n in names},
         "peak_layer": {n: {s: _peak_layers(stats["mean"].sel(run=n, site=s)) for s in sites} for n in names},
+        "controls_settings": controls,
     }
     if attribution:
         at = stack(attr_ds)
         data["attribution"] = at["effect"]
+        # attribution estimates logit differences: compare it with the logit-normalised exact effect
+        ex_logit = normalised_effect(ex["patched"], ex["ld_true"], ex["ld_false"])
         summary["attribution_correlation"] = {
-            n: {s: pearson(ex["effect"].sel(run=n, site=s).where(keep.sel(run=n)).values,
+            n: {s: pearson(ex_logit.sel(run=n, site=s).where(keep.sel(run=n)).values,
                            at["effect"].sel(run=n, site=s).where(keep.sel(run=n)).values) for s in sites}
             for n in names
         }
@@ -1354,71 +1635,64 @@ def run_knowledge(
         }
     comparisons: dict[str, Any] = {}
     findings: list[Finding] = []
-    diffs = []
+    diffs: dict[str, list[tuple[str, xr.DataArray, dict[str, float]]]] = {s: [] for s in sites}
+    main_site = "resid_post" if "resid_post" in sites else sites[0]
+    slot_roles = list(slots["slot_role"].values)
     for a, b in group.pairs:
         key = f"{a} vs {b}"
         comp: dict[str, Any] = {}
         for s in sites:
-            c = compare_heatmaps(stats["mean"].sel(run=a, site=s), stats["mean"].sel(run=b, site=s))
+            ma, mb = stats["mean"].sel(run=a, site=s), stats["mean"].sel(run=b, site=s)
+            c = compare_heatmaps(ma, mb)
             data[f"difference_{b}_{a}_{s}"] = c.pop("difference")
-            comp[s] = c
-            comp[s]["delta_correlation"] = pearson(delta["mean"].sel(run=a, site=s), delta["mean"].sel(run=b, site=s))
+            binned = xr.DataArray(binned_difference(ma.values, mb.values, controls.n_bins), dims=ma.dims,
+                                  coords=ma.coords)
+            data[f"binned_difference_{b}_{a}_{s}"] = binned
+            c["max_abs_diff"] = {"raw": max_abs_by_role((mb - ma).values, slot_roles),
+                                 "binned": max_abs_by_role(binned.values, slot_roles)}
+            diffs[s].append((f"{b} − {a}", binned, c["max_abs_diff"]["binned"]))
+            c["delta_correlation"] = pearson(delta["mean"].sel(run=a, site=s), delta["mean"].sel(run=b, site=s))
+            c["controls"] = _compare_site(slots, keep, gap, prepared[base], a, b, s, cross, control, controls)
             if cross:
-                xname = f"{a}->{b}"
-                own = stats["mean"].sel(run=b, site=s)
-                xm = stats["mean"].sel(run=xname, site=s)
-                comp[s]["cross_correlation"] = pearson(xm.values, own.values)
-                comp[s]["cross_transfer"] = _mass_ratio(xm, own)
-                comp[s]["cross_delta_correlation"] = pearson(delta["mean"].sel(run=xname, site=s),
-                                                             delta["mean"].sel(run=b, site=s))
+                for (src, tgt), pre in (((a, b), "cross"), ((b, a), "reverse_cross")):
+                    x = c["controls"]["cross"][f"{src}->{tgt}"]
+                    c[f"{pre}_correlation"] = x.comparison.correlation
+                    c[f"{pre}_transfer"] = x.transfer
+                    c[f"{pre}_delta_correlation"] = pearson(delta["mean"].sel(run=f"{src}->{tgt}", site=s),
+                                                            delta["mean"].sel(run=tgt, site=s))
+            comp[s] = c
         comparisons[key] = comp
-        diffs.append((a, b))
-        main_site = "resid_post" if "resid_post" in sites else sites[0]
-        figs = {"heatmap_correlation": comp[main_site]["correlation"]}
-        if cross:
-            figs["cross_correlation"] = comp[main_site]["cross_correlation"]
-            figs["cross_transfer"] = comp[main_site]["cross_transfer"]
-        agrees = all(np.isfinite(v) for v in figs.values()) and figs["heatmap_correlation"] >= min_correlation and (
-            not cross or (figs["cross_correlation"] >= min_correlation and figs["cross_transfer"] >= min_transfer)
-        )
+        main = comp[main_site]["controls"]
+        figs, ctl = _verdict_numbers(main, a, b)
         figs["delta_correlation"] = comp[main_site]["delta_correlation"]
+        figs["max_abs_binned_diff"] = _finite_max(comp[main_site]["max_abs_diff"]["binned"].values())
+        verdict, reason = knowledge_verdict(
+            main["maps"], separated=main["separation"], control=main["control"].correlation if control else None,
+            cross=main.get("cross"), names=(a, b), settings=controls)
         kept = {n: int(keep.sel(run=n).sum()) for n in (a, b)}
-        rule = f"(agreement: correlations >= {min_correlation}" + (f", effect >= {min_transfer}x)" if cross else ")")
-        raw = f"un-normalised {main_site} heatmaps (all pairs) correlate {figs['delta_correlation']:.3f}"
-        if min(kept.values()) == 0:
-            detail = (f"no pair is separated by more than min_gap={min_gap} (logit-difference gap, true - false run) "
-                      f"in {' and '.join(n for n, k in kept.items() if k == 0)}: the model does not tell these "
-                      f"statements apart, so normalised patching effects are undefined; {raw} {rule}")
-        else:
-            detail = (f"pairs kept {kept[a]} / {kept[b]} of {len(df)}; {main_site} heatmaps: correlation "
-                      f"{figs['heatmap_correlation']:.3f}"
-                      + (f"; {a} activations patched into {b}: correlation with {b}'s own "
-                         f"{figs['cross_correlation']:.3f}, effect {figs['cross_transfer']:.2f}x of {b}'s own"
-                         if cross else "")
-                      + f"; {raw} {rule}")
-        if min(kept.values()) == 0:
-            # normalised patching effects are undefined: the measurement cannot tell
-            verdict = "inconclusive"
-            reason = (f"no pair separated by more than min_gap={min_gap} in "
-                      f"{' and '.join(n for n, k in kept.items() if k == 0)}: patching effects undefined")
-        else:
-            verdict = "agrees" if agrees else "disagrees"
-            reason = (f"{main_site} heatmap correlation {figs['heatmap_correlation']:.3f}"
-                      + (f", cross correlation {figs['cross_correlation']:.3f}, effect {figs['cross_transfer']:.2f}x"
-                         if cross else "")
-                      + f" {'meet' if agrees else 'miss'} {rule.strip('()')}")
+        m = main["maps"]
+        detail = (f"{normalisation}-normalised {main_site} heatmaps over pairs kept {kept[a]} / {kept[b]} of {len(df)}: "
+                  f"correlation {m.correlation:.3f} (95% CI [{m.interval[0]:.3f}, {m.interval[1]:.3f}]), permuted "
+                  f"null bound {m.null_upper:.3f}, split-half reliability {m.reliability[0]:.3f} / "
+                  f"{m.reliability[1]:.3f} (ceiling {m.ceiling:.3f})"
+                  + (f"; control model {control}: correlation with {a} {main['control'].correlation:.3f}"
+                     if control else "")
+                  + "".join(f"; {n}: correlation with {n.split('->')[1]}'s own {x.comparison.correlation:.3f}, "
+                            f"effect {x.transfer:.2f}x" for n, x in main.get("cross", {}).items())
+                  + f"; un-normalised heatmaps (all pairs) correlate {figs['delta_correlation']:.3f}")
         findings.append(Finding("knowledge storage unchanged", key, figs, verdict, detail, reason=reason,
-                                controls={"delta_correlation": figs["delta_correlation"]}))
+                                interval=m.interval, controls={**ctl, "delta_correlation": figs["delta_correlation"]}))
     summary["comparisons"] = comparisons
     d = Path(out_dir) / "knowledge"
     figures: dict[str, Path] = {}
     for s in sites:
-        figures[f"heatmap_{s}"] = _heatmap_figure(stats, s, names, diffs, d / f"heatmap_{s}.png")
+        figures[f"heatmap_{s}"] = _heatmap_figure(stats, s, names, diffs[s], controls.n_bins, d / f"heatmap_{s}.png")
     if attribution:
         figures["attribution"] = _attribution_figure(
-            ex.sel(site=sites[0]), at.sel(site=sites[0]), names, d / "attribution_vs_exact.png")
+            ex.assign(effect=ex_logit).sel(site=sites[0]), at.sel(site=sites[0]), names, d / "attribution_vs_exact.png")
     summary["seconds"] = time.perf_counter() - t0
-    data.attrs = {"study": "knowledge", "roles": list(ROLES), "models": summary["models"]}
+    data.attrs = {"study": "knowledge", "roles": list(ROLES), "models": summary["models"],
+                  "normalisation": normalisation}
     result = StudyResult("knowledge", data, summary, figures, findings)
     result.save(out_dir)
     return result

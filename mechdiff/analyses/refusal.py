@@ -835,7 +835,8 @@ def _partners(group: ModelGroup, label: str) -> list[str]:
 @contextmanager
 def _chat_template_for(lm: LoadedModel, spec: str, label: str, group: ModelGroup, own: bool):
     """A base model prompted under its partner's chat template may have none of its own: it borrows the
-    partner's for the extraction (the vocabulary is the same; checked by the store's tokenizer record)."""
+    partner's for the extraction (a base and its post-trained model share a vocabulary; the store records the
+    tokenizer, template included, that it was made with)."""
     tok = lm.tokenizer
     if spec != "chat" or getattr(tok, "chat_template", None):
         yield
