@@ -32,8 +32,8 @@ Efficient by construction (:func:`exact_patching`):
   forwards with engine ``Intervention(kind="replace")`` hooks, still batched.
 
 :func:`naive_patching` is the reference (one full forward per variant, patched by a hand-written hook), and
-:func:`attribution_patching` the linear estimate (gradient x activation difference, one forward and one
-backward per batch of pairs).
+:func:`~mechdiff.analyses.attribution.attribution_patching` the fast estimates (gradient x activation difference
+and its corrections, a few forwards and backwards per batch of pairs), judged against exact patching in every run.
 
 Positions are stored right-aligned (``position`` = -n .. -1, counted from each prompt's end) and grouped by
 role. Where the pairs file names the spans (a ``subject`` column and a ``true_object`` / ``false_object`` or
@@ -63,6 +63,8 @@ import torch
 import xarray as xr
 
 from mechdiff.errors import MechdiffError
+from mechdiff.analyses.attribution import METHODS as ATTRIBUTION_METHODS
+from mechdiff.analyses.attribution import AttributionError, attribution_agreement, attribution_patching
 from mechdiff.analyses.common import Finding, ModelGroup, StudyResult
 from mechdiff.analyses.knowledge_maps import (
     KnowledgeControls,
@@ -1109,104 +1111,7 @@ def naive_patching(
 # attribution patching
 
 
-class _Tap(Intervention):
-    """Keeps the live (differentiable) activation at a site; changes nothing."""
-
-    def __init__(self, site: str, layer: int, store: dict):
-        self.site, self.layer, self.kind = site, layer, "tap"
-        self.vector = self.values = self.index = None
-        self.coef = 1.0
-        self._store = store
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.requires_grad:  # frozen weights: make the earliest site a leaf so gradients reach it
-            x = x.detach().requires_grad_(True)
-        self._store[(self.site, self.layer)] = x
-        return x
-
-
-def attribution_patching(
-    source: LoadedModel,
-    target: LoadedModel | None,
-    pairs: PatchingPairs,
-    *,
-    sites: str | Sequence[str] = ("resid_post",),
-    layers: str | Sequence[int] = "all",
-    positions: str = "all",
-    token_budget: int = 8192,
-    reuse_prefix: bool = True,
-) -> xr.Dataset:
-    """Linear estimate of every patch at once: effect(l, p) ~ (x_true - x_false)(l, p) . d metric / d x(l, p),
-    the gradient taken at the false run. Per batch of pairs: the true-run forward(s), then one forward and one
-    backward of the false run. Same layout as :func:`exact_patching` (``patched`` = false run + estimate).
-
-    ``reuse_prefix`` (within one model): the positions before a batch's first differing token hold the same
-    activations in both runs, so their estimate is exactly 0; that prefix runs once, without gradients, and
-    both runs and the backward pass cover only the tokens after it (from its cached keys/values)."""
-    t0 = time.perf_counter()
-    target = source if target is None else target
-    _check_patchable(source, target)
-    _check_pairs_for(target, pairs)
-    sites = _resolve_sites(sites)
-    layers = parse_layers(layers, target.adapter.n_layers)
-    dev = target.device
-    model = target.model
-    values: dict[int, np.ndarray] = {}
-    ld_t = np.zeros(len(pairs))
-    ld_f = np.zeros(len(pairs))
-    within = source is target
-    first_diff = np.array([int(np.argmax(np.asarray(t) != np.asarray(f))) for t, f in zip(pairs.true_ids, pairs.false_ids)])
-    # Pairs that differ late together, so that a batch's shared prefix is long.
-    order = np.argsort(first_diff, kind="stable") if within and reuse_prefix else None
-    n_prefix = 0
-    for idx in _groups(pairs, token_budget, order=order):
-        t_ids = torch.tensor([pairs.true_ids[i] for i in idx], device=dev)
-        f_ids = torch.tensor([pairs.false_ids[i] for i in idx], device=dev)
-        answers = torch.as_tensor(pairs.answers[idx], device=dev)
-        n_tok = t_ids.shape[1]
-        start, kv = 0, None
-        if within and reuse_prefix and int(first_diff[idx].min()) > 0:
-            start = int(first_diff[idx].min())
-            with torch.no_grad():
-                out = model(input_ids=f_ids[:, :start], use_cache=True, **_forward_kwargs(model))
-            kv = _layer_kv(out.past_key_values, slice(None), target.adapter.n_layers, start)
-            if kv is None:
-                start = 0
-        n_prefix += start * len(idx)
-
-        def suffix(lm: LoadedModel, ids: torch.Tensor, capture: Capture | None = None, ivs: Sequence = ()) -> Any:
-            kw: dict[str, Any] = {"use_cache": False}
-            if start > 0:  # the same tokens in both prompts before ``start``: one prefix cache serves both
-                kw = {"use_cache": True, _cache_arg(lm.model): _prefix_cache(lm.model, kv, start)}
-            with hooks(lm.adapter, capture, ivs):
-                return lm.model(input_ids=ids[:, start:], **kw, **_forward_kwargs(lm.model))
-
-        with torch.no_grad():
-            cap = Capture(sites, layers)
-            out = suffix(source, t_ids, cap)
-            lt = _metric(out.logits[:, -1], answers) if within else \
-                _metric(_run(target, t_ids, None, use_cache=False).logits[:, -1], answers)
-        taps: dict[tuple[str, int], torch.Tensor] = {}
-        with torch.enable_grad():
-            out = suffix(target, f_ids, None, [_Tap(s, l, taps) for l in layers for s in sites])
-            m = _metric(out.logits[:, -1], answers)
-            keys = list(taps)
-            grads = torch.autograd.grad(m.sum(), [taps[k] for k in keys], allow_unused=True)
-        est = np.zeros((len(idx), len(sites), len(layers), n_tok))
-        with torch.no_grad():
-            for k, gr in zip(keys, grads):
-                site, l = k
-                if gr is None:  # the metric does not depend on it (cannot happen for a causal LM's sites)
-                    continue
-                d = (cap.acts[k].double() - taps[k].detach().double()) * gr.double()
-                est[:, sites.index(site), layers.index(l), start:] = d.sum(-1).cpu().numpy()
-        mf = m.detach().double().cpu().numpy()
-        for j, i in enumerate(idx):
-            values[i] = np.where(_position_mask(pairs, i, positions), mf[j] + est[j], np.nan)
-            ld_t[i], ld_f[i] = float(lt[j]), float(mf[j])
-    attrs = {"method": "attribution", "source": source.model_id, "target": target.model_id,
-             "prefix_tokens_shared": int(n_prefix), "seconds": time.perf_counter() - t0}
-    return _dataset(values, pairs, sites, layers, ld_t, ld_f, attrs)
+# the estimates live in :mod:`mechdiff.analyses.attribution` (plain AtP, AtP*'s corrections, integrated gradients)
 
 
 # =============================================================================================
@@ -1478,6 +1383,7 @@ def run_knowledge(
     normalisation: str = "logit",
     control_model: str | Path | None = None,
     controls: KnowledgeControls = KnowledgeControls(),
+    attribution_method: str = "ig",
 ) -> StudyResult:
     """The knowledge-storage study for a model group.
 
@@ -1500,11 +1406,16 @@ def run_knowledge(
     path, a mapping, or None. ``models``: already loaded models by label (else loaded from ``group``).
     ``control_model``: an unrelated model of the same tokenizer (a path, or a label in ``models``): its own
     heatmap's correlation with base's is the control a "storage unchanged" verdict must clear.
-    ``controls``: sizes, seed and thresholds of the controls and the verdict rule.
+    ``controls``: sizes, seed and thresholds of the controls and the verdict rule. ``attribution_method``: the
+    fast estimate (:data:`~mechdiff.analyses.attribution.METHODS`; integrated gradients by default, the one that
+    tracked exact patching on the embedded pair); its agreement with exact patching is in the summary and the
+    report, with a verdict on whether it can stand in for the sweep.
     Writes ``out_dir/knowledge/{results.zarr, summary.json, *.png}``.
     """
     t0 = time.perf_counter()
     normalised_effect(0.0, 1.0, 0.0, normalisation)  # bad options fail before any model loads
+    if attribution and attribution_method not in ATTRIBUTION_METHODS:
+        raise AttributionError(f"attribution method {attribution_method!r}: one of {', '.join(ATTRIBUTION_METHODS)}")
     df, path = _pairs_source(pairs)
     df = load_pairs(df, limit=limit)
     if shots == "auto":
@@ -1546,8 +1457,9 @@ def run_knowledge(
                         "variants_run": e.attrs["variants_run"], "variants_skipped": e.attrs["variants_skipped"]}
         if attribution:
             a = attribution_patching(src, tgt, prepared[t], sites=sites, layers=layers, positions=positions,
-                                     token_budget=token_budget)
+                                     token_budget=token_budget, method=attribution_method)
             attr_ds.append(a)
+            attr_signed = bool(a.attrs["signed"])
             timing[name]["attribution_s"] = a.attrs["seconds"]
     names = [r[0] for r in runs]
     run_dim = xr.DataArray(names, dims="run", name="run")
@@ -1629,6 +1541,9 @@ def run_knowledge(
                            (at["patched"] - at["ld_false"]).sel(run=n, site=s).values) for s in sites}
             for n in names
         }
+        agreement = attribution_agreement(ex.assign(effect=ex_logit), at, keep=keep, signed=attr_signed)
+        summary["attribution_agreement"] = agreement
+        summary["attribution_method"] = attribution_method
         summary["attribution_speedup"] = {
             n: timing[n]["exact_s"] / timing[n]["attribution_s"] if timing[n]["attribution_s"] > 0 else None
             for n in names
@@ -1693,6 +1608,8 @@ def run_knowledge(
     summary["seconds"] = time.perf_counter() - t0
     data.attrs = {"study": "knowledge", "roles": list(ROLES), "models": summary["models"],
                   "normalisation": normalisation}
-    result = StudyResult("knowledge", data, summary, figures, findings)
+    notes = {"attribution": f"{agreement.message()}. Each point: one (pair, layer, position) of {sites[0]}, the "
+                            "estimate against exact patching (logit-normalised)."} if attribution else {}
+    result = StudyResult("knowledge", data, summary, figures, findings, notes)
     result.save(out_dir)
     return result

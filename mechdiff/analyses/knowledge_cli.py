@@ -67,6 +67,7 @@ def knowledge(
     layers: str = typer.Option("all", help="all, a list 0,3,5, or a range 2:6 (end exclusive)."),
     cross: bool = typer.Option(True, "--cross/--no-cross", help="Also patch the base model's activations into each post model, and each post model's into the base model."),
     attribution: bool = typer.Option(True, "--attribution/--no-attribution", help="Also compute attribution-patching estimates."),
+    attribution_method: str = typer.Option("ig", "--attribution-method", help="atp (gradient x difference), atp+qk, atp+gd, atp* (Kramar et al.'s corrections) or ig (integrated gradients, 5 steps); its r against exact patching is reported."),
     limit: Optional[int] = typer.Option(None, help="At most this many pairs, spread over topics."),
     positions: str = typer.Option("statement", help="statement (leave the few-shot context unpatched) or all."),
     min_gap: float = typer.Option(0.1, help="Leave out of the normalised statistics pairs with logit-diff(true) - logit-diff(false) <= this."),
@@ -154,7 +155,7 @@ def knowledge(
     try:
         result = run_knowledge(
             group, pairs, out, shots=shots_arg, sites=tuple(s.strip() for s in sites.split(",") if s.strip()),
-            layers=layers, cross=cross, attribution=attribution, limit=limit, positions=positions, min_gap=min_gap,
+            layers=layers, cross=cross, attribution=attribution, attribution_method=attribution_method, limit=limit, positions=positions, min_gap=min_gap,
             device=device, dtype=dtype, token_budget=token_budget, normalisation=normalisation,
             control_model=control_model, controls=controls,
         )

@@ -41,12 +41,13 @@ def _img(path: Path) -> str:
 # How to read each figure, for studies that did not say (keys match by prefix).
 DEFAULT_NOTES = {
     ("knowledge", "heatmap"): "Each cell: the normalised effect of patching the true prompt's activation at (layer, position) "
-    "into the false run (0 = the false run, 1 = the true run). Side by side: base, post, base activations patched into "
-    "post, and the post - base difference; similar heatmaps mean facts are stored in the same places.",
+    "into the false run (0 = the false run, 1 = the true run). Side by side: base, post, each model's activations patched "
+    "into the other, and the post - base difference binned into 20 levels, with the largest |difference| per token "
+    "group in its title; similar heatmaps mean facts are stored in the same places.",
     ("knowledge", "attribution"): "Attribution patching estimates (one forward and one backward pass) against exact patching "
     "effects for every (layer, position); points on the diagonal mean the fast estimate can stand in for the sweep.",
-    ("refusal", "cosine"): "Cosine between the base and post model's refusal directions per layer; near 0 means the two "
-    "models do not share a refusal direction.",
+    ("refusal", "cosine"): "Cosine between the base and post model's refusal directions per layer, each model under its "
+    "own template; the template-matched cosines the verdict uses are in the findings table.",
     ("refusal", "refusal_scores"): "Fraction of greedy completions that refuse: harmful prompts with the direction ablated, "
     "harmless prompts with it added, for the model's own direction and the other model's.",
     ("refusal", "selection"): "Candidate (layer, position) directions scored on validation prompts by how much ablating "
