@@ -12,6 +12,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one intra-op thread: on a shared 2-core machine two OpenMP threads wait on busy
+    cores and small ops get many times slower. Modules opt in with ``pytestmark = pytest.mark.usefixtures(...)``;
+    the count is restored for the next module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """Build (once per session) and return the directory of a tiny model of the given architecture."""

@@ -26,14 +26,7 @@ from mechdiff.engine.sites import Intervention, hooks
 from mechdiff.errors import MechdiffError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and on a busy machine two threads waiting on each other make
-    each small op ~100x slower; restored afterwards for the other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pairs(lm, n: int, seed: int, n_words: int = 10, context: str = ""):

@@ -22,13 +22,7 @@ S_B = [3, 17, 29, 40, 51, 66, 77, 5, 6, 7]  # 7 shared: IoU 7/13
 DECOYS = [11, 22, 33, 44, 55]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread (two OpenMP threads on this shared 2-core machine wait on busy cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def plant(lm, entropy: list[int], seed: int = 0):

@@ -22,12 +22,7 @@ S_C = [5, 9, 14, 27, 38, 60, 71, 84, 99, 110]  # disjoint from S_A
 DECOYS = [11, 22, 33, 44, 55]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------ weight processing

@@ -22,14 +22,7 @@ from mechdiff.analyses.knowledge import (
 from mechdiff.engine.models import load_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread. With two OpenMP threads on this shared 2-core machine, a tiny forward waits on
-    a busy core (measured: the naive reference 25 s with two threads vs 0.3 s with one, under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def prompt(statement: str, topic: str) -> str:

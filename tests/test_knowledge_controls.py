@@ -17,12 +17,7 @@ from mechdiff.analyses.common import ModelGroup
 ROLES = ["context", "subject", "subject", "object", "object", "final", "final", "final"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def structure(n_layer: int = 6) -> np.ndarray:

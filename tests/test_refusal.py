@@ -50,13 +50,7 @@ from mechdiff.engine.tiny import random_prompts
 TEMPLATE = PromptTemplate(BASE_TEMPLATE)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; on this shared 2-core box two threads were 6x slower (spinning)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _texts(n, seed, words=60, lo=3, hi=9):

@@ -1541,7 +1541,8 @@ def run_knowledge(
                            (at["patched"] - at["ld_false"]).sel(run=n, site=s).values) for s in sites}
             for n in names
         }
-        agreement = attribution_agreement(ex.assign(effect=ex_logit), at, keep=keep, signed=attr_signed)
+        at.attrs.update(estimate=attribution_method, signed=attr_signed)  # stacking the runs dropped them
+        agreement = attribution_agreement(ex.assign(effect=ex_logit), at, keep=keep)
         summary["attribution_agreement"] = agreement
         summary["attribution_method"] = attribution_method
         summary["attribution_speedup"] = {
