@@ -5,12 +5,15 @@ tokens (fixed seed), 2 threads. Methods are interleaved round by round in one pr
 the median over rounds, since this machine's run-to-run noise is larger than the effects measured.
 
     python benchmarks/extract_overhead.py [--rounds 3] [--prompts 512]
+    python benchmarks/extract_overhead.py --sweep-budgets 1024,2048,4096,16384   # (e) only
 
 (a)  plain forward, HF default (logits at every position), length-bucketed batches
 (a') forward of the decoder stack alone (no unembedding), same batches: the stricter baseline
 (b)  extraction of last-token resid_post at all layers into a store (writer thread included)
 (c)  the same at all positions
 (d)  plain forward with length-bucketed vs dataset-order batches (same rows per batch on average)
+(e)  with --sweep-budgets: extraction (b) at each token budget, shards of 256 as `extract` makes by default,
+     the budgets interleaved shard by shard, wall and CPU time: what the per-device default rests on
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=512)
     ap.add_argument("--token-budget", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sweep-budgets", help="comma-separated token budgets: run (e) only")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -87,6 +91,9 @@ def main() -> None:
                 shard_size=len(prompts), progress=False)
         return time.perf_counter() - t
 
+    if args.sweep_budgets:
+        sweep_budgets(lm, prompts, [int(b) for b in args.sweep_budgets.split(",")], args.rounds, n_tokens, tmp)
+        return
     plain(bucketed[:2])  # warm-up
     times: dict[str, list[float]] = {k: [] for k in ("a", "a2", "b", "c", "d_bucketed", "d_order")}
     for r in range(args.rounds):
@@ -109,6 +116,34 @@ def main() -> None:
     print(f"b/a  = {tps['b'] / tps['a']:.3f}   b/a' = {tps['b'] / tps['a2']:.3f}")
     print(f"c/a  = {tps['c'] / tps['a']:.3f}   c/a' = {tps['c'] / tps['a2']:.3f}")
     print(f"d: bucketed / dataset order = {tps['d_bucketed'] / tps['d_order']:.3f}")
+
+
+def sweep_budgets(lm, prompts: PromptSet, budgets: list[int], rounds: int, n_tokens: int, tmp: str) -> None:
+    """(e): last-token extraction at each budget, one shard at a time, the budgets' order rotating."""
+    shard = 256
+    shards = [list(range(s, min(s + shard, len(prompts)))) for s in range(0, len(prompts), shard)]
+    spec = CaptureSpec(sites=("resid_post",), layers="all", positions="last")
+    for b in budgets:  # warm-up: the first extraction of a process pays for imports and allocator growth
+        extract(lm, prompts.subset(shards[0][:32]), spec, f"{tmp}/sweep-warm-{b}.zarr", "g", token_budget=b,
+                shard_size=shard, progress=False)
+    wall = {b: 0.0 for b in budgets}
+    cpu = {b: 0.0 for b in budgets}
+    k = 0
+    for r in range(rounds):
+        for rows in shards:
+            part = prompts.subset(rows)
+            for b in budgets[k % len(budgets):] + budgets[: k % len(budgets)]:
+                t, c = time.perf_counter(), time.process_time()
+                extract(lm, part, spec, f"{tmp}/sweep-{b}-{k}.zarr", "g", token_budget=b, shard_size=shard, progress=False)
+                wall[b] += time.perf_counter() - t
+                cpu[b] += time.process_time() - c
+            k += 1
+        print(f"round {r + 1}: " + ", ".join(f"{b} {wall[b]:.1f}s" for b in budgets), flush=True)
+    print()
+    best = min(wall.values())
+    for b in budgets:
+        print(f"(e)  budget {b:6d}: {n_tokens * rounds / wall[b]:8,.0f} tok/s wall ({best / wall[b]:.2f} of the best), "
+              f"{n_tokens * rounds / cpu[b]:8,.0f} tok per CPU-s")
 
 
 if __name__ == "__main__":

@@ -18,12 +18,14 @@ from typer.testing import CliRunner
 
 from mechdiff import open_store
 from mechdiff.cli import app
-from mechdiff.engine.batching import pad_batch, tokenize
+from mechdiff.engine import extract as extract_mod
+from mechdiff.engine.batching import TOKEN_BUDGETS, BatchingError, default_token_budget, pad_batch, resolve_token_budget, tokenize
 from mechdiff.engine.data import PromptSet
 from mechdiff.engine.extract import CaptureSpec, extract
 from mechdiff.engine.models import load_model
 from mechdiff.engine.store import ActivationStore, StoreMismatchError
-from mechdiff.engine.tiny import random_prompts
+from mechdiff.engine.tiny import SPECIAL_TOKENS, random_prompts
+from mechdiff.errors import MechdiffError
 
 runner = CliRunner()
 
@@ -264,3 +266,61 @@ def test_cli_bad_input_fails_before_work(tiny_dir, tmp_path):
     before = _tree(store)
     _cli_error(["extract", "--model", other, "--out", str(store), "--data", str(good), "--group", "g"], "was made by model")
     assert _tree(store) == before
+
+
+def test_default_token_budget_per_device():
+    # CPU gets its own (smaller) budget; accelerators and unnamed device types the large one
+    assert default_token_budget("cpu") == default_token_budget(torch.device("cpu")) == TOKEN_BUDGETS["cpu"]
+    assert default_token_budget("cuda:1") == default_token_budget("meta") == TOKEN_BUDGETS["*"]
+    assert TOKEN_BUDGETS["cpu"] < TOKEN_BUDGETS["*"]
+    assert resolve_token_budget(None, "cpu") == TOKEN_BUDGETS["cpu"]
+    assert resolve_token_budget(np.int64(64), "cpu") == 64  # a caller's budget wins over the default
+    for bad in (0, -5, 1.5, True, "64"):
+        with pytest.raises(BatchingError, match="token budget"):
+            resolve_token_budget(bad, "cpu")
+    assert issubclass(BatchingError, MechdiffError) and issubclass(BatchingError, ValueError)
+
+
+def test_extract_batches_under_the_device_budget(tiny_llama, tmp_path, monkeypatch):
+    ps = _prompts(24, seed=3, lo=3, hi=12)
+    lengths = [len(x) for x in tokenize(tiny_llama.tokenizer, ps.texts)]
+    seen: list[list[int]] = []
+    real = extract_mod.forward_capture
+
+    def record(lm, prep, batch, **kw):
+        seen.append(list(batch))
+        return real(lm, prep, batch, **kw)
+
+    monkeypatch.setattr(extract_mod, "forward_capture", record)
+    monkeypatch.setitem(TOKEN_BUDGETS, "cpu", 30)
+    spec = CaptureSpec(layers=(0, 2), dtype="float32")
+    extract(tiny_llama, ps, spec, str(tmp_path / "d.zarr"), "g", shard_size=12, progress=False)  # no budget given
+    assert len(seen) > 2 and all(max(lengths[i] for i in b) * len(b) <= 30 for b in seen)
+    assert sorted(i for b in seen for i in b) == list(range(24))
+    seen.clear()
+    extract(tiny_llama, ps, spec, str(tmp_path / "e.zarr"), "g", shard_size=12, token_budget=10**6, progress=False)
+    assert len(seen) == 2  # one batch per shard: the explicit budget, not the device's
+    # the same values whatever the batching (within float rounding of differently padded batches)
+    a, b = open_store(str(tmp_path / "d.zarr"), "g"), open_store(str(tmp_path / "e.zarr"), "g")
+    np.testing.assert_allclose(a["resid_post"].values, b["resid_post"].values, atol=1e-5, rtol=1e-5)
+    # a bad budget is refused before the store is touched
+    with pytest.raises(BatchingError, match="token budget 0"):
+        extract(tiny_llama, ps, spec, str(tmp_path / "f.zarr"), "g", token_budget=0, progress=False)
+    assert not (tmp_path / "f.zarr").exists()
+
+
+def test_overflow_in_a_batch_names_its_example(tiny_dir, tmp_path):
+    """Batches are cast to the stored dtype as they arrive (out of dataset order): an overflow names the
+    dataset's example, and no shard is flagged done."""
+    lm = load_model(tiny_dir("llama", n_layers=3))
+    hot = len(SPECIAL_TOKENS) + 7  # the id of w7
+    with torch.no_grad():
+        lm.adapter.embed.weight[hot] = 1e6  # finite in fp32, inf in fp16 from the first residual on
+    texts = [" ".join(f"w{10 + (i * 3 + j) % 50}" for j in range(2 + i % 5)) for i in range(12)]
+    texts[9] += " w7"  # the only example whose last token is w7
+    ps = PromptSet.from_texts(texts)
+    url = str(tmp_path / "o.zarr")
+    with pytest.raises(OverflowError, match=r"resid_post: value .* at example 9 \(layer 0\) overflows float16"):
+        extract(lm, ps, CaptureSpec(layers="all"), url, "g", token_budget=16, shard_size=6, progress=False)
+    # shard 0 (examples 0-5) was handed to the writer before the error and is finished; shard 1 is not
+    assert ActivationStore.open(url, "g").done_shards() == [0]

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 
 import mechdiff
-from mechdiff.engine.batching import PromptTemplate, length_batches, pad_batch, tokenize
+from mechdiff.engine.batching import PromptTemplate, length_batches, pad_batch, resolve_token_budget, tokenize
 from mechdiff.engine.data import PromptSet
 from mechdiff.engine.models import LoadedModel
 from mechdiff.engine.positions import Positions, gather_index
 from mechdiff.engine.sites import Capture, hooks, parse_layers, parse_sites, site_width
-from mechdiff.engine.store import ActivationStore, ArraySpec, StoreIncompleteError
+from mechdiff.engine.store import ActivationStore, ArraySpec, StoreIncompleteError, cast_to_spec
 
 __all__ = ["CaptureSpec", "ExtractReport", "PreparedExtraction", "tokenize_prompts", "prepare", "extract", "run_shards"]
 
@@ -317,26 +317,29 @@ def run_shards(
     store: ActivationStore,
     shards: Sequence[int],
     *,
-    token_budget: int = 16384,
+    token_budget: int | None = None,
     padding_side: str = "right",
     on_batch: Callable[[int, int], None] | None = None,
 ) -> tuple[int, int]:
-    """Extract the given shards into ``store``. Returns (shards written, real tokens processed)."""
+    """Extract the given shards into ``store``. Returns (shards written, real tokens processed).
+
+    ``token_budget``: padded tokens per batch; None takes the model's device's default
+    (:func:`~mechdiff.engine.batching.default_token_budget`)."""
+    budget = resolve_token_budget(token_budget, lm.device)
     writer = ShardWriter(store)
     tokens = 0
     lengths = [len(x) for x in prep.token_ids]
+    specs = {a.name: a for a in prep.arrays}
     try:
         for s in shards:
             rng = store.shard_range(s)
-            bufs = {
-                a.name: np.empty((len(rng), len(a.layers), *([a.n_positions] if a.n_positions else []), a.width), np.float32)
-                for a in prep.arrays
-            }
-            for batch in length_batches(lengths, list(rng), token_budget):
+            # in the stored dtype: each batch is cast as it arrives, so no float32 copy of a shard is held
+            bufs = {a.name: np.empty(a.shard_shape(len(rng)), np.dtype(a.dtype)) for a in prep.arrays}
+            for batch in length_batches(lengths, list(rng), budget):
                 acts = forward_capture(lm, prep, batch, padding_side=padding_side)
                 rows = np.asarray(batch) - rng.start
                 for name, a in acts.items():
-                    bufs[name][rows] = a
+                    bufs[name][rows] = cast_to_spec(specs[name], a, batch)
                 n = sum(lengths[i] for i in batch)
                 tokens += n
                 if on_batch is not None:
@@ -354,7 +357,7 @@ def extract(
     out: str,
     group: str | None = None,
     *,
-    token_budget: int = 16384,
+    token_budget: int | None = None,
     shard_size: int = 256,
     max_length: int | None = None,
     truncate: bool = False,
@@ -365,10 +368,14 @@ def extract(
 ) -> ExtractReport:
     """Capture ``spec`` for every prompt into the store at ``out`` (group ``group``), resuming if it exists.
 
-    Raises before any forward pass (and before the store is touched) on bad layers, sites, positions,
-    over-long prompts, a store made by another model / spec / dataset, or too little disk room.
+    ``token_budget``: padded tokens per batch (rows x longest prompt); None takes the device's default
+    (:func:`~mechdiff.engine.batching.default_token_budget`: smaller batches on CPU, where they are faster).
+
+    Raises before any forward pass (and before the store is touched) on a bad token budget, layers, sites,
+    positions, over-long prompts, a store made by another model / spec / dataset, or too little disk room.
     """
     out = str(out)
+    token_budget = resolve_token_budget(token_budget, lm.device)
     group = group or default_group(lm.model_id, prompts.source)
     prep = prepare(lm, prompts, spec, max_length=max_length, truncate=truncate)
     existing = _existing_missing(out, group, storage_options)
