@@ -2,10 +2,10 @@
 
 The knowledge study's workload: the zoo's patching pairs (``--pairs``, taken round-robin over topics as the study
 does; the main job uses 48), few-shot prompts, sites resid_post, mlp_out and attn_out at every layer, the
-statement's positions (``positions="statement"``), three runs: base, post (within each model) and base->post
+statement's positions (``pairs.mask("statement")``), three runs: base, post (within each model) and base->post
 (base activations patched into post).
 
-Per run: exact patching (``exact_patching``), then every estimate of ``mechdiff.analyses.attribution``:
+Per run: exact patching (``exact_patching``), then every estimate of ``mechdiff.engine.patching.attribution_patching``:
 
   atp      plain attribution patching (the current estimate: delta . gradient at the false run)
   atp+qk   AtP with the QK fix (the first attention the patch feeds, exactly through its softmax)
@@ -33,9 +33,11 @@ import time
 
 import torch
 
-from mechdiff.analyses.attribution import METHODS, attribution_agreement, attribution_patching
-from mechdiff.analyses.knowledge import exact_patching, load_pairs, load_shots, prepare_pairs
+from mechdiff.analyses.attribution import attribution_agreement
+from mechdiff.analyses.knowledge import load_pairs, load_shots, prepare_pairs
 from mechdiff.engine.models import load_model
+from mechdiff.engine.patching import ATTRIBUTION_METHODS as METHODS
+from mechdiff.engine.patching import attribution_patching, exact_patching
 
 SITES = ("resid_post", "mlp_out", "attn_out")
 
@@ -47,7 +49,7 @@ def _line(name: str, ag) -> str:
 
 def bench_run(name: str, source, target, pairs, methods: list[str], rounds: int, ig_steps: int, min_gap: float,
               n_bootstrap: int) -> dict:
-    kw = dict(sites=SITES, positions="statement")
+    kw = dict(sites=SITES, mask=pairs.mask("statement"))
     calls = {"exact": lambda: exact_patching(source, target, pairs, **kw)}
     for m in methods:
         calls[m] = lambda m=m: attribution_patching(source, target, pairs, method=m, ig_steps=ig_steps, **kw)

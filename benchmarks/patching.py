@@ -11,7 +11,7 @@ Methods, interleaved round by round in one process (this machine's run-to-run no
 effects), each timed end to end including its own clean / corrupted runs:
 
   naive        one full forward per (pair, layer, position), patched by a hand-written hook
-  exact        mechdiff.analyses.knowledge.exact_patching (defaults: no-op variants answered from the false
+  exact        mechdiff.engine.patching.exact_patching (defaults: no-op variants answered from the false
                run, suffix-only recomputation from the cached keys/values, resumed blocks, batched)
   exact-all    the same with skip_unchanged=False: every variant is run
   exact-layer  every variant, each resumed from the cached residual stream at its layer but recomputing every
@@ -44,16 +44,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from mechdiff.analyses.knowledge import (  # noqa: E402
-    attribution_patching,
-    exact_patching,
-    load_pairs,
-    load_shots,
-    naive_patching,
-    pearson,
-    prepare_pairs,
-)
+from mechdiff.analyses.knowledge import load_pairs, load_shots, pearson, prepare_pairs  # noqa: E402
 from mechdiff.engine.models import load_model  # noqa: E402
+from mechdiff.engine.patching import attribution_patching, exact_patching, naive_patching  # noqa: E402
 from mechdiff.engine.tiny import build_tiny_model  # noqa: E402
 
 SITES = ("resid_post",)

@@ -72,7 +72,7 @@ def extract(
     dtype: str = typer.Option("float16", help="Stored dtype: float16 (fails loudly on overflow) or float32."),
     model_dtype: str = typer.Option("float32", help="Dtype the model runs in: float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
-    token_budget: int = typer.Option(16384, help="Padded tokens per batch (rows x longest prompt)."),
+    token_budget: Optional[int] = typer.Option(None, help="Padded tokens per batch (rows x longest prompt) [default: by device type: smaller batches on CPU, where they run faster per token]."),
     shard_size: int = typer.Option(256, help="Examples per shard: the unit of resumption and of chunking."),
     truncate: bool = typer.Option(False, help="Keep the last tokens of prompts longer than the context instead of refusing."),
     compression: str = typer.Option("zstd", help="zstd or none."),
@@ -100,6 +100,10 @@ def extract(
             sites=sites, layers=layers, positions=positions, template=template, dtype=dtype,
             compression=None if compression == "none" else compression,
         )
+        if token_budget is not None:
+            from mechdiff.engine.batching import resolve_token_budget
+
+            resolve_token_budget(token_budget, device)  # a budget below one token is refused before any loading
         check_output_dir(out_store)
         _precheck(model, prompts, spec, out_store, group, shard_size=shard_size, truncate=truncate,
                   allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
@@ -134,23 +138,20 @@ def run(
     extraction (on Ray, --address for a cluster) and then its studies for each model group. A second
     run reuses the finished parts of the store.
     """
-    from mechdiff.pipeline import RunOptions, embedded_group, embedded_inputs, run_group
+    from mechdiff.pipeline import RunOptions, embedded_job, run_job
 
     try:
         check_output_dir(out_dir)  # a file or a read-only directory is refused before any study runs
         opts = RunOptions(studies=tuple(s.strip() for s in studies.split(",") if s.strip()), quick=quick, device=device)
         if sweep is None:
-            jobs = [(embedded_group(), embedded_inputs(), out_dir)]
+            jobs = [embedded_job(out_dir, opts.studies, quick)]
         else:
-            from mechdiff.cluster.study_inputs import sweep_jobs
+            from mechdiff.cluster.study_plan import sweep_jobs
 
-            jobs = sweep_jobs(sweep, out_dir, address=address, studies=opts.studies)
-        # a sweep group runs the studies its file configures datasets for
-        plans = []
-        for group, inputs, out_g in jobs:
-            here = tuple(s for s in opts.studies if all(p is not None for p in inputs.files(s)))
-            inputs.check(here)
-            plans.append((group, inputs, out_g, dataclasses.replace(opts, studies=here)))
+            # the sweep's extraction includes every study's captures: the studies then read the pool's stores
+            jobs = sweep_jobs(sweep, out_dir, address=address, studies=opts.studies, quick=quick)
+        for job in jobs:
+            job.inputs.check(job.studies)
     except EXPECTED as e:
         fail(e)
     import time
@@ -161,20 +162,20 @@ def run(
         from mechdiff.cluster.study_runner import run_groups_on_cluster
         from mechdiff.cluster.sweep import load_sweep
 
-        console.print(f"studies of {len(plans)} group(s) run on the Ray cluster at {address}, dask graphs too")
+        console.print(f"studies of {len(jobs)} group(s) run on the Ray cluster at {address}, dask graphs too")
         try:
-            runs = run_groups_on_cluster(plans, address, load_sweep(sweep).resources)
+            runs = run_groups_on_cluster(jobs, opts, address, load_sweep(sweep).resources)
         except Exception as e:  # a failed group: say which error, not a Ray traceback
             fail(f"studies on the cluster failed: {str(e).strip().splitlines()[-1]}")
-        for (group, *_), r in zip(plans, runs):
-            console.print(f"[bold]{group.name}[/]: studies ran on {r.host} (pid {r.pid}) in "
+        for job, r in zip(jobs, runs):
+            console.print(f"[bold]{job.group.name}[/]: studies ran on {r.host} (pid {r.pid}) in "
                           + ", ".join(f"{n} {s:.1f}s" for n, s in r.outcome.seconds.items()))
             _print_findings(r.outcome)
             out.print(f"wrote {r.outcome.results_json} and {r.outcome.report}")
     else:
-        for group, inputs, out_g, opts_g in plans:
-            console.print(f"[bold]{group.name}[/]: {', '.join(f'{k} = {v}' for k, v in group.models.items())}")
-            outcome = run_group(group, inputs, out_g, opts_g, on_study=lambda n, s: console.print(f"  {n} done in {s:.1f}s"))
+        for job in jobs:
+            console.print(f"[bold]{job.group.name}[/]: {', '.join(f'{k} = {v}' for k, v in job.group.models.items())}")
+            outcome = run_job(job, opts, on_study=lambda n, s: console.print(f"  {n} done in {s:.1f}s"))
             _print_findings(outcome)
             out.print(f"wrote {outcome.results_json} and {outcome.report}")
     console.print(f"total {time.perf_counter() - t0:.1f}s")

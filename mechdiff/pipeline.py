@@ -1,9 +1,10 @@
 """The main job: every study for a model group, then ``results.json``, ``report.html`` and a summary.
 
 With no sweep it runs on the embedded pair and its datasets; a sweep file names other groups and
-datasets (and a Ray cluster extracts for it first). Each study extracts what it needs into
-``OUT/store.zarr`` (resumable: a second run reuses finished shards) and writes its results group,
-summary and figures under ``OUT/<study>/``.
+datasets, and its Ray actor pool extracts every study's captures first. The models load once for all
+studies. Each study's captures are read from the stores handed in (a sweep's), and what no store holds
+is extracted here into ``OUT/store.zarr`` (resumable: a second run reuses finished shards); each study's
+results group, summary and figures go under ``OUT/<study>/``, written once, here.
 """
 
 from __future__ import annotations
@@ -14,14 +15,24 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import mechdiff
 from mechdiff.analyses.common import Finding, ModelGroup, StudyResult, to_jsonable
+from mechdiff.analyses.study import STUDY_NAMES, StoreRef, StudyContext, config_from_options, get_study, run_study
 
-__all__ = ["STUDIES", "StudyInputs", "RunOptions", "RunOutcome", "embedded_inputs", "run_group", "finite_numbers"]
+__all__ = ["STUDIES", "StudyInputs", "RunOptions", "RunOutcome", "GroupJob", "embedded_inputs", "embedded_job",
+           "study_configs", "run_group", "run_job", "finite_numbers"]
 
-STUDIES: tuple[str, ...] = ("knowledge", "truthfulness", "refusal", "confidence")
+STUDIES: tuple[str, ...] = STUDY_NAMES
+
+# The main job's sample sizes (default, quick), as options of each study's Config.
+_SIZES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "knowledge": ({"limit": 48}, {"limit": 12}),
+    "truthfulness": ({"n_intervene": 100}, {"n_intervene": 24}),
+    "refusal": ({"n_val": 32, "n_eval": 64, "max_new_tokens": 24}, {"n_val": 12, "n_eval": 24, "max_new_tokens": 12}),
+    "confidence": ({"limit": 256}, {"limit": 64}),
+}
 
 
 @dataclass(frozen=True)
@@ -34,6 +45,11 @@ class StudyInputs:
     harmless: Path | None = None
     confidence_texts: Path | None = None  # texts whose next-token entropy the confidence study measures
     shots: Path | None = None  # few-shot examples per topic (JSON), if the datasets come with them
+
+    def datasets(self) -> dict[str, Any]:
+        """The studies' dataset roles -> files (see each study's ``datasets``)."""
+        return {"statements": self.statements or None, "shots": self.shots, "pairs": self.patching_pairs,
+                "harmful": self.harmful, "harmless": self.harmless, "texts": self.confidence_texts}
 
     def files(self, study: str) -> tuple[Path | None, ...]:
         return {
@@ -79,6 +95,19 @@ class RunOutcome:
         return [f for s in STUDIES if s in self.results for f in self.results[s].findings]
 
 
+@dataclass
+class GroupJob:
+    """A model group's studies as the main job runs them: the datasets, which studies, each study's Config,
+    and the stores that already hold their captures (a sweep's; requirement key -> store group)."""
+
+    group: ModelGroup
+    inputs: StudyInputs
+    out: Path
+    studies: tuple[str, ...]
+    configs: dict[str, Any]
+    stores: dict[tuple[str, str, str], StoreRef] = field(default_factory=dict)
+
+
 def embedded_group() -> ModelGroup:
     from mechdiff.zoo.paths import zoo_path
 
@@ -100,32 +129,26 @@ def embedded_inputs() -> StudyInputs:
     )
 
 
-def _runners(group: ModelGroup, inputs: StudyInputs, out: Path, store: str, opts: RunOptions, models) -> dict[str, Callable[[], StudyResult]]:
-    """One closure per study, with the sizes the default job and the quick job use."""
-    from mechdiff.analyses.confidence import run_confidence
-    from mechdiff.analyses.knowledge import run_knowledge
-    from mechdiff.analyses.refusal import run_refusal
-    from mechdiff.analyses.truthfulness import TruthSettings, run_truthfulness
+def embedded_job(out: str | Path, studies: Sequence[str] = STUDIES, quick: bool = False) -> GroupJob:
+    """The main job without a sweep: the embedded pair and its datasets."""
+    return GroupJob(embedded_group(), embedded_inputs(), Path(out), tuple(studies), study_configs(quick))
 
-    q = opts.quick
-    return {
-        "knowledge": lambda: run_knowledge(
-            group, inputs.patching_pairs, out, limit=12 if q else 48, device=opts.device, models=models,
-            attribution=True, cross=True,
-        ),
-        "truthfulness": lambda: run_truthfulness(
-            group, list(inputs.statements), out, store=store, shots=inputs.shots, device=opts.device,
-            settings=TruthSettings(n_intervene=24 if q else 100),
-            progress=opts.progress,
-        ),
-        "refusal": lambda: run_refusal(
-            group, inputs.harmful, inputs.harmless, out, store=store, device=opts.device, lms=models,
-            n_val=12 if q else 32, n_eval=24 if q else 64, max_new_tokens=12 if q else 24, progress=opts.progress,
-        ),
-        "confidence": lambda: run_confidence(
-            group, inputs.confidence_texts, out, limit=64 if q else 256, device=opts.device, models=models,
-        ),
-    }
+
+def run_job(job: GroupJob, opts: RunOptions = RunOptions(), *,
+            on_study: Callable[[str, float], None] | None = None) -> RunOutcome:
+    """:func:`run_group` for ``job`` (its studies, configs and stores)."""
+    from dataclasses import replace
+
+    return run_group(job.group, job.inputs, job.out, replace(opts, studies=job.studies), configs=job.configs,
+                     stores=job.stores, on_study=on_study)
+
+
+def study_configs(quick: bool = False, options: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """Each study's Config for the main job: its sample sizes (``quick``: the smaller ones) under ``options``
+    (study -> option -> value, e.g. a sweep file's study blocks), checked against the study's Config."""
+    options = options or {}
+    return {name: config_from_options(get_study(name), {**_SIZES[name][1 if quick else 0], **options.get(name, {})})
+            for name in STUDY_NAMES}
 
 
 def run_group(
@@ -134,25 +157,30 @@ def run_group(
     out: str | Path,
     opts: RunOptions = RunOptions(),
     *,
+    configs: Mapping[str, Any] | None = None,
+    stores: Mapping[tuple[str, str, str], StoreRef] | None = None,
     on_study: Callable[[str, float], None] | None = None,
 ) -> RunOutcome:
-    """Run ``opts.studies`` for ``group`` into ``out``; write ``results.json`` and ``report.html``."""
-    from mechdiff.engine.models import load_model
+    """Run ``opts.studies`` for ``group`` into ``out``; write ``results.json`` and ``report.html``.
+
+    ``configs``: study -> Config (default :func:`study_configs` for ``opts.quick``); ``stores``: where
+    captures already are (requirement key -> store group, as a sweep's pool wrote them); anything else a
+    study needs is extracted here into ``out/store.zarr``."""
     from mechdiff.report.html import write_report
 
     inputs.check(opts.studies)
+    cfg = dict(study_configs(opts.quick)) if configs is None else dict(configs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    store = str(out / "store.zarr")
-    models = {label: load_model(path, device=opts.device) for label, path in group.models.items()}
-    runners = _runners(group, inputs, out, store, opts, models)
+    ctx = StudyContext(group, inputs.datasets(), out, device=opts.device, progress=opts.progress,
+                       stores=dict(stores or {}))
+    models = ctx.all_models()  # once, for every study
+    given = set(ctx.stores)
     results: dict[str, StudyResult] = {}
     seconds: dict[str, float] = {}
     for name in opts.studies:
         t = time.perf_counter()
-        res = runners[name]()
-        res.save(out)
-        results[name] = res
+        results[name] = run_study(get_study(name), cfg[name], ctx, store=str(out / "store.zarr"))
         seconds[name] = time.perf_counter() - t
         if on_study is not None:
             on_study(name, seconds[name])
@@ -163,6 +191,10 @@ def run_group(
         "seconds": seconds,
         "findings": [to_jsonable(f) for n in STUDIES if n in results for f in results[n].findings],
         "studies": {n: {"summary": to_jsonable(r.summary), "findings": [to_jsonable(f) for f in r.findings]} for n, r in results.items()},
+        # every store group each study read, and which of them this run extracted itself
+        "stores_read": {n: to_jsonable(r.summary.get("stores_read", [])) for n, r in results.items()},
+        "extracted_here": [{"model": k[0], "dataset": k[1], "capture": k[2], "url": v.url, "group": v.group}
+                           for k, v in ctx.stores.items() if k not in given],
         "provenance": to_jsonable(prov),
     }
     results_json = out / "results.json"

@@ -12,16 +12,13 @@ import pytest
 import torch
 import xarray as xr
 
-from mechdiff.analyses import attribution as atm
-from mechdiff.analyses.attribution import (
-    METHODS,
-    AttributionError,
-    attribution_agreement,
-    attribution_patching,
-)
-from mechdiff.analyses.knowledge import exact_patching, prepare_pairs
+from mechdiff.analyses.attribution import attribution_agreement
+from mechdiff.analyses.knowledge import prepare_pairs
+from mechdiff.engine import patching as atm
 from mechdiff.engine.adapter import ArchAdapter, hidden_from_output, replace_hidden_in_output
 from mechdiff.engine.models import load_model
+from mechdiff.engine.patching import ATTRIBUTION_METHODS as METHODS
+from mechdiff.engine.patching import AttributionError, attribution_patching, exact_patching
 from mechdiff.engine.sites import Intervention, hooks
 from mechdiff.errors import MechdiffError
 
@@ -268,7 +265,8 @@ def test_every_method_keeps_the_exact_patching_layout_and_prefix_reuse_changes_n
     other = load_model(tiny_dir("llama", n_layers=3, seed=1))
     other.tokenizer_hash = tiny_llama.tokenizer_hash
     pairs = _pairs(tiny_llama, 2, seed=5, n_words=6, context="w5 w6 w7 w8")
-    kw = dict(sites=("resid_pre", "resid_post", "attn_out", "mlp_out", "mlp_act"), layers="all", positions="statement")
+    kw = dict(sites=("resid_pre", "resid_post", "attn_out", "mlp_out", "mlp_act"), layers="all",
+              mask=pairs.mask("statement"))
     for source, target in ((tiny_llama, None), (other, tiny_llama)):
         exact = exact_patching(source, target, pairs, **kw)
         for m in METHODS:

@@ -78,9 +78,9 @@ def world(tmp_path_factory) -> Path:
     for i, (name, n) in enumerate(SIZES.items()):
         with open(root / f"data/{name}.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["statement", "label"])
+            w.writerow(["statement", "label", "topic"])  # a topic column: truthfulness reads the store as it is
             for j, text in enumerate(random_prompts(n, 3, 24, vocab_size=512, seed=10 + i)):
-                w.writerow([text, j % 2])
+                w.writerow([text, j % 2, name])
     return root
 
 
@@ -413,10 +413,15 @@ def test_sweep_targets_groups_and_study_inputs(world):
     assert [t.key for t in sw.targets()] == ["tiny/base cities resid", "tiny/base harmful resid", "tiny/sft cities resid", "tiny/sft harmful resid"]
     assert sw.store_url("resid") == str(world / "out/resid.zarr")
     assert [m.label for m in sw.groups["tiny"]] == ["base", "sft"]
-    assert sw.study_inputs("truthfulness") == {
-        "tiny/base": {"cities": (str(world / "out/resid.zarr"), "tiny/base/cities")},
-        "tiny/sft": {"cities": (str(world / "out/resid.zarr"), "tiny/sft/cities")},
+    # truthfulness pins capture resid, which holds what it reads: it reads those store groups, nothing is added
+    from mechdiff.cluster.study_plan import study_extraction, study_targets
+
+    got = {st.requirement.key: (st.target.url, st.target.group, st.pinned) for st in study_targets(sw)}
+    assert got == {
+        ("base", "statements", "truth"): (str(world / "out/resid.zarr"), "tiny/base/cities", True),
+        ("sft", "statements", "truth"): (str(world / "out/resid.zarr"), "tiny/sft/cities", True),
     }
+    assert study_extraction(sw) == []
     plan = plan_sweep(sw)
     assert plan.total_units == plan.remaining_units == 16
     # a post list gets post0, post1 labels; hub ids stay as they are

@@ -164,6 +164,24 @@ def test_architecture_mismatch(tiny_dir, planted):
         cf.run_confidence(ModelGroup("g", "a", ("b",)), ["w1 w2"], "/nonexistent/out", models={"base": a, "post": gpt2})
 
 
+def test_texts_are_the_callers_to_give(tmp_path):
+    """No default dataset in the study: None is an error before any model loads (the paths do not exist); the
+    CLI's default is the embedded facts as sentences, "<prompt> <answer>." per row of facts.csv."""
+    import csv
+
+    from mechdiff.analyses.confidence_cli import embedded_texts
+    from mechdiff.zoo.paths import zoo_path
+
+    with pytest.raises(cf.ConfidenceOptionError, match="give texts"):
+        cf.run_confidence(ModelGroup("g", "/no/such/base", ("/no/such/post",)), None, tmp_path)
+    assert not (tmp_path / "confidence").exists()
+    with open(zoo_path("data") / "facts.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    texts = embedded_texts()
+    assert texts == [f"{r['prompt']} {r['answer']}." for r in rows] and len(texts) == 1170
+    assert texts[0] == "The city of Quibriav is in Muguxor."
+
+
 def test_run_confidence_end_to_end(planted, tmp_path):
     a, b = planted
     texts = random_prompts(8, 4, 12, vocab_size=VOCAB, seed=4)

@@ -11,15 +11,10 @@ import torch
 import xarray as xr
 
 from mechdiff.analyses import knowledge as kn
-from mechdiff.analyses.knowledge import (
-    ModelMismatchError,
-    PairError,
-    attribution_patching,
-    exact_patching,
-    naive_patching,
-    prepare_pairs,
-)
+from mechdiff.analyses.knowledge import PairError, prepare_pairs
+from mechdiff.engine import patching
 from mechdiff.engine.models import load_model
+from mechdiff.engine.patching import ModelMismatchError, attribution_patching, exact_patching, naive_patching
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -181,6 +176,89 @@ def test_unequal_token_lengths_error(models):
         kn.load_pairs(df.drop(columns="topic"))
 
 
+def test_unusable_answers_and_engine_inputs_error(models):
+    lm = models["llama"]
+    df = make_pairs([3])
+    with pytest.raises(PairError, match="pair row 1: answer 'zzz' is not in the tokenizer's vocabulary"):
+        prepare_pairs(lm.tokenizer, df.assign(true_answer="zzz"), prompt=prompt)
+    pp = prepare_pairs(lm.tokenizer, df, prompt=prompt)
+    with pytest.raises(kn.KnowledgeOptionError, match="positions 'context'"):
+        pp.mask("context")
+    # the engine's own pairs and masks are checked before any model runs
+    with pytest.raises(patching.PatchingError, match="pair 0: the true prompt has 3 tokens, the false prompt 2"):
+        patching.PatchPairs([[1, 2, 3]], [[1, 2]], [[4, 5]])
+    with pytest.raises(patching.PatchingError, match="two answers per pair"):
+        patching.PatchPairs([[1, 2]], [[1, 3]], [4, 5])
+    with pytest.raises(patching.PatchingError, match="mask of pair 0 has shape"):
+        exact_patching(lm, None, pp, mask=[np.ones(2, bool)])
+    with pytest.raises(patching.PatchingError, match="outside"):
+        exact_patching(lm, None, patching.PatchPairs(pp.true_ids, pp.false_ids, [[1, lm.adapter.vocab_size]]))
+
+
+def test_token_helpers_find_words_by_offsets(models):
+    from mechdiff.engine import tokens
+
+    tok = models["llama"].tokenizer
+    text = "w5 w6 w10 w11 w10 w7 :"
+    ids = tok(text)["input_ids"]
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert tokens.find_word(text, "w10") == 6 and tokens.find_word(text, "w10", last=True) == 14
+    assert tokens.find_word(text, "w1") == -1  # not inside a longer word
+    last = tokens.word_tokens(tok, text, ids, "w10", last=True)
+    first = tokens.word_tokens(tok, text, ids, "w10")
+    assert [pieces[i].lstrip("\u2581") for i in last] == ["w10"] and last[0] > first[0]
+    assert tokens.word_tokens(tok, text, ids, "w99").size == 0
+    within = tokens.word_tokens(tok, text, ids, "w10", within="w11 w10 w7")  # the w10 after w11
+    assert within.tolist() == last.tolist()
+    assert pieces[tokens.first_token_of(tok, text, "w11 w10", ids)].lstrip("\u2581") == "w11"
+    with pytest.raises(tokens.TokenError, match="tokenizes to nothing|vocabulary"):
+        tokens.answer_token(tok, text, ids, "zzz")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_last_token_scoring_under_padding_equals_unpadded_forwards(models, arch):
+    """Left- and right-padded batches give each row the logits of its own unpadded forward at its last token,
+    with and without an intervention (GPT-2: absolute positions, so the position ids must count real tokens)."""
+    from mechdiff.engine.batching import pad_batch
+    from mechdiff.engine.scoring import answer_readout, last_token_logits, last_token_logprobs, logit_difference
+    from mechdiff.engine.sites import Intervention, hooks
+
+    lm = models[arch]
+    rows = [[5, 17, 40, 9, 33], [8, 2, 77], [61, 12, 3, 30]]
+    vec = torch.randn(lm.adapter.d_model, generator=torch.Generator().manual_seed(0))
+    for ivs in ([], [Intervention("resid_post", 0, "add", vector=vec, coef=2.0)]):
+        with torch.no_grad(), hooks(lm.adapter, None, ivs):
+            want = torch.stack([lm.model(input_ids=torch.tensor([r])).logits[0, -1] for r in rows])
+        for side in ("left", "right"):
+            batch = pad_batch(rows, 0, side=side)
+            with torch.no_grad():
+                got = last_token_logits(lm, batch["input_ids"], attention_mask=batch["attention_mask"],
+                                        position_ids=batch["position_ids"], interventions=ivs)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        lp = last_token_logprobs(lm, torch.tensor(rows[:1]))
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(1, dtype=torch.float64))
+    answers = torch.tensor([[1, 2]] * len(rows))
+    readout = answer_readout(want, answers)
+    p = torch.softmax(want.double(), -1)
+    torch.testing.assert_close(readout[:, 0], (want[:, 1] - want[:, 2]).double())
+    torch.testing.assert_close(readout[:, 0], logit_difference(want, answers))
+    torch.testing.assert_close(readout[:, 1], p[:, 1] - p[:, 2])
+
+
+def test_engine_modules_import_no_study_code():
+    """The patching, token and scoring engine modules stand alone: importing them loads nothing of the studies,
+    the cluster, the report, the zoo or the command line."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mechdiff.engine.patching, mechdiff.engine.tokens, mechdiff.engine.scoring; "
+            "print(sorted(m for m in sys.modules if m.split('.')[:2] in ([\"mechdiff\", p] for p in "
+            "(\"analyses\", \"cluster\", \"report\", \"zoo\", \"cli\", \"pipeline\"))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
 # ---------------------------------------------------------------------------------------------- exact
 
 
@@ -223,10 +301,10 @@ def test_paper_normalisation_by_hand(tiny_dir):
     lm = load_model(tiny_dir("llama", n_layers=3), dtype=torch.float64)
     pp = prepared(lm, make_pairs([4, 5], seed=12))
     sites = ("resid_post", "mlp_out")
-    paper = exact_patching(lm, None, pp, sites=sites, normalisation="paper")
+    paper = kn.normalise(exact_patching(lm, None, pp, sites=sites), "paper")
     logit = exact_patching(lm, None, pp, sites=sites)
     assert paper.attrs["normalisation"] == "paper" and logit.attrs["normalisation"] == "logit"
-    naive = naive_patching(lm, None, pp, sites=sites, normalisation="paper")
+    naive = kn.normalise(naive_patching(lm, None, pp, sites=sites), "paper")
     np.testing.assert_allclose(paper["patched_pd"].values, naive["patched_pd"].values, atol=1e-12)
     np.testing.assert_allclose(paper["effect"].values, naive["effect"].values, atol=1e-9)
 
@@ -242,7 +320,7 @@ def test_paper_normalisation_by_hand(tiny_dir):
         cap = Capture((site,), (layer,))
         with torch.no_grad(), hooks(lm.adapter, cap):
             lm.model(input_ids=torch.tensor([t_ids]))
-        h = kn._hand_hook(lm.adapter, site, layer, p, cap.acts[(site, layer)][0, p])
+        h = patching._hand_hook(lm.adapter, site, layer, p, cap.acts[(site, layer)][0, p])
         try:
             pd_p, ld_p = readout(f_ids)
         finally:
@@ -257,7 +335,9 @@ def test_paper_normalisation_by_hand(tiny_dir):
     assert kn.paper_nie(0.1, 0.6, into="true") == pytest.approx((0.1 - 0.6) / (-1 - 0.6))
     assert kn.paper_nie(0.1, -0.6) == pytest.approx((0.1 + 0.6) / (1 + 0.6))
     with pytest.raises(kn.KnowledgeOptionError, match="normalisation 'nie'"):
-        exact_patching(lm, None, pp, normalisation="nie")
+        kn.normalise(logit, "nie")
+    with pytest.raises(kn.KnowledgeOptionError, match="no probability readout"):
+        kn.normalise(attribution_patching(lm, None, pp, sites=sites), "paper")
 
 
 def test_layer_subset_in_any_order(models):
@@ -274,8 +354,8 @@ def test_statement_positions_only(models, tiny_dir):
     b = load_model(tiny_dir("llama", n_layers=2, seed=1))
     pp = prepared(a, make_pairs([3, 4], seed=11), answers_from=b)
     sites = ("resid_post", "attn_out")
-    exact = exact_patching(a, b, pp, sites=sites, positions="statement")
-    assert_same(exact, naive_patching(a, b, pp, sites=sites, positions="statement"))
+    exact = exact_patching(a, b, pp, sites=sites, mask=pp.mask("statement"))
+    assert_same(exact, naive_patching(a, b, pp, sites=sites, mask=pp.mask("statement")))
     full = exact_patching(a, b, pp, sites=sites)
     context = (exact["role"] == kn.ROLES.index("context")).values  # [pair, position]
     assert context.sum() == 2 * 3  # <bos> w5 w6 in each pair
@@ -284,7 +364,7 @@ def test_statement_positions_only(models, tiny_dir):
     assert np.isnan(e[..., context]).all() and np.isfinite(f[..., context]).all()
     statement = (exact["role"] >= 1).values
     np.testing.assert_allclose(e[..., statement], f[..., statement], atol=1e-6)
-    att = attribution_patching(a, b, pp, sites=sites, positions="statement")
+    att = attribution_patching(a, b, pp, sites=sites, mask=pp.mask("statement"))
     assert np.isnan(att["patched"].transpose(*order).values[..., context]).all()
 
 
@@ -294,9 +374,9 @@ def test_fallback_when_resume_fails(models, monkeypatch):
     naive = naive_patching(lm, None, pp, sites=("resid_post", "mlp_out"))
 
     def broken(target, grp):
-        raise kn._ResumeFailed("simulated")
+        raise patching._ResumeFailed("simulated")
 
-    monkeypatch.setattr(kn, "_validate", broken)
+    monkeypatch.setattr(patching, "_validate", broken)
     auto = exact_patching(lm, None, pp, sites=("resid_post", "mlp_out"))
     assert auto.attrs["execution"] == "hooked"
     assert_same(auto, naive)
@@ -307,8 +387,8 @@ def test_fallback_when_resume_fails(models, monkeypatch):
 def test_segments_cover_every_row_once():
     pos = torch.tensor([9, 3, 3, 7, 15, 0, 15, 12, 3])
     z = torch.zeros_like(pos)
-    rows = kn._Rows(z, z, z, pos, torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 4]))
-    segs = kn._segments(rows, 16, 2, 4, True)
+    rows = patching._Rows(z, z, z, pos, torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 4]))
+    segs = patching._segments(rows, 16, 2, 4, True)
     assert len(segs) > 1  # the late positions are worth their own pass
     seen = torch.cat([s for _, s in segs]).sort().values
     assert seen.tolist() == list(range(len(pos)))
@@ -387,7 +467,7 @@ def test_attribution_is_gradient_times_difference(tiny_dir):
         delta = caps["true"] - caps["false"]
 
         def metric(eps: float) -> float:
-            h = kn._hand_hook(lm.adapter, site, layer, p, caps["false"] + eps * delta)
+            h = patching._hand_hook(lm.adapter, site, layer, p, caps["false"] + eps * delta)
             try:
                 with torch.no_grad():
                     lg = lm.model(input_ids=f_ids).logits[0, -1]
@@ -501,6 +581,21 @@ def group_dirs(tiny_dir):
     return tiny_dir("llama", n_layers=2), tiny_dir("llama", n_layers=2, seed=1)
 
 
+def test_pairs_are_the_callers_to_give(tmp_path):
+    """No default dataset in the study: None is an error before any model loads (the paths do not exist); the
+    CLI's default is the embedded patching.csv, whose shots.json "auto" finds beside it."""
+    from mechdiff.analyses.common import ModelGroup
+    from mechdiff.analyses.knowledge_cli import embedded_pairs
+    from mechdiff.zoo.paths import zoo_path
+
+    with pytest.raises(PairError, match="give pairs"):
+        kn.run_knowledge(ModelGroup("g", "/no/such/base", ("/no/such/post",)), None, tmp_path)
+    assert not (tmp_path / "knowledge").exists()
+    path = embedded_pairs()
+    assert path == zoo_path("data") / "patching.csv" and (path.parent / "shots.json").is_file()
+    assert len(kn.load_pairs(path)) == 1050
+
+
 def test_run_knowledge_end_to_end(group_dirs, tmp_path):
     from mechdiff.analyses.common import ModelGroup
 
@@ -522,11 +617,11 @@ def test_run_knowledge_end_to_end(group_dirs, tmp_path):
     # the cross run equals exact patching done directly
     lm_b, lm_p = load_model(base), load_model(post)
     pp = kn.prepare_pairs(lm_b.tokenizer, df, tokenizer_hash=lm_b.tokenizer_hash)
-    direct = exact_patching(lm_b, lm_p, pp, sites=("resid_post",), positions="statement")
+    direct = exact_patching(lm_b, lm_p, pp, sites=("resid_post",), mask=pp.mask("statement"))
     np.testing.assert_allclose(ds["patched"].sel(run="base->post", site="resid_post").values,
                                direct["patched"].sel(site="resid_post").values, atol=1e-6)
     # and the other direction: the post model's activations into the base model's false runs
-    back = exact_patching(lm_p, lm_b, pp, sites=("resid_post",), positions="statement")
+    back = exact_patching(lm_p, lm_b, pp, sites=("resid_post",), mask=pp.mask("statement"))
     np.testing.assert_allclose(ds["patched"].sel(run="post->base", site="resid_post").values,
                                back["patched"].sel(site="resid_post").values, atol=1e-6)
     assert [f.finding for f in res.findings] == ["knowledge storage unchanged"]

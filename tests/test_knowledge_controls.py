@@ -188,7 +188,8 @@ def zoo():
     from mechdiff.engine.models import load_model
     from mechdiff.zoo.paths import zoo_path
 
-    return {k: str(zoo_path(k)) for k in ("base", "post")}, {k: load_model(zoo_path(k)) for k in ("base", "post")}
+    paths = {k: str(zoo_path(k)) for k in ("base", "post")} | {"pairs": str(zoo_path("data") / "patching.csv")}
+    return paths, {k: load_model(zoo_path(k)) for k in ("base", "post")}
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +210,7 @@ def random_post(tmp_path_factory, zoo):
 
 def test_identical_models_agree_paper_normalisation(zoo, tmp_path):
     paths, lms = zoo
-    res = kn.run_knowledge(ModelGroup("same", paths["base"], (paths["base"],)), None, tmp_path, **QUICK,
+    res = kn.run_knowledge(ModelGroup("same", paths["base"], (paths["base"],)), paths["pairs"], tmp_path, **QUICK,
                            models={"base": lms["base"], "post": lms["base"]}, normalisation="paper")
     (f,) = res.findings
     assert f.verdict == "agrees", f.reason
@@ -224,7 +225,7 @@ def test_identical_models_agree_paper_normalisation(zoo, tmp_path):
 
 def test_random_init_post_is_inconclusive(zoo, random_post, tmp_path):
     paths, lms = zoo
-    res = kn.run_knowledge(ModelGroup("random", paths["base"], ("random",)), None, tmp_path, **QUICK,
+    res = kn.run_knowledge(ModelGroup("random", paths["base"], ("random",)), paths["pairs"], tmp_path, **QUICK,
                            models={"base": lms["base"], "post": random_post})
     (f,) = res.findings
     assert f.verdict == "inconclusive" and "does not tell the pairs apart" in f.reason, f.reason
@@ -241,7 +242,7 @@ def test_base_vs_post_against_a_control_model(zoo, tmp_path):
     copy = tmp_path / "copy_of_base"
     shutil.copytree(paths["base"], copy)
     group = ModelGroup("zoo", paths["base"], (paths["post"],))
-    res = kn.run_knowledge(group, None, tmp_path / "out", **QUICK, models=dict(lms), control_model=str(copy))
+    res = kn.run_knowledge(group, paths["pairs"], tmp_path / "out", **QUICK, models=dict(lms), control_model=str(copy))
     (f,) = res.findings
     assert list(res.data["run"].values) == ["base", "post", "control", "base->post", "post->base"]
     assert f.controls["control_correlation"] == pytest.approx(1.0)
@@ -258,8 +259,8 @@ def test_control_model_errors_before_patching(zoo, tmp_path, tiny_dir, monkeypat
     monkeypatch.setattr(kn, "exact_patching", lambda *a, **k: pytest.fail("patched before the check"))
     group = ModelGroup("zoo", paths["base"], (paths["post"],))
     with pytest.raises(kn.KnowledgeOptionError, match="is a model of the group"):
-        kn.run_knowledge(group, None, tmp_path, **QUICK, models=dict(lms), control_model=paths["post"])
+        kn.run_knowledge(group, paths["pairs"], tmp_path, **QUICK, models=dict(lms), control_model=paths["post"])
     with pytest.raises(kn.ModelMismatchError, match="another tokenizer"):
-        kn.run_knowledge(group, None, tmp_path, **QUICK, models=dict(lms), control_model=str(tiny_dir("llama", n_layers=2)))
+        kn.run_knowledge(group, paths["pairs"], tmp_path, **QUICK, models=dict(lms), control_model=str(tiny_dir("llama", n_layers=2)))
     with pytest.raises(kn.KnowledgeOptionError, match="normalisation 'nie'"):
-        kn.run_knowledge(ModelGroup("g", "/no/such/base", ("/no/such/post",)), None, tmp_path, normalisation="nie")
+        kn.run_knowledge(ModelGroup("g", "/no/such/base", ("/no/such/post",)), paths["pairs"], tmp_path, normalisation="nie")

@@ -353,7 +353,8 @@ def test_knowledge_patching_moves_from_changed_to_final_tokens(smollm2, record_p
     late layers; tokens that are neither carry (almost) nothing."""
     import time
 
-    from mechdiff.analyses.knowledge import ROLES, PairError, exact_patching, load_pairs, prepare_pairs
+    from mechdiff.analyses.knowledge import ROLES, PairError, load_pairs, prepare_pairs
+    from mechdiff.engine.patching import exact_patching
 
     lm = smollm2
     t0 = time.perf_counter()
@@ -373,7 +374,7 @@ def test_knowledge_patching_moves_from_changed_to_final_tokens(smollm2, record_p
 
     # the readout first: the model's own logit(true) - logit(false) on the true and the false statements
     # (exact patching's clean and corrupted runs; patching only the last layer makes that nearly free)
-    screen = exact_patching(lm, None, pairs, sites="resid_post", layers=[N_LAYERS - 1], positions="statement")
+    screen = exact_patching(lm, None, pairs, sites="resid_post", layers=[N_LAYERS - 1], mask=pairs.mask("statement"))
     gap = screen["ld_true"].values - screen["ld_false"].values
     separated = np.nonzero(gap > KNOWLEDGE_MIN_GAP)[0]
     readout = {"mean_gap": float(gap.mean()), "frac_positive": float((gap > 0).mean()),
@@ -386,7 +387,7 @@ def test_knowledge_patching_moves_from_changed_to_final_tokens(smollm2, record_p
 
     sweep_idx = separated[np.argsort(-gap[separated], kind="stable")][:KNOWLEDGE_SWEEP]
     sub = pairs.subset(sweep_idx)
-    ds = exact_patching(lm, None, sub, sites="resid_post", layers="all", positions="statement")
+    ds = exact_patching(lm, None, sub, sites="resid_post", layers="all", mask=sub.mask("statement"))
     eff = ds["effect"].sel(site="resid_post").values  # [pair, layer, position], 0 = false run, 1 = true run
     role = ds["role"].values  # [pair, position]
     n_pair, n_layer, _ = eff.shape

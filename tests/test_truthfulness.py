@@ -34,7 +34,9 @@ from mechdiff.analyses.truthfulness import (
 from mechdiff.engine.sites import hidden_from_output, replace_hidden_in_output
 from mechdiff.engine.store import ActivationStore, ArraySpec, open_store
 from mechdiff.errors import MechdiffError
-from mechdiff.report.plotting import FigureInputError, pca_figure, pca_projection
+from mechdiff.analyses.plotting import FigureInputError, pca_figure, pca_projection
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # The tiny models' word-level tokenizer knows only w0..wN: label words and suffix are made of those.
 TINY = TruthSettings(label_words=("w1", "w2"), suffix=" w3 w4 w5", n_shots=2, n_intervene=6, token_budget=64)
@@ -435,6 +437,47 @@ def test_intervention_equals_hand_modified_forward(tiny_llama):
     np.testing.assert_allclose(got[signs == 0], clean[signs == 0], atol=2e-5)
     p = torch.softmax(torch.as_tensor(want, dtype=torch.float64), -1).numpy()
     np.testing.assert_allclose(pd, p[:, t_id] - p[:, f_id], atol=1e-7)
+
+
+def _byte_level_bpe():
+    """A GPT-2-style tokenizer (byte-level BPE), trained here on a few sentences: words merge with the space
+    before them, and "..." with a statement's final period."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    texts = ["The city of Paris is in France... This statement is: TRUE", "Two is larger than three.. FALSE",
+             "The city of Rome is in Spain... This statement is: FALSE", "Wait... TRUE or FALSE?"] * 20
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+@pytest.mark.parametrize("suffix", [" This statement is:", ".. This statement is:"])
+def test_statement_and_label_tokens_on_a_bpe_tokenizer(suffix):
+    """Byte-level BPE: the statement's last tokens are the last ones wholly inside its text (with ".." the final
+    period merges into the suffix's "...", so character offsets decide), and the label tokens are the ones the
+    tokenizer gives " TRUE" / " FALSE" after the prompt."""
+    from mechdiff.analyses.truthfulness import _label_token_ids
+
+    tok = _byte_level_bpe()
+    settings = replace(TruthSettings(), suffix=suffix)
+    prompts = truth_prompts(["The city of Paris is in France.", "The city of Rome is in Spain."],
+                            [("The city of Rome is in France.", 0)], settings)
+    ids, ends = statement_end_positions(tok, prompts)
+    merged = False
+    for (p, q), x, (a, b) in zip(prompts, ids, ends):
+        assert b == a + 1 and tok.decode(x) == p
+        assert q.startswith(tok.decode(x[: b + 1])) and not q.startswith(tok.decode(x[: b + 2]))
+        merged |= tok.decode(x[: b + 1]) != q
+    assert merged == suffix.startswith(".")  # the offsets route was taken exactly when the period merged
+    f_id, t_id = _label_token_ids(tok, prompts[0][0], settings.label_words)
+    for w, i in (("FALSE", f_id), ("TRUE", t_id)):
+        full = tok(prompts[0][0] + " " + w)["input_ids"]
+        assert full[: len(ids[0])] == ids[0] and full[len(ids[0])] == i and (" " + w).startswith(tok.decode([i]))
+    assert f_id != t_id
 
 
 def _write_statements(d, rng, topics=("t1", "t2", "t3"), n=24):

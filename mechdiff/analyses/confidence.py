@@ -40,6 +40,7 @@ import xarray as xr
 
 from mechdiff.errors import MechdiffError
 from mechdiff.analyses.common import Finding, ModelGroup, StudyResult
+from mechdiff.analyses.study import StudyContext, StudyDef
 from mechdiff.analyses.confidence_controls import (
     AblationGate,
     ConfidenceRule,
@@ -462,19 +463,11 @@ def _effect(base: dict[str, np.ndarray], abl: dict[str, np.ndarray]) -> dict[str
 # the study
 
 
-def _default_texts() -> list[str]:
-    import pandas as pd
-
-    from mechdiff.zoo.paths import zoo_path
-
-    facts = pd.read_csv(Path(zoo_path("data")) / "facts.csv", keep_default_na=False)
-    return [f"{p} {a}." for p, a in zip(facts["prompt"], facts["answer"])]
-
-
-def _load_texts(texts: Sequence[str] | str | Path | None, text_column: str | None, limit: int | None) -> list[str]:
+def _load_texts(texts: Sequence[str] | str | Path, text_column: str | None, limit: int | None) -> list[str]:
     if texts is None:
-        out = _default_texts()
-    elif isinstance(texts, (str, Path)):
+        # the dataset is the caller's choice (the CLI and the main job pass the embedded one)
+        raise ConfidenceOptionError("give texts: strings or a prompt file (CSV / JSON / JSONL)")
+    if isinstance(texts, (str, Path)):
         from mechdiff.engine.data import load_prompts
 
         out = load_prompts(texts, text_column=text_column).texts
@@ -630,7 +623,7 @@ def _explain_finding(a: str, b: str, fractions: dict[str, ExplainedFraction] | s
 
 
 def _scatter_figure(neurons: Mapping[str, EntropyNeurons], path: Path) -> Path:
-    from mechdiff.report.plotting import MODEL_COLORS, new_figure, save_figure
+    from mechdiff.analyses.plotting import MODEL_COLORS, new_figure, save_figure
 
     fig, axes = new_figure(width=3.8, height=3.2, ncols=len(neurons))
     axes = np.atleast_1d(axes)
@@ -650,7 +643,7 @@ def _scatter_figure(neurons: Mapping[str, EntropyNeurons], path: Path) -> Path:
 
 
 def _iou_figure(labels: list[str], iou: np.ndarray, path: Path) -> Path:
-    from mechdiff.report.plotting import new_figure, save_figure
+    from mechdiff.analyses.plotting import new_figure, save_figure
 
     fig, ax = new_figure(width=1.2 + 1.1 * len(labels), height=0.8 + 0.5 * len(labels))
     ax.axis("off")
@@ -665,7 +658,7 @@ def _venn_figure(neurons: Mapping[str, EntropyNeurons], pairs: Sequence[tuple[st
     """The paper's Figure 1d: each pair's two candidate sets as overlapping circles with their counts."""
     from matplotlib.patches import Circle
 
-    from mechdiff.report.plotting import MODEL_COLORS, new_figure, save_figure
+    from mechdiff.analyses.plotting import MODEL_COLORS, new_figure, save_figure
 
     fig, axes = new_figure(width=3.2, height=2.4, ncols=len(pairs))
     for ax, (a, b) in zip(np.atleast_1d(axes), pairs):
@@ -706,30 +699,44 @@ def _pair_dataset(pairs: Sequence[tuple[str, str]], stab: Mapping[str, IouStabil
     )
 
 
+@dataclass(frozen=True)
+class ConfidenceConfig:
+    """Every option of the confidence study and its verdict rule (see :func:`run_confidence`)."""
+
+    q: float = 0.25  # candidates come from the top q of neurons by output-weight norm
+    n: int = 10  # ... the n of lowest logit variance among them
+    layer: int = -1
+    controls: int = 20  # norm-matched random neuron sets per ablation
+    text_column: str | None = None
+    limit: int | None = None  # texts read from the dataset (None: all)
+    seed: int = 0
+    token_budget: int = 4096
+    weight_processing: str = "transformer_lens"
+    iou_draws: int = 1000
+    n_bootstrap: int = 200
+    q_factors: tuple[float, ...] = (0.5, 1.0, 1.5)
+    patch: bool = True
+    rule: ConfidenceRule = ConfidenceRule()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "q_factors", tuple(self.q_factors))
+        _check_options(q=self.q, n=self.n, controls=self.controls, weight_processing=self.weight_processing,
+                       iou_draws=self.iou_draws, n_bootstrap=self.n_bootstrap, q_factors=self.q_factors)
+
+
 def run_confidence(
     group: ModelGroup,
-    texts: Sequence[str] | str | Path | None,
+    texts: Sequence[str] | str | Path,
     out_dir: str | Path,
+    config: ConfidenceConfig | None = None,
     *,
-    q: float = 0.25,
-    n: int = 10,
-    layer: int = -1,
-    controls: int = 20,
-    text_column: str | None = None,
-    limit: int | None = None,
-    seed: int = 0,
     device: str = "cpu",
     dtype: str = "float32",
-    token_budget: int = 4096,
     models: Mapping[str, LoadedModel] | None = None,
-    weight_processing: str = "transformer_lens",
-    iou_draws: int = 1000,
-    n_bootstrap: int = 200,
-    q_factors: Sequence[float] = (0.5, 1.0, 1.5),
-    patch: bool = True,
-    rule: ConfidenceRule = ConfidenceRule(),
+    save: bool = True,
+    **options: Any,
 ) -> StudyResult:
-    """The confidence study for a model group.
+    """The confidence study for a model group (``options``: fields of :class:`ConfidenceConfig`, over ``config``).
 
     Per model: last-layer neuron norms and logit variances on weights processed by ``weight_processing``,
     candidates (top ``q`` by norm, then the ``n`` of lowest variance), and the effect on next-token entropy /
@@ -739,14 +746,20 @@ def run_confidence(
     ``patch``, the fraction of the entropy change that moves when the candidates' activations are patched from one
     model into the other (interval: ``n_bootstrap`` resamples of the texts), against norm-matched random sets.
     ``rule``: the verdicts' settings. ``texts``: strings, a prompt file (CSV/JSON/JSONL, see
-    ``engine.data.load_prompts``), or None for the zoo's fact sentences.
-    Writes ``out_dir/confidence/{results.zarr, summary.json, *.png}``.
+    ``engine.data.load_prompts``); required.
+    Writes its figures to ``out_dir/confidence/`` and, with ``save``, results.zarr and summary.json.
     """
+    if options:
+        from mechdiff.analyses.study import config_from_options
+
+        config = config_from_options(study, options, base=config or ConfidenceConfig())
+    c = config or ConfidenceConfig()
+    q, n, layer, controls, seed, token_budget = c.q, c.n, c.layer, c.controls, c.seed, c.token_budget
+    weight_processing, iou_draws, n_bootstrap, q_factors, patch, rule = (
+        c.weight_processing, c.iou_draws, c.n_bootstrap, c.q_factors, c.patch, c.rule)
     t0 = time.perf_counter()
-    _check_options(q=q, n=n, controls=controls, weight_processing=weight_processing, iou_draws=iou_draws,
-                   n_bootstrap=n_bootstrap, q_factors=q_factors)
     labels = list(group.labels)
-    text_list = _load_texts(texts, text_column, limit)
+    text_list = _load_texts(texts, c.text_column, c.limit)
     if models is None:
         from mechdiff.engine.models import load_model
 
@@ -827,8 +840,20 @@ def run_confidence(
                      "first model, in both, only in the second."}
     summary["seconds"] = time.perf_counter() - t0
     result = StudyResult("confidence", data, summary, figures, findings, notes)
-    result.save(out_dir)
+    if save:
+        result.save(out_dir)
     return result
+
+
+def _run(ctx: StudyContext, config: ConfidenceConfig) -> StudyResult:
+    return run_confidence(ctx.group, ctx.dataset("texts", "confidence"), ctx.out, config, models=ctx.all_models(),
+                          save=False)
+
+
+study = StudyDef(
+    name="confidence", Config=ConfidenceConfig, datasets=("texts",), requirements=lambda config, group, datasets: [],
+    run=_run, describe="entropy neurons of the last layer, their overlap across models, and their ablation effect",
+)
 
 
 def _model_dataset(labels: list[str], neurons: Mapping[str, EntropyNeurons], per_model: Mapping[str, dict],

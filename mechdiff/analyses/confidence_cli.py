@@ -10,7 +10,17 @@ import typer
 from mechdiff.analyses.knowledge_cli import _findings_table, _out, group_from_options, man_help
 from mechdiff.cli_common import EXPECTED, check_output_dir, fail
 
-__all__ = ["register", "confidence"]
+__all__ = ["register", "confidence", "embedded_texts"]
+
+
+def embedded_texts() -> list[str]:
+    """The embedded fact sentences, the default of ``--texts``."""
+    from mechdiff.zoo.datasets import fact_sentences
+
+    try:
+        return fact_sentences()
+    except FileNotFoundError as e:
+        raise ValueError(f"no --texts given and the embedded facts are not available ({e})") from None
 
 
 def confidence(
@@ -87,12 +97,13 @@ def confidence(
         for flag, v in (("--controls", controls), ("--iou-draws", iou_draws), ("--bootstrap", bootstrap)):
             if v < 1:
                 raise ValueError(f"{flag} must be at least 1, got {v}")
-        text_arg = None
         if texts is not None:
             from mechdiff.engine.data import load_prompts
 
             load_prompts(texts, text_column=text_column)  # bad files fail before any model loads
             text_arg = texts
+        else:
+            text_arg = embedded_texts()
     except EXPECTED as e:
         fail(e)
     try:

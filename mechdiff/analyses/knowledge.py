@@ -14,26 +14,12 @@ the true prompt's. The readout at the last token is ``logit(TRUE) - logit(FALSE)
 Cross-model patching takes the true-prompt activations from model A and patches them into model B's false run
 (normalised with B's own runs); the study runs it both ways (base -> post and post -> base).
 
-Efficient by construction (:func:`exact_patching`):
-
-- The clean (true) and corrupted (false) runs are made once per batch of pairs, capturing every layer's
-  residual stream, the patched sites and the attention keys/values.
-- Patching position ``p`` cannot change positions before ``p`` (causal attention), and a patch whose value
-  equals the value it replaces changes nothing. Those variants are answered from the false run without
-  running anything, and the rest only recompute the suffix from the first position any of them touches,
-  attending to the false run's cached keys/values for the prefix.
-- A patch at layer ``l`` resumes from the cached residual stream at layer ``l``: the HF decoder blocks
-  (``adapter.layer(k)``) are called directly, with the keyword arguments (rotary position embeddings, masks,
-  cache positions) recorded from the model's own forward over the same suffix, so no architecture's position
-  handling is re-implemented here. Variants of every layer share one batched pass ("staggered": rows that
-  start at layer ``l`` join the batch at block ``l``).
-- Before it is trusted, the resumed path must reproduce the model's own logits for the unpatched rows; where
-  it cannot (an architecture whose blocks need more than what was recorded), the batch falls back to full
-  forwards with engine ``Intervention(kind="replace")`` hooks, still batched.
-
-:func:`naive_patching` is the reference (one full forward per variant, patched by a hand-written hook), and
-:func:`~mechdiff.analyses.attribution.attribution_patching` the fast estimates (gradient x activation difference
-and its corrections, a few forwards and backwards per batch of pairs), judged against exact patching in every run.
+The patching runs in the engine (:mod:`mechdiff.engine.patching`): :func:`~mechdiff.engine.patching.exact_patching`
+(batched, resuming the decoder blocks from cached residual streams, only the suffix after the patched position
+recomputed), :func:`~mechdiff.engine.patching.naive_patching` (the reference: one hand-hooked forward per variant)
+and :func:`~mechdiff.engine.patching.attribution_patching` (the fast estimates), judged against exact patching in
+every run. :class:`PatchingPairs` are the engine's pairs with the study's labels (roles, topics, designs);
+:func:`normalise` puts a run's effect on the study's scale.
 
 Positions are stored right-aligned (``position`` = -n .. -1, counted from each prompt's end) and grouped by
 role. Where the pairs file names the spans (a ``subject`` column and a ``true_object`` / ``false_object`` or
@@ -47,25 +33,24 @@ the verdict over those heatmaps are in :mod:`mechdiff.analyses.knowledge_maps`.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
-import re
 import time
 import warnings
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 import xarray as xr
 
 from mechdiff.errors import MechdiffError
-from mechdiff.analyses.attribution import METHODS as ATTRIBUTION_METHODS
-from mechdiff.analyses.attribution import AttributionError, attribution_agreement, attribution_patching
+from mechdiff.analyses.attribution import attribution_agreement
 from mechdiff.analyses.common import Finding, ModelGroup, StudyResult
+from mechdiff.analyses.study import StudyContext, StudyDef
+from mechdiff.analyses.prompts import truth_prompt
 from mechdiff.analyses.knowledge_maps import (
     KnowledgeControls,
     binned_difference,
@@ -77,26 +62,33 @@ from mechdiff.analyses.knowledge_maps import (
     separation,
     transfer_check,
 )
-from mechdiff.engine.adapter import hidden_from_output, replace_hidden_in_output
 from mechdiff.engine.models import LoadedModel
-from mechdiff.engine.sites import Capture, Intervention, SiteError, hooks, parse_layers, parse_sites
+from mechdiff.engine.patching import (
+    ATTRIBUTION_METHODS,
+    AttributionError,
+    ModelMismatchError,
+    PatchPairs,
+    attribution_patching,
+    check_patchable,
+    exact_patching,
+    resolve_sites,
+)
+from mechdiff.engine.sites import parse_layers
+from mechdiff.engine.tokens import TokenError, answer_token, first_token_of, word_tokens
 
 __all__ = [
     "PAIR_COLUMNS",
     "SPAN_COLUMNS",
-    "PATCH_SITES",
+    "POSITIONS",
     "ROLES",
     "NORMALISATIONS",
     "PairError",
-    "ModelMismatchError",
     "KnowledgeOptionError",
     "PatchingPairs",
     "load_pairs",
     "load_shots",
     "prepare_pairs",
-    "exact_patching",
-    "naive_patching",
-    "attribution_patching",
+    "normalise",
     "normalised_effect",
     "paper_nie",
     "slot_heatmaps",
@@ -111,8 +103,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PAIR_COLUMNS: tuple[str, ...] = ("true_statement", "false_statement", "true_answer", "false_answer", "topic")
-PATCH_SITES: tuple[str, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out", "mlp_act")
-_RESID = ("resid_pre", "resid_post")
 #: Columns naming the spans of a pair (role -> columns, searched in the true statement, then the false one).
 SPAN_COLUMNS: dict[str, tuple[str, ...]] = {
     "subject": ("subject", "true_subject", "false_subject"),
@@ -124,14 +114,12 @@ _PAD_ROLE = -1
 _MEAN_ROLES = ("context", "other")  # one slot each: the mean over their tokens
 #: ``normalisation`` of the patching effect: see the module docstring.
 NORMALISATIONS: tuple[str, ...] = ("logit", "paper")
+#: ``positions`` patched: every token, or the statement's (the context before it left alone).
+POSITIONS: tuple[str, ...] = ("statement", "all")
 
 
 class PairError(MechdiffError, ValueError):
     """A patching pair that cannot be used (unequal token lengths, identical prompts, bad answers, ...)."""
-
-
-class ModelMismatchError(MechdiffError, ValueError):
-    """Two models that cannot be patched into each other (different tokenizers or shapes)."""
 
 
 class KnowledgeOptionError(MechdiffError, ValueError):
@@ -186,35 +174,43 @@ def load_shots(path: str | Path) -> dict[str, list[tuple[str, int]]]:
     return {t: [(str(s), int(label)) for s, label in v] for t, v in raw.items()}
 
 
-@dataclass
-class PatchingPairs:
-    """Tokenised pairs, ready for patching. Per pair: equal-length token ids, answer tokens, token roles."""
+@dataclass(kw_only=True)
+class PatchingPairs(PatchPairs):
+    """Tokenised pairs, ready for patching: the engine's :class:`~mechdiff.engine.patching.PatchPairs` (per pair
+    equal-length token ids, the (true answer, false answer) tokens) with the study's labels: per token its role,
+    per pair its topic, prompts and design. The patching results carry the labels (:meth:`coords`)."""
 
-    true_ids: list[list[int]]
-    false_ids: list[list[int]]
-    answers: np.ndarray  # [pair, 2] token ids of (true answer, false answer)
     roles: list[np.ndarray]  # per pair, per token: index into ROLES
     topics: np.ndarray
     true_prompts: list[str]
     false_prompts: list[str]
-    tokenizer_hash: str = ""
     changed: np.ndarray | None = None  # per pair: which span differs (the ``changed`` column, or from the spans)
-
-    def __len__(self) -> int:
-        return len(self.true_ids)
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.array([len(x) for x in self.true_ids])
 
     def subset(self, idx: Sequence[int]) -> "PatchingPairs":
         idx = list(idx)
         return PatchingPairs(
-            [self.true_ids[i] for i in idx], [self.false_ids[i] for i in idx], self.answers[idx],
-            [self.roles[i] for i in idx], self.topics[idx], [self.true_prompts[i] for i in idx],
-            [self.false_prompts[i] for i in idx], self.tokenizer_hash,
-            None if self.changed is None else self.changed[idx],
+            true_ids=[self.true_ids[i] for i in idx], false_ids=[self.false_ids[i] for i in idx],
+            answers=self.answers[idx], tokenizer_hash=self.tokenizer_hash, roles=[self.roles[i] for i in idx],
+            topics=self.topics[idx], true_prompts=[self.true_prompts[i] for i in idx],
+            false_prompts=[self.false_prompts[i] for i in idx],
+            changed=None if self.changed is None else self.changed[idx],
         )
+
+    def mask(self, positions: str = "all") -> list[np.ndarray]:
+        """Per pair, the token positions to patch: ``all``, or ``statement`` (all but the context role: the
+        few-shot examples before the statement, which a within-model patch cannot change anyway)."""
+        if positions == "all":
+            return [np.ones(len(r), dtype=bool) for r in self.roles]
+        if positions == "statement":
+            return [r != ROLES.index("context") for r in self.roles]
+        raise KnowledgeOptionError(f"positions {positions!r}: one of {', '.join(POSITIONS)}")
+
+    def coords(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"topic": ("pair", np.asarray(self.topics, dtype=str)),
+                               "role": (("pair", "position"), self.role_matrix())}
+        if self.changed is not None:
+            out["changed"] = ("pair", np.asarray(self.changed, dtype=str))
+        return out
 
     def role_matrix(self) -> np.ndarray:
         """[pair, position] role codes, right-aligned like the results (-1 = no token there)."""
@@ -226,50 +222,15 @@ class PatchingPairs:
 
 
 def _prompt(statement: str, topic: str, shots: Mapping[str, Sequence[tuple[str, int]]] | None) -> str:
-    from mechdiff.zoo.templates import truth_prompt
-
     return truth_prompt(statement, (shots or {}).get(topic, ()))
 
 
 def _answer_token(tokenizer, prompt: str, prompt_ids: list[int], answer: str, where: str) -> int:
     """The first token the answer adds after the prompt (so word-boundary handling follows the tokenizer)."""
-    full = tokenizer(prompt + " " + answer)["input_ids"]
-    if len(full) > len(prompt_ids) and full[: len(prompt_ids)] == prompt_ids:
-        tok = full[len(prompt_ids)]
-    else:
-        ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise PairError(f"{where}: answer {answer!r} tokenizes to nothing")
-        tok = ids[0]
-    unk = getattr(tokenizer, "unk_token_id", None)
-    if unk is not None and tok == unk:
-        raise PairError(f"{where}: answer {answer!r} is not in the tokenizer's vocabulary (it maps to the unknown "
-                        "token)")
-    return int(tok)
-
-
-def _offsets(tokenizer, prompt: str, ids: list[int]) -> list[tuple[int, int]] | None:
-    """Character span of each token of ``prompt`` (None for tokenizers that cannot say)."""
     try:
-        offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
-    except (NotImplementedError, ValueError, KeyError, TypeError):
-        return None
-    return offsets if offsets is not None and len(offsets) == len(ids) else None
-
-
-def _statement_start(tokenizer, prompt: str, statement: str, ids: list[int]) -> int:
-    """Index of the statement's first token in ``prompt`` (the last occurrence: shots come before it)."""
-    char = prompt.rfind(statement)
-    if char < 0:
-        return 0
-    offsets = _offsets(tokenizer, prompt, ids)
-    if offsets is not None:
-        for t, (a, b) in enumerate(offsets):
-            if b > a and b > char:
-                return t
-        return len(ids)
-    # Slow tokenizers: count the tokens of the text before the statement.
-    return len(tokenizer(prompt[:char].rstrip())["input_ids"]) if char else 0
+        return answer_token(tokenizer, prompt, prompt_ids, answer)
+    except TokenError as e:
+        raise PairError(f"{where}: {e}") from None
 
 
 def _span_columns(df: pd.DataFrame) -> dict[str, list[str]] | None:
@@ -278,31 +239,18 @@ def _span_columns(df: pd.DataFrame) -> dict[str, list[str]] | None:
     return cols if all(cols.values()) else None
 
 
-def _find_word(text: str, word: str, last: bool) -> int:
-    """Character index of ``word`` in ``text`` (not inside a longer word), its first or last occurrence; -1."""
-    hits = [m.start() for m in re.finditer(rf"(?<!\w){re.escape(word)}(?!\w)", text)]
-    return (hits[-1] if last else hits[0]) if hits else -1
-
-
 def _span_tokens(tokenizer, prompts: Sequence[str], statements: Sequence[str], ids: Sequence[list[int]],
                  texts: Sequence[str], last: bool) -> np.ndarray | None:
     """Token indices of the first of ``texts`` found in a statement (the true one, then the false one: equal
-    token lengths make the positions the same in both), via the tokenizer's offsets; empty if none is found,
-    None if the tokenizer has no offsets."""
+    token lengths make the positions the same in both); empty if none is found, None if the tokenizer has no
+    character offsets."""
     for text in (t.strip() for t in texts):
         if not text:
             continue
         for prompt, statement, tok_ids in zip(prompts, statements, ids):
-            c0, at = prompt.rfind(statement), _find_word(statement, text, last)
-            if c0 < 0 or at < 0:
-                continue
-            a, b = c0 + at, c0 + at + len(text)
-            offsets = _offsets(tokenizer, prompt, tok_ids)
-            if offsets is None:
-                return None
-            hit = [t for t, (s, e) in enumerate(offsets) if e > s and s < b and e > a]
-            if hit:
-                return np.asarray(hit)
+            hit = word_tokens(tokenizer, prompt, tok_ids, text, within=statement, last=last)
+            if hit is None or hit.size:
+                return hit
     return np.zeros(0, dtype=np.int64)
 
 
@@ -380,7 +328,7 @@ def prepare_pairs(
             raise PairError(
                 f"pair row {i + 1}: the true and false prompts tokenize identically ({df['true_statement'][i]!r})"
             )
-        start = _statement_start(tokenizer, tp[i], df["true_statement"][i], a)
+        start = first_token_of(tokenizer, tp[i], df["true_statement"][i], a)
         found = _pair_spans(tokenizer, df, i, (tp[i], fp[i]), (a, b), spans) if spans else None
         if found is None:
             roles.append(_roles(len(a), start, diff))
@@ -397,8 +345,10 @@ def prepare_pairs(
             )
         answers.append((at, af))
     return PatchingPairs(
-        [list(x) for x in t_ids], [list(x) for x in f_ids], np.asarray(answers, dtype=np.int64), roles,
-        df["topic"].to_numpy(dtype=object), tp, fp, tokenizer_hash, np.asarray(changed, dtype=object),
+        true_ids=[list(x) for x in t_ids], false_ids=[list(x) for x in f_ids],
+        answers=np.asarray(answers, dtype=np.int64), tokenizer_hash=tokenizer_hash, roles=roles,
+        topics=df["topic"].to_numpy(dtype=object), true_prompts=tp, false_prompts=fp,
+        changed=np.asarray(changed, dtype=object),
     )
 
 
@@ -421,86 +371,8 @@ def _pair_spans(tokenizer, df: pd.DataFrame, i: int, prompts: tuple[str, str], i
     return out[0], out[1]
 
 
-def _check_patchable(source: LoadedModel, target: LoadedModel) -> None:
-    if source is target:
-        return
-    if source.tokenizer_hash != target.tokenizer_hash:
-        raise ModelMismatchError(
-            f"cross-model patching needs one tokenizer, but {source.model_id!r} and {target.model_id!r} have "
-            f"different tokenizers ({source.tokenizer_hash[:19]}.. vs {target.tokenizer_hash[:19]}..): token "
-            "positions would not correspond"
-        )
-    a, b = source.adapter, target.adapter
-    for what in ("n_layers", "d_model", "d_mlp"):
-        if getattr(a, what) != getattr(b, what):
-            raise ModelMismatchError(
-                f"cross-model patching needs the same shapes, but {source.model_id!r} has {what}={getattr(a, what)} "
-                f"and {target.model_id!r} has {what}={getattr(b, what)}"
-            )
-
-
-def _check_pairs_for(lm: LoadedModel, pairs: PatchingPairs) -> None:
-    if pairs.tokenizer_hash and pairs.tokenizer_hash != lm.tokenizer_hash:
-        raise ModelMismatchError(
-            f"these pairs were tokenized with another tokenizer than {lm.model_id!r}'s; prepare them with its tokenizer"
-        )
-    if int(pairs.answers.max()) >= lm.adapter.vocab_size:
-        raise PairError(f"an answer token id exceeds {lm.model_id!r}'s vocabulary of {lm.adapter.vocab_size}")
-
-
 # =============================================================================================
-# shared machinery
-
-
-def _position_mask(pairs: PatchingPairs, i: int, positions: str) -> np.ndarray:
-    """Which token positions of pair ``i`` to patch: ``all``, or ``statement`` (all but the context role: the
-    few-shot examples before the statement, which a within-model patch cannot change anyway)."""
-    if positions == "all":
-        return np.ones(len(pairs.roles[i]), dtype=bool)
-    if positions == "statement":
-        return pairs.roles[i] != ROLES.index("context")
-    raise ValueError(f"positions {positions!r}: all or statement")
-
-
-def _resolve_sites(sites: str | Sequence[str]) -> tuple[str, ...]:
-    out = parse_sites(sites)
-    bad = [s for s in out if s not in PATCH_SITES]
-    if bad:
-        raise SiteError(f"cannot patch site {bad[0]!r}: choose from {', '.join(PATCH_SITES)}")
-    return out
-
-
-def _groups(pairs: PatchingPairs, token_budget: int, max_pairs: int = 64,
-            order: np.ndarray | None = None) -> list[list[int]]:
-    """Pairs of one token length together (no padding at all), at most ``token_budget`` tokens per prompt batch;
-    within a length, pairs go in ``order`` (default: as given)."""
-    by_len: dict[int, list[int]] = {}
-    for i in (range(len(pairs)) if order is None else order):
-        by_len.setdefault(int(pairs.lengths[i]), []).append(int(i))
-    out = []
-    for n, idx in sorted(by_len.items()):
-        size = max(1, min(max_pairs, token_budget // max(1, n)))
-        out += [idx[j : j + size] for j in range(0, len(idx), size)]
-    return out
-
-
-def _forward_kwargs(model) -> dict[str, Any]:
-    params = inspect.signature(model.forward).parameters
-    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-
-
-def _metric(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
-    """logit(true answer) - logit(false answer), per row; ``logits`` [rows, vocab], ``answers`` [rows, 2]."""
-    # float64 so a float64 model keeps its precision; float32 models lose nothing either
-    return (logits.gather(1, answers[:, :1]).squeeze(1).double() - logits.gather(1, answers[:, 1:]).squeeze(1).double())
-
-
-def _readout(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
-    """[rows, 2]: logit(true answer) - logit(false answer), and P(true answer) - P(false answer) (the paper's PD,
-    softmax over the whole vocabulary), in float64."""
-    p = torch.softmax(logits.double(), dim=-1)
-    pd = p.gather(1, answers[:, :1]).squeeze(1) - p.gather(1, answers[:, 1:]).squeeze(1)
-    return torch.stack([_metric(logits, answers), pd], dim=1)
+# patching readouts
 
 
 def paper_nie(pd_patched: Any, pd_run: Any, *, into: str = "false") -> Any:
@@ -526,592 +398,22 @@ def normalised_effect(patched: Any, true_run: Any, false_run: Any, normalisation
         return (patched - false_run) / (true_run - false_run)
 
 
-def _run(lm: LoadedModel, ids: torch.Tensor, capture: Capture | None = None, **kw) -> Any:
-    """One forward of equal-length rows (no padding, so no mask), with optional capture hooks."""
-    with hooks(lm.adapter, capture):
-        return lm.model(input_ids=ids, **_forward_kwargs(lm.model), **kw)
 
-
-def _align(values: Mapping[int, np.ndarray], pairs: PatchingPairs, lead: tuple[int, ...]) -> np.ndarray:
-    """Per-pair [..., T_i] arrays right-aligned into one [lead[0], pair, *lead[1:], T] array (NaN-padded)."""
-    n, t = len(pairs), int(pairs.lengths.max())
-    out = np.full((lead[0], n, *lead[1:], t), np.nan)
-    for i in range(n):
-        out[:, i, ..., t - len(pairs.true_ids[i]) :] = values[i]
-    return out
-
-
-def _dataset(
-    values: dict[str, np.ndarray],
-    pairs: PatchingPairs,
-    sites: tuple[str, ...],
-    layers: tuple[int, ...],
-    ld_true: np.ndarray,
-    ld_false: np.ndarray,
-    attrs: dict[str, Any],
-    *,
-    prob: tuple[dict[int, np.ndarray], np.ndarray, np.ndarray] | None = None,
-    normalisation: str = "logit",
-) -> xr.Dataset:
-    """Assemble per-pair [site, layer, T] arrays (keyed ``patched``) into right-aligned labelled arrays.
-    ``prob``: the same for P(TRUE) - P(FALSE), with its true- and false-run values (needed by ``"paper"``)."""
-    if normalisation == "paper" and prob is None:
-        raise KnowledgeOptionError(f"{attrs.get('method', 'this')} patching has no probability readout: normalisation 'paper' "
-                        "needs exact or naive patching")
-    dims = ("site", "pair", "layer", "position")
-    patched = _align(values, pairs, (len(sites), len(layers)))
-    data: dict[str, Any] = {"patched": (dims, patched), "ld_true": ("pair", ld_true), "ld_false": ("pair", ld_false)}
-    if prob is not None:
-        pd_patched = _align(prob[0], pairs, (len(sites), len(layers)))
-        data.update(patched_pd=(dims, pd_patched), pd_true=("pair", prob[1]), pd_false=("pair", prob[2]))
+def normalise(ds: xr.Dataset, normalisation: str = "logit") -> xr.Dataset:
+    """A patching result (:func:`~mechdiff.engine.patching.exact_patching`, ``naive_patching`` or
+    ``attribution_patching``) with ``effect`` on the scale ``normalisation`` names (module docstring): ``logit``
+    keeps the engine's, ``paper`` recomputes it from the probability readouts (exact or naive patching only)."""
+    if normalisation not in NORMALISATIONS:
+        raise KnowledgeOptionError(f"normalisation {normalisation!r}: one of {', '.join(NORMALISATIONS)}")
     if normalisation == "paper":
-        effect = normalised_effect(pd_patched, prob[1][None, :, None, None], prob[2][None, :, None, None], "paper")
+        if "patched_pd" not in ds:
+            raise KnowledgeOptionError(f"{ds.attrs.get('method', 'this')} patching has no probability readout: "
+                                       "normalisation 'paper' needs exact or naive patching")
+        ds = ds.assign(effect=normalised_effect(ds["patched_pd"], ds["pd_true"], ds["pd_false"], "paper"))
     else:
-        effect = normalised_effect(patched, ld_true[None, :, None, None], ld_false[None, :, None, None])
-    coords = {
-        "site": list(sites),
-        "pair": np.arange(len(pairs)),
-        "layer": np.asarray(layers),
-        "position": np.arange(-int(pairs.lengths.max()), 0),
-        "topic": ("pair", np.asarray(pairs.topics, dtype=str)),
-        "n_tokens": ("pair", pairs.lengths),
-        "role": (("pair", "position"), pairs.role_matrix()),
-    }
-    if pairs.changed is not None:
-        coords["changed"] = ("pair", np.asarray(pairs.changed, dtype=str))
-    return xr.Dataset({"effect": (dims, effect), **data}, coords=coords,
-                      attrs={"roles": list(ROLES), "normalisation": normalisation, **attrs})
-
-
-# =============================================================================================
-# exact patching
-
-
-class _ResumeFailed(RuntimeError):
-    pass
-
-
-@dataclass
-class _Group:
-    """Everything one batch of equal-length pairs needs: clean/corrupted caches and recorded block calls."""
-
-    idx: list[int]
-    n_tokens: int
-    answers: torch.Tensor  # [G, 2]
-    true_run: torch.Tensor  # [G, 2] readout (logit difference, probability difference) of the target's true run
-    false_run: torch.Tensor  # [G, 2] the same, false run
-    false_ids: torch.Tensor  # [G, T]
-    # target false run, [G, T, d]: resid_pre of block k for k < L, the last block's resid_post at L
-    resid: list[torch.Tensor]
-    src: dict[tuple[str, int], torch.Tensor]  # source true run: [G, T, w]
-    tgt: dict[tuple[str, int], torch.Tensor]  # target false run: [G, T, w]
-    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # target false run keys/values per layer
-    start: int = 0  # first suffix position recomputed
-    records: dict[int, tuple[tuple, dict]] = field(default_factory=dict)
-
-
-def _caches(source: LoadedModel, target: LoadedModel, pairs: PatchingPairs, idx: list[int],
-            sites: tuple[str, ...], layers: tuple[int, ...], want_kv: bool) -> _Group:
-    dev = target.device
-    L = target.adapter.n_layers
-    t_ids = torch.tensor([pairs.true_ids[i] for i in idx], device=dev)
-    f_ids = torch.tensor([pairs.false_ids[i] for i in idx], device=dev)
-    answers = torch.as_tensor(pairs.answers[idx], device=dev)
-    g = len(idx)
-    all_layers = tuple(range(L))
-    # One capture of the target's false run: every block input (to resume from) plus the patched sites.
-    tgt_sites = tuple(dict.fromkeys(("resid_pre", *sites, "resid_post")))
-    if source is target:
-        cap = Capture(tgt_sites, all_layers)
-        out = _run(target, torch.cat([t_ids, f_ids]), cap, use_cache=want_kv)
-        m = _readout(out.logits[:, -1], answers.repeat(2, 1))
-        true_run, false_run = m[:g], m[g:]
-        src = {(s, l): cap.acts[(s, l)][:g] for s in sites for l in layers}
-        tgt = {(s, l): cap.acts[(s, l)][g:] for s in sites for l in layers}
-        acts = {k: v[g:] for k, v in cap.acts.items()}
-        rows = slice(g, 2 * g)
-    else:
-        scap = Capture(sites, layers)
-        _run(source, t_ids, scap, use_cache=False)
-        src = dict(scap.acts)
-        true_run = _readout(_run(target, t_ids, None, use_cache=False).logits[:, -1], answers)
-        cap = Capture(tgt_sites, all_layers)
-        out = _run(target, f_ids, cap, use_cache=want_kv)
-        false_run = _readout(out.logits[:, -1], answers)
-        acts = cap.acts
-        tgt = {(s, l): acts[(s, l)] for s in sites for l in layers}
-        rows = slice(0, g)
-    resid = [acts[("resid_pre", k)] for k in range(L)] + [acts[("resid_post", L - 1)]]
-    kv = _layer_kv(out.past_key_values, rows, L, t_ids.shape[1]) if want_kv else None
-    return _Group(idx, int(t_ids.shape[1]), answers, true_run, false_run, f_ids, resid, src, tgt, kv)
-
-
-def _layer_kv(cache: Any, rows: slice, n_layers: int, n_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """Keys and values per layer of ``rows`` of a forward's cache, or None where no prefix can be cut from it."""
-    try:
-        kv = [(cache.layers[k].keys[rows], cache.layers[k].values[rows]) for k in range(n_layers)]
-    except (AttributeError, IndexError, TypeError):
-        return None  # not a layered cache: resuming from a prefix is not possible, only from position 0
-    # a sliding-window layer shorter than the prompt keeps only its last keys: no prefix to slice
-    if any(k.dim() != 4 or k.shape[-2] != n_tokens for k, _ in kv):
-        return None
-    return kv
-
-
-def _prefix_cache(model, kv: list[tuple[torch.Tensor, torch.Tensor]], s: int, rows: torch.Tensor | None = None,
-                  first_layer: int = 0):
-    """A fresh cache holding the first ``s`` positions' keys/values (of ``rows``, default all) of the layers from
-    ``first_layer`` on, to run a suffix on."""
-    from transformers import DynamicCache
-
-    past = DynamicCache(config=model.config)
-    for k, (key, val) in enumerate(kv):
-        key, val = key[:, :, :s], val[:, :, :s]
-        if rows is not None:
-            key, val = key.index_select(0, rows), val.index_select(0, rows)
-        past.update(key, val, first_layer + k)
-    return past
-
-
-def _cache_arg(model) -> str:
-    # newer transformers name the cache argument ``cache`` (``past_key_values`` is deprecated there)
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _expand(x: Any, src: torch.Tensor, g: int, cache: Any) -> Any:
-    """A recorded block argument for the replay batch: batch-leading tensors of the recorded batch ``g`` are
-    re-indexed by ``src`` (replay row -> recorded row); any KV cache is replaced by ``cache``."""
-    from transformers.cache_utils import Cache
-
-    if isinstance(x, Cache):
-        return cache
-    if isinstance(x, torch.Tensor):
-        # dim >= 2 so that 1-D tensors (cache positions) are never mistaken for a batch
-        return x.index_select(0, src) if x.dim() >= 2 and x.shape[0] == g else x
-    if isinstance(x, tuple):
-        return tuple(_expand(y, src, g, cache) for y in x)
-    if isinstance(x, list):
-        return [_expand(y, src, g, cache) for y in x]
-    if isinstance(x, dict):
-        return {k: _expand(v, src, g, cache) for k, v in x.items()}
-    return x
-
-
-def _record(target: LoadedModel, grp: _Group) -> None:
-    """Run the false prompts' suffix once through the model, recording each block's call (args, kwargs).
-
-    With a prefix (start > 0) the model sees the prefix's keys/values in its cache, so the recorded position
-    embeddings, masks and cache positions are exactly those of the suffix.
-    """
-    adapter = target.adapter
-    s = grp.start
-    records: dict[int, tuple[tuple, dict]] = {}
-
-    def make(k: int):
-        def pre(module, args, kwargs):
-            records[k] = (tuple(args), dict(kwargs))
-        return pre
-
-    past = _prefix_cache(target.model, grp.kv, s) if s > 0 else None
-    handles = [adapter.layer(k).register_forward_pre_hook(make(k), with_kwargs=True) for k in range(adapter.n_layers)]
-    try:
-        target.model(input_ids=grp.false_ids[:, s:], use_cache=s > 0, **{_cache_arg(target.model): past},
-                     **_forward_kwargs(target.model))
-    finally:
-        for h in handles:
-            h.remove()
-    if len(records) != adapter.n_layers:
-        raise _ResumeFailed(f"only {len(records)} of {adapter.n_layers} blocks were called")
-    grp.records = records
-
-
-def _call_block(target: LoadedModel, grp: _Group, k: int, hidden: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    args, kwargs = grp.records[k]
-    cache = None
-    if grp.start > 0:
-        cache = _prefix_cache(target.model, grp.kv[k : k + 1], grp.start, src, first_layer=k)
-    g = len(grp.idx)
-    a = _expand(args[1:], src, g, cache)
-    kw = _expand(kwargs, src, g, cache)
-    if args:
-        out = target.adapter.layer(k)(hidden, *a, **kw)
-    else:
-        out = target.adapter.layer(k)(**{**kw, "hidden_states": hidden})
-    return hidden_from_output(out)
-
-
-@dataclass
-class _Rows:
-    """Patch variants: site index, layer, pair (in group), position, first block that must run."""
-
-    site: torch.Tensor
-    layer: torch.Tensor
-    pair: torch.Tensor
-    pos: torch.Tensor
-    start: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.site.numel())
-
-    def take(self, sel: torch.Tensor) -> "_Rows":
-        return _Rows(self.site[sel], self.layer[sel], self.pair[sel], self.pos[sel], self.start[sel])
-
-
-def _rows(grp: _Group, sites: tuple[str, ...], layers: tuple[int, ...], skip_unchanged: bool,
-          allowed: torch.Tensor) -> tuple[_Rows, int]:
-    """Variants to run (at ``allowed`` [G, T] positions); with ``skip_unchanged`` those whose patch value equals
-    the value it replaces are left out (exactly a no-op: the result is the false run). Returns the rows and the
-    number left out."""
-    parts = []
-    skipped = 0
-    for si, site in enumerate(sites):
-        for l in layers:
-            run = allowed.clone()
-            if skip_unchanged:
-                same = torch.eq(grp.src[(site, l)], grp.tgt[(site, l)]).all(-1)  # [G, T]
-                skipped += int((same & allowed).sum())
-                run &= ~same
-            g, p = torch.nonzero(run, as_tuple=True)
-            start = l + 1 if site == "resid_post" else l
-            parts.append(torch.stack([torch.full_like(g, si), torch.full_like(g, l), g, p, torch.full_like(g, start)]))
-    allr = torch.cat(parts, dim=1) if parts else torch.zeros(5, 0, dtype=torch.long)
-    order = torch.argsort(allr[4], stable=True)  # by first block, so rows join the batch in order
-    allr = allr[:, order]
-    return _Rows(*allr), skipped
-
-
-def _replay(target: LoadedModel, grp: _Group, rows: _Rows, sites: tuple[str, ...]) -> torch.Tensor:
-    """Resume every row from its cached residual stream; rows join the batch at their first block. Returns
-    the readout per row, [rows, 2] (see :func:`_readout`)."""
-    order = torch.argsort(rows.start, stable=True)  # rows join the batch in this order
-    rows = rows.take(order)
-    adapter = target.adapter
-    L = adapter.n_layers
-    s = grp.start
-    hidden: torch.Tensor | None = None
-    src_rows = torch.zeros(0, dtype=torch.long, device=rows.pair.device)
-    k0 = int(rows.start.min())
-    n_done = 0
-    for k in range(k0, L + 1):
-        new = torch.nonzero(rows.start == k, as_tuple=True)[0]
-        if len(new):
-            nr = rows.take(new)
-            x = grp.resid[k].index_select(0, nr.pair)[:, s:].clone()
-            for si, site in enumerate(sites):
-                if site not in _RESID:
-                    continue
-                m = torch.nonzero(nr.site == si, as_tuple=True)[0]
-                if len(m):
-                    l = k if site == "resid_pre" else k - 1
-                    x[m, nr.pos[m] - s] = grp.src[(site, l)][nr.pair[m], nr.pos[m]]
-            hidden = x if hidden is None else torch.cat([hidden, x])
-            src_rows = torch.cat([src_rows, nr.pair])
-            n_done += len(new)
-        if k == L:
-            break
-        if hidden is None:
-            continue
-        ivs = []
-        b = hidden.shape[0]
-        for si, site in enumerate(sites):
-            if site in _RESID:
-                continue
-            m = torch.nonzero((rows.site[:b] == si) & (rows.layer[:b] == k), as_tuple=True)[0]
-            if len(m) == 0:
-                continue
-            src_val = grp.src[(site, k)]
-            index = torch.full((b, 1), -1, dtype=torch.long, device=hidden.device)
-            index[m, 0] = rows.pos[m] - s
-            values = torch.zeros(b, 1, src_val.shape[-1], dtype=src_val.dtype, device=hidden.device)
-            values[m, 0] = src_val[rows.pair[m], rows.pos[m]]
-            ivs.append(Intervention(site, k, "replace", values=values, index=index))
-        with hooks(adapter, None, ivs):
-            hidden = _call_block(target, grp, k, hidden, src_rows)
-    assert hidden is not None and n_done == len(rows)
-    logits = adapter.logits(hidden[:, -1])
-    out = torch.empty(len(rows), 2, dtype=torch.float64, device=logits.device)
-    out[order] = _readout(logits, grp.answers.index_select(0, rows.pair))
-    return out
-
-
-def _hooked(target: LoadedModel, grp: _Group, rows: _Rows, sites: tuple[str, ...]) -> torch.Tensor:
-    """Full forwards of the false prompts with engine replace-interventions (the fallback), batched."""
-    b = len(rows)
-    ivs = []
-    for si, site in enumerate(sites):
-        for l in torch.unique(rows.layer[rows.site == si]).tolist():
-            m = torch.nonzero((rows.site == si) & (rows.layer == l), as_tuple=True)[0]
-            src_val = grp.src[(site, l)]
-            index = torch.full((b, 1), -1, dtype=torch.long, device=src_val.device)
-            index[m, 0] = rows.pos[m]
-            values = torch.zeros(b, 1, src_val.shape[-1], dtype=src_val.dtype, device=src_val.device)
-            values[m, 0] = src_val[rows.pair[m], rows.pos[m]]
-            ivs.append(Intervention(site, int(l), "replace", values=values, index=index))
-    with hooks(target.adapter, None, ivs):
-        out = target.model(input_ids=grp.false_ids.index_select(0, rows.pair), use_cache=False,
-                           **_forward_kwargs(target.model))
-    return _readout(out.logits[:, -1], grp.answers.index_select(0, rows.pair))
-
-
-def _segments(rows: _Rows, n_tokens: int, g: int, n_layers: int, prefix_ok: bool) -> list[tuple[int, torch.Tensor]]:
-    """Split variants by patch position into segments that each recompute only from their first position.
-
-    A segment starting at ``s`` costs, in token-layers, sum over its rows of (layers resumed) x (T - s), plus a
-    recording pass of the group's ``g`` prompts over (T - s) tokens and a fixed cost per pass; the split
-    minimising the total is found by dynamic programming over the distinct positions. Returns (start, row
-    indices) per segment.
-    """
-    if not prefix_ok:
-        return [(0, torch.arange(len(rows), device=rows.pos.device))]
-    p = rows.pos.cpu().numpy()
-    depth = np.maximum(1, n_layers - rows.start.cpu().numpy())  # blocks each row runs (1: the unembedding)
-    u, inv = np.unique(p, return_inverse=True)
-    wsum = np.concatenate([[0.0], np.cumsum(np.bincount(inv, weights=depth, minlength=len(u)))])
-    m = len(u)
-    best = np.zeros(m + 1)
-    arg = np.zeros(m + 1, dtype=np.int64)
-    for j in range(1, m + 1):
-        i = np.arange(j)
-        suffix = n_tokens - u[i]
-        cost = best[i] + (wsum[j] - wsum[i] + g * n_layers) * suffix + n_layers * n_tokens
-        k = int(np.argmin(cost))
-        best[j], arg[j] = cost[k], k
-    out = []
-    j = m
-    while j > 0:
-        i = int(arg[j])
-        sel = np.nonzero((p >= u[i]) & (p <= u[j - 1]))[0]
-        out.append((int(u[i]), torch.as_tensor(sel, device=rows.pos.device)))
-        j = i
-    return out[::-1]
-
-
-def _chunks(rows: _Rows, per_row_tokens: int, token_budget: int) -> list[torch.Tensor]:
-    size = max(1, token_budget // max(1, per_row_tokens))
-    n = len(rows)
-    return [torch.arange(a, min(n, a + size), device=rows.pair.device) for a in range(0, n, size)]
-
-
-def _validate(target: LoadedModel, grp: _Group) -> None:
-    """The resumed path must reproduce the model's own logits for unpatched rows (each pair twice, so the
-    re-indexing of recorded arguments is exercised)."""
-    g = len(grp.idx)
-    pair = torch.arange(g, device=grp.false_ids.device).repeat(2)
-    z = torch.zeros_like(pair)
-    ident = _Rows(z - 1, z, pair, z + grp.start, z)  # site -1: no patch
-    got = _replay(target, grp, ident, ())[:, 0]
-    want = grp.false_run[:, 0].repeat(2)
-    scale = 1.0 + float(want.abs().max())
-    tol = {torch.float32: 1e-4, torch.float64: 1e-8}.get(target.dtype, 5e-2) * scale
-    err = float((got - want).abs().max())
-    if not err <= tol:
-        raise _ResumeFailed(f"resumed blocks differ from the model's forward by {err:.3g} (> {tol:.3g})")
-
-
-def exact_patching(
-    source: LoadedModel,
-    target: LoadedModel | None,
-    pairs: PatchingPairs,
-    *,
-    sites: str | Sequence[str] = ("resid_post",),
-    layers: str | Sequence[int] = "all",
-    method: str = "auto",
-    skip_unchanged: bool = True,
-    positions: str = "all",
-    token_budget: int = 8192,
-    reuse_prefix: bool = True,
-    normalisation: str = "logit",
-) -> xr.Dataset:
-    """Exact activation patching of every (site, layer, position): ``source``'s true-prompt activations into
-    ``target``'s false run (``target=None`` or ``source``: within one model).
-
-    ``method``: ``resume`` (call the decoder blocks from the cached residual stream; error if it cannot be
-    validated), ``hooked`` (full forwards with replace-interventions), ``auto`` (resume, else hooked).
-    ``skip_unchanged``: answer patches that replace a value by an identical one from the false run.
-    ``positions``: ``all``, or ``statement`` (leave the context before the statement unpatched: NaN there).
-    ``token_budget``: rows x recomputed tokens per batched pass.
-    ``reuse_prefix``: a resumed patch recomputes only the positions from the patched one on, attending to the
-    false run's cached keys/values before it; False recomputes every position from the patched layer on.
-    ``normalisation``: ``logit`` (``effect`` 0 = false run, 1 = true run, from logit differences) or ``paper``
-    (``(PD_patched - PD_false) / (1 - PD_false)``, PD = P(TRUE) - P(FALSE); module docstring).
-
-    Returns a Dataset with ``effect`` (normalised), ``patched`` (raw logit difference) and ``patched_pd`` (raw
-    probability difference) over (site, pair, layer, position), ``ld_true`` / ``ld_false`` and ``pd_true`` /
-    ``pd_false`` per pair, and attrs with the normalisation, method used, variants run and skipped, and seconds.
-    """
-    t0 = time.perf_counter()
-    target = source if target is None else target
-    if method not in ("auto", "resume", "hooked"):
-        raise ValueError(f"method {method!r}: auto, resume or hooked")
-    normalised_effect(0.0, 1.0, 0.0, normalisation)  # a bad normalisation fails before any work
-    _check_patchable(source, target)
-    _check_pairs_for(target, pairs)
-    sites = _resolve_sites(sites)
-    layers = parse_layers(layers, target.adapter.n_layers)
-    L = target.adapter.n_layers
-    values: dict[int, np.ndarray] = {}  # per pair [site, layer, T, 2]: both readouts
-    runs = np.zeros((len(pairs), 2, 2))  # per pair: (true run, false run) x (logit diff, prob diff)
-    n_run = n_skip = 0
-    used: set[str] = set()
-    resume_ok = method != "hooked"
-    validated: set[bool] = set()
-    with torch.no_grad():
-        for idx in _groups(pairs, token_budget):
-            grp = _caches(source, target, pairs, idx, sites, layers, want_kv=resume_ok and reuse_prefix)
-            allowed = torch.as_tensor(np.stack([_position_mask(pairs, i, positions) for i in idx]),
-                                      device=grp.false_ids.device)
-            rows, skipped = _rows(grp, sites, layers, skip_unchanged, allowed)
-            n_skip += skipped
-            n_run += len(rows)
-            res = grp.false_run[:, None, None, None].expand(len(idx), len(sites), len(layers), grp.n_tokens, 2).clone()
-            res.masked_fill_(~allowed[:, None, None, :, None], float("nan"))
-            if len(rows):
-                out = torch.empty(len(rows), 2, dtype=torch.float64, device=grp.false_ids.device)
-                mode = "hooked"
-                if resume_ok:
-                    try:
-                        for start, sel in _segments(rows, grp.n_tokens, len(idx), L, grp.kv is not None):
-                            grp.start = start
-                            _record(target, grp)
-                            # once per call for each way of resuming (whole prompt / after a cached prefix)
-                            if (start > 0) not in validated:
-                                _validate(target, grp)
-                                validated.add(start > 0)
-                            seg = rows.take(sel)
-                            for ch in _chunks(seg, grp.n_tokens - start, token_budget):
-                                part = seg.take(ch)
-                                out[sel[ch]] = _replay(target, grp, part, sites)
-                        mode = "resume"
-                    except Exception as e:  # noqa: BLE001 - any failure to resume means: use full forwards
-                        if method == "resume":
-                            raise RuntimeError(f"cannot resume {target.adapter.arch} decoder blocks: {e}") from e
-                        log.warning("patching %s: resuming failed (%s); using full hooked forwards", target.model_id, e)
-                        resume_ok = False
-                if mode == "hooked":
-                    for ch in _chunks(rows, grp.n_tokens, token_budget):
-                        out[ch] = _hooked(target, grp, rows.take(ch), sites)
-                used.add(mode)
-                lut = torch.full((L,), -1, dtype=torch.long, device=out.device)
-                lut[list(layers)] = torch.arange(len(layers), device=out.device)
-                res[rows.pair, rows.site, lut[rows.layer], rows.pos] = out
-            for j, i in enumerate(idx):
-                values[i] = res[j].cpu().numpy().astype(np.float64)
-                runs[i] = torch.stack([grp.true_run[j], grp.false_run[j]]).cpu().numpy()
-    attrs = {
-        "method": "exact",
-        "execution": "+".join(sorted(used)) or "none",
-        "source": source.model_id,
-        "target": target.model_id,
-        "variants_run": n_run,
-        "variants_skipped": n_skip,
-        "seconds": time.perf_counter() - t0,
-    }
-    return _readout_dataset(values, runs, pairs, sites, layers, attrs, normalisation)
-
-
-def _readout_dataset(values: Mapping[int, np.ndarray], runs: np.ndarray, pairs: PatchingPairs,
-                     sites: tuple[str, ...], layers: tuple[int, ...], attrs: dict[str, Any],
-                     normalisation: str) -> xr.Dataset:
-    """:func:`_dataset` from per-pair [..., 2] readouts (logit difference, probability difference) and the true
-    and false runs' ``runs`` [pair, 2 runs, 2 readouts]."""
-    prob = ({i: v[..., 1] for i, v in values.items()}, runs[:, 0, 1], runs[:, 1, 1])
-    return _dataset({i: v[..., 0] for i, v in values.items()}, pairs, sites, layers, runs[:, 0, 0], runs[:, 1, 0],
-                    attrs, prob=prob, normalisation=normalisation)
-
-
-# =============================================================================================
-# naive reference
-
-
-def _hand_hook(adapter, site: str, layer: int, pos: int, value: torch.Tensor):
-    """A hand-written patch of one position (independent of the engine's hook code), for the reference."""
-
-    def set_pos(x: torch.Tensor) -> torch.Tensor:
-        x = x.clone()
-        x[:, pos] = value
-        return x
-
-    if site in ("resid_pre", "mlp_act"):
-        module = adapter.layer(layer) if site == "resid_pre" else adapter.down_proj(layer)
-
-        def pre(mod, args, kwargs):
-            if args:
-                return (set_pos(args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": set_pos(kwargs["hidden_states"])}
-
-        return module.register_forward_pre_hook(pre, with_kwargs=True)
-    module = {
-        "resid_post": adapter.layer,
-        "attn_out": adapter.attn_out_module,
-        "mlp_out": adapter.mlp_out_module,
-    }[site](layer)
-
-    def post(mod, args, output):
-        return replace_hidden_in_output(output, set_pos(hidden_from_output(output)))
-
-    return module.register_forward_hook(post)
-
-
-def naive_patching(
-    source: LoadedModel,
-    target: LoadedModel | None,
-    pairs: PatchingPairs,
-    *,
-    sites: str | Sequence[str] = ("resid_post",),
-    layers: str | Sequence[int] = "all",
-    positions: str = "all",
-    normalisation: str = "logit",
-) -> xr.Dataset:
-    """The reference: for every pair, site, layer and position, one full forward of the false prompt with that
-    one activation replaced by a hand-written hook. Slow by design; same output layout as :func:`exact_patching`."""
-    t0 = time.perf_counter()
-    target = source if target is None else target
-    normalised_effect(0.0, 1.0, 0.0, normalisation)
-    _check_patchable(source, target)
-    _check_pairs_for(target, pairs)
-    sites = _resolve_sites(sites)
-    layers = parse_layers(layers, target.adapter.n_layers)
-    values: dict[int, np.ndarray] = {}
-    runs = np.zeros((len(pairs), 2, 2))
-    dev = target.device
-    with torch.no_grad():
-        for i in range(len(pairs)):
-            t_ids = torch.tensor([pairs.true_ids[i]], device=dev)
-            f_ids = torch.tensor([pairs.false_ids[i]], device=dev)
-            a_t, a_f = (int(x) for x in pairs.answers[i])
-            cap = Capture(sites, layers)
-            with hooks(source.adapter, cap):
-                source.model(input_ids=t_ids, use_cache=False)
-
-            def ld(ids: torch.Tensor) -> tuple[float, float]:
-                """(logit difference, probability difference), written out independently of ``_readout``."""
-                lg = target.model(input_ids=ids, use_cache=False).logits[0, -1].double()
-                p = torch.exp(lg - torch.logsumexp(lg, 0))
-                return float(lg[a_t] - lg[a_f]), float(p[a_t] - p[a_f])
-
-            runs[i] = ld(t_ids), ld(f_ids)
-            n = t_ids.shape[1]
-            v = np.full((len(sites), len(layers), n, 2), np.nan)
-            mask = _position_mask(pairs, i, positions)
-            for si, site in enumerate(sites):
-                for li, l in enumerate(layers):
-                    for p in np.nonzero(mask)[0].tolist():
-                        h = _hand_hook(target.adapter, site, l, p, cap.acts[(site, l)][0, p])
-                        try:
-                            v[si, li, p] = ld(f_ids)
-                        finally:
-                            h.remove()
-            values[i] = v
-    attrs = {"method": "naive", "source": source.model_id, "target": target.model_id,
-             "seconds": time.perf_counter() - t0}
-    return _readout_dataset(values, runs, pairs, sites, layers, attrs, normalisation)
-
-
-# =============================================================================================
-# attribution patching
-
-
-# the estimates live in :mod:`mechdiff.analyses.attribution` (plain AtP, AtP*'s corrections, integrated gradients)
+        ds = ds.assign(effect=normalised_effect(ds["patched"], ds["ld_true"], ds["ld_false"]))
+    ds.attrs = {**ds.attrs, "normalisation": normalisation}
+    return ds
 
 
 # =============================================================================================
@@ -1221,10 +523,8 @@ def compare_heatmaps(a: xr.DataArray, b: xr.DataArray) -> dict[str, Any]:
 
 def _pairs_source(pairs: Any) -> tuple[pd.DataFrame, Path | None]:
     if pairs is None:
-        from mechdiff.zoo.paths import zoo_path
-
-        path = Path(zoo_path("data")) / "patching.csv"
-        return load_pairs(path), path
+        # the dataset is the caller's choice (the CLI and the main job pass the embedded one)
+        raise PairError("give pairs: a pairs CSV or DataFrame with columns " + ", ".join(PAIR_COLUMNS))
     if isinstance(pairs, pd.DataFrame):
         return load_pairs(pairs), None
     return load_pairs(pairs), Path(pairs)
@@ -1236,7 +536,7 @@ def _heatmap_figure(stats: xr.Dataset, site: str, panels: list[str],
     ``diffs`` holds (title, binned difference [layer, slot], max |difference| per token group)."""
     from matplotlib import colormaps
 
-    from mechdiff.report.plotting import new_figure, save_figure
+    from mechdiff.analyses.plotting import new_figure, save_figure
 
     n = len(panels) + len(diffs)
     fig, axes = new_figure(width=3.6, height=3.4, ncols=n)
@@ -1265,7 +565,7 @@ def _heatmap_figure(stats: xr.Dataset, site: str, panels: list[str],
 
 
 def _attribution_figure(exact: xr.Dataset, attrib: xr.Dataset, runs: list[str], path: Path) -> Path:
-    from mechdiff.report.plotting import MODEL_COLORS, new_figure, save_figure
+    from mechdiff.analyses.plotting import MODEL_COLORS, new_figure, save_figure
 
     fig, ax = new_figure()
     for i, run in enumerate(runs):
@@ -1365,7 +665,7 @@ def _verdict_numbers(c: dict[str, Any], a: str, b: str) -> tuple[dict[str, float
 
 def run_knowledge(
     group: ModelGroup,
-    pairs: str | Path | pd.DataFrame | None,
+    pairs: str | Path | pd.DataFrame,
     out_dir: str | Path,
     *,
     shots: str | Path | Mapping[str, Sequence[tuple[str, int]]] | None = "auto",
@@ -1402,12 +702,12 @@ def run_knowledge(
     models they are the bulk of the work). ``normalisation``: ``logit`` or ``paper`` (module docstring).
 
     ``pairs``: a CSV / DataFrame with :data:`PAIR_COLUMNS` (and optionally :data:`SPAN_COLUMNS` and ``changed``),
-    or None for the zoo's ``patching.csv``. ``shots``: "auto" (a ``shots.json`` next to the pairs file, if any), a
+    (required). ``shots``: "auto" (a ``shots.json`` next to the pairs file, if any), a
     path, a mapping, or None. ``models``: already loaded models by label (else loaded from ``group``).
     ``control_model``: an unrelated model of the same tokenizer (a path, or a label in ``models``): its own
     heatmap's correlation with base's is the control a "storage unchanged" verdict must clear.
     ``controls``: sizes, seed and thresholds of the controls and the verdict rule. ``attribution_method``: the
-    fast estimate (:data:`~mechdiff.analyses.attribution.METHODS`; integrated gradients by default, the one that
+    fast estimate (:data:`~mechdiff.engine.patching.ATTRIBUTION_METHODS`; integrated gradients by default, the one that
     tracked exact patching on the embedded pair); its agreement with exact patching is in the summary and the
     report, with a verdict on whether it can stand in for the sweep.
     Writes ``out_dir/knowledge/{results.zarr, summary.json, *.png}``.
@@ -1416,6 +716,8 @@ def run_knowledge(
     normalised_effect(0.0, 1.0, 0.0, normalisation)  # bad options fail before any model loads
     if attribution and attribution_method not in ATTRIBUTION_METHODS:
         raise AttributionError(f"attribution method {attribution_method!r}: one of {', '.join(ATTRIBUTION_METHODS)}")
+    if positions not in POSITIONS:
+        raise KnowledgeOptionError(f"positions {positions!r}: one of {', '.join(POSITIONS)}")
     df, path = _pairs_source(pairs)
     df = load_pairs(df, limit=limit)
     if shots == "auto":
@@ -1423,13 +725,13 @@ def run_knowledge(
         shots = load_shots(cand) if cand is not None and cand.is_file() else None
     elif isinstance(shots, (str, Path)):
         shots = load_shots(shots)
-    sites = _resolve_sites(sites)
+    sites = resolve_sites(sites)
     models, control = _load_group(group, models, control_model, device, dtype)
     labels = list(group.labels) + ([control] if control else [])
     base = labels[0]
     if cross:
         for lab in group.labels[1:]:
-            _check_patchable(models[base], models[lab])
+            check_patchable(models[base], models[lab])
     prepared: dict[str, PatchingPairs] = {}
     by_tok: dict[str, PatchingPairs] = {}
     for lab in labels:
@@ -1450,13 +752,14 @@ def run_knowledge(
     for name, s, t in runs:
         src, tgt = models[s], models[t]
         log.info("knowledge: exact patching %s", name)
-        e = exact_patching(src, tgt, prepared[t], sites=sites, layers=layers, positions=positions,
-                           token_budget=token_budget, normalisation=normalisation)
+        mask = prepared[t].mask(positions)
+        e = normalise(exact_patching(src, tgt, prepared[t], sites=sites, layers=layers, mask=mask,
+                                     token_budget=token_budget), normalisation)
         exact_ds.append(e)
         timing[name] = {"exact_s": e.attrs["seconds"], "execution": e.attrs["execution"],
                         "variants_run": e.attrs["variants_run"], "variants_skipped": e.attrs["variants_skipped"]}
         if attribution:
-            a = attribution_patching(src, tgt, prepared[t], sites=sites, layers=layers, positions=positions,
+            a = attribution_patching(src, tgt, prepared[t], sites=sites, layers=layers, mask=mask,
                                      token_budget=token_budget, method=attribution_method)
             attr_ds.append(a)
             attr_signed = bool(a.attrs["signed"])
@@ -1614,3 +917,37 @@ def run_knowledge(
     result = StudyResult("knowledge", data, summary, figures, findings, notes)
     result.save(out_dir)
     return result
+
+
+# -- the study as the main job, sweeps and notebooks run it ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KnowledgeConfig:
+    """Every option of the knowledge study and its verdict controls (see :func:`run_knowledge`)."""
+
+    sites: tuple[str, ...] = ("resid_post", "attn_out", "mlp_out")
+    layers: str | tuple[int, ...] = "all"
+    cross: bool = True
+    attribution: bool = True
+    limit: int | None = None
+    positions: str = "statement"
+    min_gap: float | None = 0.1
+    token_budget: int = 8192
+    normalisation: str = "logit"
+    control_model: str | None = None
+    controls: KnowledgeControls = KnowledgeControls()
+    attribution_method: str = "ig"
+
+
+def _run_study(ctx: StudyContext, config: KnowledgeConfig) -> StudyResult:
+    options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    return run_knowledge(ctx.group, ctx.dataset("pairs", "knowledge"), ctx.out, shots=ctx.datasets.get("shots") or "auto",
+                         device=ctx.device, models=ctx.all_models(), **options)
+
+
+study = StudyDef(
+    name="knowledge", Config=KnowledgeConfig, datasets=("pairs", "shots"),
+    requirements=lambda config, group, datasets: [],  # patching runs the models; it reads no store
+    run=_run_study, describe="activation patching of true/false fact pairs over layers x positions, within and across models",
+)

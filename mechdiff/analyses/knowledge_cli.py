@@ -11,7 +11,7 @@ from rich.table import Table
 
 from mechdiff.cli_common import EXPECTED, check_output_dir, fail
 
-__all__ = ["register", "knowledge", "group_from_options", "man_help"]
+__all__ = ["register", "knowledge", "group_from_options", "embedded_pairs", "man_help"]
 
 _out = Console()
 
@@ -44,6 +44,16 @@ def group_from_options(base: Optional[str], post: Optional[list[str]], labels: O
         raise ValueError("give both --base and at least one --post (or neither, for the embedded pair)")
     labs = tuple(x.strip() for x in labels.split(",")) if labels else ()
     return ModelGroup(name, base, tuple(post), labs)
+
+
+def embedded_pairs() -> Path:
+    """The embedded pair's patching.csv (its shots.json beside it), the default of ``--pairs``."""
+    from mechdiff.zoo.paths import zoo_path
+
+    try:
+        return zoo_path("data") / "patching.csv"
+    except FileNotFoundError as e:
+        raise ValueError(f"no --pairs given and the embedded pairs are not available ({e})") from None
 
 
 def _findings_table(result) -> Table:
@@ -131,11 +141,11 @@ def knowledge(
         NORMALISATIONS,
         KnowledgeControls,
         KnowledgeOptionError,
-        ModelMismatchError,
         PairError,
         load_pairs,
         run_knowledge,
     )
+    from mechdiff.engine.patching import ModelMismatchError
     from mechdiff.engine.sites import SiteError, parse_sites
 
     try:
@@ -148,8 +158,8 @@ def knowledge(
             raise KnowledgeOptionError(f"--normalisation {normalisation!r}: one of {', '.join(NORMALISATIONS)}")
         controls = KnowledgeControls(n_permutations=n_permutations, n_bootstrap=n_bootstrap, seed=seed)
         shots_arg = None if shots == "none" else shots
-        if pairs is not None:
-            load_pairs(pairs)  # bad files fail before any model loads
+        pairs = embedded_pairs() if pairs is None else pairs
+        load_pairs(pairs)  # bad files fail before any model loads
     except EXPECTED as e:
         fail(e)
     try:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -38,6 +39,7 @@ import torch
 import xarray as xr
 
 from mechdiff.analyses.common import Finding, ModelGroup, StoreRequirementError, StudyResult, require
+from mechdiff.analyses.study import StudyContext, StudyDef
 from mechdiff.analyses.refusal_controls import Comparison, Rate, rate_difference, refusal_verdict
 from mechdiff.engine.batching import PromptTemplate, pad_batch, tokenize
 from mechdiff.engine.data import PromptSet, load_prompts
@@ -1333,7 +1335,7 @@ def _results_dataset(group: ModelGroup, dirs: Mapping[str, xr.DataArray], sel: M
 def _pca_figure(group: ModelGroup, acts: Mapping[tuple[str, str], xr.Dataset], sel: Mapping[str, Selection],
                 tmpl: Mapping[str, PromptTemplate], site: str, rows: np.ndarray, harmful: np.ndarray,
                 path: Path) -> Path:
-    from mechdiff.report.plotting import pca_figure
+    from mechdiff.analyses.plotting import pca_figure
 
     x = {m: np.asarray(acts[(m, tmpl[m].spec)][site].sel(layer=sel[m].direction.layer,
                                                         position=sel[m].direction.position).values)[rows]
@@ -1345,7 +1347,7 @@ def _pca_figure(group: ModelGroup, acts: Mapping[tuple[str, str], xr.Dataset], s
 def _figures(group: ModelGroup, sel: Mapping[str, Selection], cos: Mapping[str, xr.Dataset],
              scores: Mapping[str, RefusalScores], n_layers: Mapping[str, int], skip_last: float,
              fig_dir: Path) -> dict[str, Path]:
-    from mechdiff.report.plotting import MODEL_COLORS, new_figure, save_figure
+    from mechdiff.analyses.plotting import MODEL_COLORS, new_figure, save_figure
 
     figs: dict[str, Path] = {}
     # cosine by layer, one panel per pair
@@ -1413,3 +1415,50 @@ def _figures(group: ModelGroup, sel: Mapping[str, Selection], cos: Mapping[str, 
         ax.figure.colorbar(im, ax=ax, shrink=0.8)
     figs["selection"] = save_figure(fig, fig_dir / "selection.png")
     return figs
+
+
+# -- the study as the main job, sweeps and notebooks run it ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RefusalConfig:
+    """Every option of the refusal study and its verdict controls (see :func:`run_refusal`)."""
+
+    site: str = "resid_post"
+    templates: dict[str, str] | None = None
+    phrases: tuple[str, ...] | None = None
+    max_new_tokens: int = 24
+    n_val: int = 32
+    n_eval: int = 64
+    skip_last: float = 0.2
+    generator: str = "hf"
+    batch_size: int = 32
+    text_column: str | None = None
+    store_dtype: str = "float16"
+    token_budget: int = 16384
+    seed: int = 0
+    addition_scope: str = "prompt"
+    addition_coefs: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)
+    addition_unit: bool = False
+    rerank: int = 4
+    match: str = "substring"
+    kl_max: float | None = None
+    select_all: bool = False
+    n_bootstrap: int = 1000
+    n_null: int = 20
+    n_splits: int = 5
+
+
+def _run_study(ctx: StudyContext, config: RefusalConfig) -> StudyResult:
+    options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    return run_refusal(ctx.group, ctx.dataset("harmful", "refusal"), ctx.dataset("harmless", "refusal"), ctx.out,
+                       store=str(ctx.out / "store.zarr"), device=ctx.device, lms=ctx.all_models(),
+                       progress=ctx.progress, **options)
+
+
+study = StudyDef(
+    name="refusal", Config=RefusalConfig, datasets=("harmful", "harmless"),
+    requirements=lambda config, group, datasets: [],
+    run=_run_study, describe="refusal directions from harmful vs harmless instructions, their similarity, ablation and "
+    "addition and its transfer, scored on generations",
+)

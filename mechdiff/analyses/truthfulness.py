@@ -37,6 +37,9 @@ import numpy as np
 import xarray as xr
 
 from mechdiff.analyses.common import Finding, ModelGroup, StoreRequirementError, StudyResult, require
+from mechdiff.analyses.prompts import LABEL_WORDS, TRUTH_SUFFIX
+from mechdiff.analyses.study import CaptureRequirement, StudyContext, StudyDef
+from mechdiff.engine.tokens import answer_token, char_offsets
 from mechdiff.errors import MechdiffError
 from mechdiff.analyses.directions import (
     accuracy_interval,
@@ -113,8 +116,8 @@ class TruthSettings:
     transfer_scale: str = "target"  # a transferred direction is scaled by the target's mean difference ("source": its own)
     n_intervene: int = 100  # statements per held-out topic (balanced)
     n_shots: int = 4
-    suffix: str = " This statement is:"
-    label_words: tuple[str, str] = ("FALSE", "TRUE")  # index = label
+    suffix: str = TRUTH_SUFFIX
+    label_words: tuple[str, str] = LABEL_WORDS  # index = label
     token_budget: int = 8192
     # verdict thresholds: below these there is nothing to transfer, and the finding is inconclusive
     min_probe_acc: float = 0.6  # own probe accuracy on the held-out topic at the best layer
@@ -126,8 +129,11 @@ class TruthSettings:
     n_bootstrap: int = 200  # seeded bootstrap resamples of the examples (95% intervals on cosine and accuracy)
     chance_margin: float = 0.05  # a direction exists when held-out accuracy's interval lies above 0.5 + this
     ceiling_tolerance: float = 0.1  # agrees only when the cosine >= ceiling - this
+    store_dtype: str = "float32"  # the dtype the study's capture is stored in
 
     def __post_init__(self) -> None:
+        if self.store_dtype not in ("float16", "float32"):
+            raise TruthSettingsError(f"store_dtype {self.store_dtype!r}: float16 or float32")
         if self.direction_layer not in ("each", "best"):
             raise TruthSettingsError(f"direction_layer {self.direction_layer!r}: each or best")
         if self.transfer_scale not in ("target", "source"):
@@ -615,8 +621,8 @@ def statement_end_positions(tokenizer: Any, prompts: Sequence[tuple[str, str]], 
     pref = tokenizer([q for _, q in prompts], add_special_tokens=True)["input_ids"]
     out = np.zeros((len(prompts), k), dtype=np.int64)
     for i, (f, q) in enumerate(zip(full, pref)):
-        if len(q) < k + 0 or list(f[: len(q)]) != list(q):
-            end = _end_by_offsets(tokenizer, prompts[i])
+        if len(q) < k or list(f[: len(q)]) != list(q):
+            end = _end_by_offsets(tokenizer, prompts[i], f)
         else:
             end = len(q)
         if end < k:
@@ -625,37 +631,25 @@ def statement_end_positions(tokenizer: Any, prompts: Sequence[tuple[str, str]], 
     return [list(x) for x in full], out
 
 
-def _end_by_offsets(tokenizer: Any, pq: tuple[str, str]) -> int:
+def _end_by_offsets(tokenizer: Any, pq: tuple[str, str], ids: Sequence[int]) -> int:
+    """One past the prompt's last token that ends inside the prefix (``ids``: the prompt's tokens)."""
     prompt, prefix = pq
-    try:
-        enc = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
-    except (NotImplementedError, TypeError, ValueError):
+    offsets = char_offsets(tokenizer, prompt, ids)
+    if offsets is None:
         raise ValueError(
             "cannot locate the statement's last tokens: the statement's tokens change when the suffix follows and "
             "the tokenizer gives no character offsets"
-        ) from None
-    end = 0
-    for j, (a, b) in enumerate(enc["offset_mapping"]):
-        if b > a and b <= len(prefix):
-            end = j + 1
-    return end
+        )
+    return max((j + 1 for j, (a, b) in enumerate(offsets) if b > a and b <= len(prefix)), default=0)
 
 
 def _label_token_ids(tokenizer: Any, prompt: str, words: tuple[str, str]) -> tuple[int, int]:
     """The first token the model would emit for " FALSE" / " TRUE" after ``prompt``."""
-    base = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    ids = []
-    for w in words:
-        ext = tokenizer(prompt + " " + w, add_special_tokens=True)["input_ids"]
-        j = 0
-        while j < min(len(base), len(ext)) and base[j] == ext[j]:
-            j += 1
-        if j >= len(ext):
-            raise ValueError(f"label word {w!r} adds no token after the prompt")
-        ids.append(int(ext[j]))
-    if ids[0] == ids[1]:
+    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    f_id, t_id = (answer_token(tokenizer, prompt, ids, w) for w in words)
+    if f_id == t_id:
         raise ValueError(f"label words {words} start with the same token; choose distinguishable words")
-    return ids[0], ids[1]
+    return f_id, t_id
 
 
 def truth_logits(
@@ -671,12 +665,14 @@ def truth_logits(
 
     ``vectors``: layer -> vector (already scaled); at ``settings.site`` of each such layer, ``coef * signs[i] *
     vector`` is added at prompt i's statement's last two tokens (``signs``: +1 = add, -1 = subtract, 0 = none).
-    Runs through the engine's ``Intervention`` / ``hooks`` in left-padded batches (positions shifted by the padding).
+    Runs the engine's last-token scoring with its ``Intervention`` hooks in left-padded batches (positions shifted
+    by the padding).
     """
     import torch
 
     from mechdiff.engine.batching import length_batches, pad_batch
-    from mechdiff.engine.sites import Intervention, hooks
+    from mechdiff.engine.scoring import last_token_logits
+    from mechdiff.engine.sites import Intervention
 
     tok = lm.tokenizer
     ids, ends = statement_end_positions(tok, prompts)
@@ -703,23 +699,15 @@ def truth_logits(
                 for layer, v in vectors.items():
                     vec = torch.as_tensor(np.asarray(v, dtype=np.float64))
                     ivs.append(Intervention(settings.site, int(layer), "add", vector=vec, coef=s * coef, index=index))
-        with torch.inference_mode(), hooks(lm.adapter, None, ivs):
-            logits = _last_logits(lm.model, inputs)
+        with torch.inference_mode():
+            logits = last_token_logits(lm, inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                       position_ids=inputs["position_ids"], interventions=ivs, use_cache=False)
+        logits = logits.float().cpu().numpy()
         if out is None:
             out = np.zeros((len(prompts), logits.shape[-1]), dtype=np.float32)
         out[batch] = logits
     assert out is not None
     return out
-
-
-def _last_logits(model: Any, inputs: dict) -> np.ndarray:
-    """Logits at the last position only: ``logits_to_keep=1`` skips the unembedding of every other position
-    (most of the cost for a small model with a large vocabulary); models without the argument get the full pass."""
-    try:
-        out = model(**inputs, use_cache=False, logits_to_keep=1)
-    except TypeError:
-        out = model(**inputs, use_cache=False)
-    return out.logits[:, -1].float().cpu().numpy()
 
 
 def truth_margins(
@@ -735,6 +723,8 @@ def truth_margins(
     optional intervention of :func:`truth_logits`."""
     f_id, t_id = _label_token_ids(lm.tokenizer, prompts[0][0], settings.label_words)
     logits = truth_logits(lm, prompts, settings=settings, vectors=vectors, signs=signs, coef=coef).astype(np.float64)
+    # numpy, not engine.scoring.answer_readout: torch's softmax sums the vocabulary in another order, which moves
+    # the last bits (~1e-16) of every recorded P(TRUE) - P(FALSE)
     logits -= logits.max(axis=-1, keepdims=True)
     p = np.exp(logits)
     p /= p.sum(axis=-1, keepdims=True)
@@ -1110,7 +1100,7 @@ def _findings(res: xr.Dataset, iv: xr.Dataset | None, summ: dict[str, Any], sett
 
 
 def _figures(res: xr.Dataset, iv: xr.Dataset | None, out_dir: Path, settings: TruthSettings) -> dict[str, Path]:
-    from mechdiff.report.plotting import MODEL_COLORS, new_figure, save_figure
+    from mechdiff.analyses.plotting import MODEL_COLORS, new_figure, save_figure
 
     figs: dict[str, Path] = {}
     names = [str(n) for n in res["model"].values]
@@ -1166,7 +1156,7 @@ def _pca(stores: Mapping[str, xr.Dataset], res: xr.Dataset, data: TruthData, set
          path: Path) -> Path:
     """The paper's Figure 1b/c: each model's statements at ``layer`` on its first two principal components, with
     its truth direction (as fitted by the study: training rows, centred when the study centres)."""
-    from mechdiff.report.plotting import pca_figure
+    from mechdiff.analyses.plotting import pca_figure
 
     names = [str(n) for n in res["model"].values]
     acts = {n: _rows_at(stores[n], layer, data, settings) for n in names}
@@ -1194,10 +1184,11 @@ def truthfulness_study(
     pairs: Sequence[tuple[str, str]] | None = None,
     shots: Mapping[str, Sequence[tuple[str, int]]] | None = None,
     settings: TruthSettings = TruthSettings(),
+    save: bool = True,
 ) -> StudyResult:
     """The whole study from opened stores (label -> Dataset) and loaded models (label -> LoadedModel; None or
-    ``settings.intervene=False`` skips the intervention). Writes ``out_dir/truthfulness/``: results.zarr,
-    summary.json and figures; returns the :class:`StudyResult`."""
+    ``settings.intervene=False`` skips the intervention). Writes its figures to ``out_dir/truthfulness/`` and,
+    with ``save``, results.zarr and summary.json; returns the :class:`StudyResult`."""
     res, data = probe_analysis(stores, settings, pairs=pairs, shots=shots)
     settings = replace(settings, probe_position=int(res.attrs["probe_position"]))
     iv = None
@@ -1240,7 +1231,8 @@ def truthfulness_study(
     data_ds["bootstrap_cosine"] = (("pair", "bootstrap"), np.stack([controls[str(p)]["bootstrap"] for p in res["pair"].values]))
     result = StudyResult(STUDY, data_ds, summ, figs, _findings(res, iv, summ, settings, controls),
                          notes={k: v for k, v in notes.items() if k in figs})
-    result.save(out_dir)
+    if save:
+        result.save(out_dir)
     return result
 
 
@@ -1254,30 +1246,49 @@ def run_truthfulness(
     settings: TruthSettings = TruthSettings(),
     device: str = "cpu",
     model_dtype: str = "float32",
-    store_dtype: str = "float32",
+    store_dtype: str | None = None,
     shard_size: int = 256,
-    token_budget: int = 16384,
+    token_budget: int | None = None,
     progress: bool = False,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
 ) -> StudyResult:
-    """Extract what the study needs (resumable: finished shards are kept) into ``store`` (default
-    ``out_dir/store.zarr``, groups ``<label>/truth``), then run :func:`truthfulness_study`."""
-    from mechdiff.engine.extract import CaptureSpec, extract
-    from mechdiff.engine.models import load_model
-    from mechdiff.engine.store import open_store
+    """The study on its own: extract what it needs (resumable: finished shards are kept) into ``store``
+    (default ``out_dir/store.zarr``, groups ``<label>/truth``), run it and write its results.
+    ``store_dtype`` overrides ``settings.store_dtype``."""
+    from mechdiff.analyses.study import StudyContext, run_study
 
-    prompts, shot_map = load_statements(statements, shots=shots)
+    if store_dtype is not None:
+        settings = replace(settings, store_dtype=store_dtype)
+    ctx = StudyContext(group, {"statements": statements, "shots": shots}, Path(out_dir), device=device,
+                       model_dtype=model_dtype, progress=progress,
+                       load_options={"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code})
+    return run_study(study, settings, ctx, store=str(store) if store is not None else None, shard_size=shard_size,
+                     token_budget=token_budget)
+
+
+def _requirements(settings: TruthSettings, group: ModelGroup, datasets: Mapping[str, Any]) -> list[CaptureRequirement]:
+    """Each model's statements at the study's site, every layer, the last two tokens, as written."""
+    from mechdiff.engine.extract import CaptureSpec
+
+    prompts, _ = load_statements(datasets.get("statements"), shots=datasets.get("shots"))
     if "label" not in prompts.columns or "topic" not in prompts.columns:
         raise ValueError(f"{STUDY}: statements need label and topic columns (have {sorted(prompts.columns)})")
-    store_url = str(store) if store is not None else str(Path(out_dir) / "store.zarr")
-    spec = CaptureSpec(sites=(settings.site,), layers="all", positions=POSITIONS, template="none", dtype=store_dtype)
-    models, stores = {}, {}
-    for label, path in group.models.items():
-        # a local directory by its absolute path, so that "pair/base" and "/abs/pair/base" resume the same group
-        path = str(Path(path).resolve()) if Path(path).is_dir() else path
-        lm = load_model(path, dtype=model_dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-        rep = extract(lm, prompts, spec, store_url, f"{label}/truth", shard_size=shard_size, token_budget=token_budget, progress=progress)
-        models[label] = lm
-        stores[label] = open_store(rep.url, rep.group)
-    return truthfulness_study(stores, models, out_dir, pairs=group.pairs, shots=shot_map, settings=replace(settings))
+    spec = CaptureSpec(sites=(settings.site,), layers="all", positions=POSITIONS, template="none",
+                       dtype=settings.store_dtype)
+    return [CaptureRequirement(STUDY, label, "statements", spec, "truth", prompts) for label in group.labels]
+
+
+def _run(ctx: StudyContext, settings: TruthSettings) -> StudyResult:
+    reqs = _requirements(settings, ctx.group, ctx.datasets)
+    _, shot_map = load_statements(ctx.dataset("statements", STUDY), shots=ctx.datasets.get("shots"))
+    stores = {r.model: ctx.store(r) for r in reqs}
+    models = ctx.all_models() if settings.intervene else None
+    return truthfulness_study(stores, models, ctx.out, pairs=ctx.group.pairs, shots=shot_map,
+                              settings=replace(settings), save=False)
+
+
+study = StudyDef(
+    name=STUDY, Config=TruthSettings, datasets=("statements", "shots"), requirements=_requirements, run=_run,
+    describe="linear truth directions per layer, their similarity across models, probe and intervention transfer",
+)

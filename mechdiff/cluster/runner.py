@@ -21,7 +21,7 @@ import hashlib
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from mechdiff.errors import MechdiffError
 from mechdiff.engine.extract import identity_keys
@@ -77,17 +77,24 @@ def run_sweep(
     console: Any = None,
     on_event: Callable[[Any], None] | None = None,
     actors: int | None = None,
+    extra: Sequence[tuple[Any, Any]] | None = None,
 ) -> SweepReport:
     """Extract every capture of every model on every dataset of the sweep, on Ray.
 
     ``address``: the Ray cluster (``host:port``, ``ray://host:10001``, ``auto``); None starts a Ray on
     this machine (reused if this process is already connected). ``pool``: an existing
-    :class:`~mechdiff.cluster.pool.ActorPool` to run on (kept open). Raises :class:`SweepError`
+    :class:`~mechdiff.cluster.pool.ActorPool` to run on (kept open). ``extra``: the (target, prompts) of the
+    studies' own captures (default: those of every study the sweep configures, with its options; see
+    :func:`mechdiff.cluster.study_plan.study_targets`). Raises :class:`SweepError`
     before anything starts on a bad sweep, and :class:`SweepFailed` after the run if units failed.
     """
     if not isinstance(sweep, Sweep):
         sweep = load_sweep(sweep)
-    plan = plan_sweep(sweep)  # reads the stores, creates nothing
+    if extra is None:
+        from mechdiff.cluster.study_plan import study_extraction
+
+        extra = study_extraction(sweep)
+    plan = plan_sweep(sweep, extra)  # reads the stores, creates nothing
     todo = [p for p in plan.targets if p.missing > 0]
     if not todo:
         if address is not None and pool is None:
@@ -185,7 +192,7 @@ def run_sweep(
             at = display.actor_table()
             if at is not None:
                 c.print(at)
-        report = _report(sweep, plan_sweep(sweep), units, rep.seconds, rep.retries, rep.actor_deaths, failures, tokens)
+        report = _report(sweep, plan_sweep(sweep, extra), units, rep.seconds, rep.retries, rep.actor_deaths, failures, tokens)
     if failures:
         raise SweepFailed(report)
     return report

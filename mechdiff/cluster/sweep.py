@@ -16,14 +16,15 @@ A sweep file is YAML::
         dtype: bfloat16
     datasets:
       cities: data/cities.csv                 # or {path: ..., text_column: ..., limit: ...}
-    captures:
+    captures:                                 # optional when studies are given
       resid:
         sites: [resid_post]
         layers: all
         positions: last
         datasets: [cities]                    # optional: default every dataset
-    studies:
-      truthfulness: {capture: resid, datasets: [cities]}
+    studies:                                  # each study's options are its Config's fields
+      truthfulness: {datasets: [cities], n_intervene: 50}   # its own capture is planned: resid_post, last:2
+      confidence: {datasets: [cities]}                      # or pin one: capture: NAME (it must hold the study's)
     resources:                                # per model replica (= per actor)
       num_cpus: 1
       num_gpus: 1                             # 0 on CPU clusters; >1 loads with device_map="auto"
@@ -37,7 +38,8 @@ directories, a local output) are resolved against the sweep file's directory.
 
 Planning turns the sweep into targets (model x capture x dataset), each one store group
 ``<output>/<capture>.zarr`` group ``<model group>/<label>/<dataset>``, split into work units of
-``shard_size`` examples that are exactly the store's shards.
+``shard_size`` examples that are exactly the store's shards. Each study adds the captures it reads
+(``<output>/<study>.zarr``, see :mod:`mechdiff.cluster.study_plan`), so the pool extracts those too.
 """
 
 from __future__ import annotations
@@ -47,10 +49,11 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
+from mechdiff.analyses.study import STUDY_NAMES, StudyConfigError, config_from_options, get_study
 from mechdiff.errors import MechdiffError
 from mechdiff.engine.data import DataError, PromptSet, load_prompts
 from mechdiff.engine.extract import CaptureSpec
@@ -76,7 +79,7 @@ __all__ = [
 ]
 
 #: Studies a sweep may name (the four questions of mechdiff).
-STUDIES: tuple[str, ...] = ("knowledge", "truthfulness", "refusal", "confidence")
+STUDIES: tuple[str, ...] = STUDY_NAMES
 # Study options that name one of the sweep's datasets (checked like ``datasets``).
 _DATASET_OPTIONS: dict[str, tuple[str, ...]] = {"refusal": ("harmful", "harmless")}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -132,13 +135,17 @@ class CaptureEntry:
 
 @dataclass(frozen=True)
 class StudyEntry:
-    """A study to run on the sweep's stores; options other than capture / datasets / models are the study's own."""
+    """A study to run on the sweep's stores. ``options``: everything in its block but capture / datasets /
+    models; ``study_options``: those that are fields of the study's Config (checked when the file is read),
+    the rest (refusal's harmful / harmless) name datasets."""
 
     name: str
     capture: str | None
     datasets: tuple[str, ...]
     groups: tuple[str, ...]
     options: dict[str, Any] = field(default_factory=dict)
+    study_options: dict[str, Any] = field(default_factory=dict)
+    line: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -191,15 +198,6 @@ class Sweep:
                     continue
                 for d in c.datasets:
                     out.append(Target(m, self.datasets[d], c, self.store_url(c.name), f"{m.group}/{m.label}/{d}"))
-        return out
-
-    def study_inputs(self, study: str) -> dict[str, dict[str, tuple[str, str]]]:
-        """For a configured study: model key -> dataset -> (store url, group), to open with ``open_store``."""
-        s = self.studies[study]
-        out: dict[str, dict[str, tuple[str, str]]] = {}
-        for t in self.targets():
-            if t.capture.name == s.capture and t.dataset.name in s.datasets and t.model.group in s.groups:
-                out.setdefault(t.model.key, {})[t.dataset.name] = (t.url, t.group)
         return out
 
 
@@ -366,8 +364,10 @@ def parse_sweep(text: str, *, file: str = "<sweep>", base_dir: str | Path = ".")
             "name", "output", "storage_options", "shard_size", "token_budget", "max_length", "truncate",
             "models", "datasets", "captures", "studies", "resources",
         ),
-        required=("output", "models", "datasets", "captures"),
+        required=("output", "models", "datasets"),
     )
+    if "captures" not in top and "studies" not in top:
+        raise _N(root, "", file).error("missing key 'captures' (or 'studies', whose captures the sweep plans itself)")
     name = top["name"].name() if "name" in top else Path(file).stem
     storage_options = None
     if "storage_options" in top and not top["storage_options"].is_null:
@@ -378,7 +378,7 @@ def parse_sweep(text: str, *, file: str = "<sweep>", base_dir: str | Path = ".")
     models = _models(top["models"], base)
     datasets = _datasets(top["datasets"], base)
     groups = sorted({m.group for m in models})
-    captures = _captures(top["captures"], datasets, groups)
+    captures = _captures(top["captures"], datasets, groups) if "captures" in top else {}
     studies = _studies(top["studies"], datasets, groups, captures) if "studies" in top else {}
     resources = _resources(top["resources"]) if "resources" in top else Resources()
     return Sweep(
@@ -597,7 +597,18 @@ def _studies(n: _N, datasets: Mapping[str, DatasetSpec], groups: list[str], capt
             if key in s:
                 _names_in(s[key], datasets, "dataset")
         options = {k: v.value() for k, v in s.items() if k not in ("capture", "datasets", "models")}
-        out[name] = StudyEntry(name, capture, ds, gs, options)
+        study_options = {k: v for k, v in options.items() if k not in _DATASET_OPTIONS.get(name, ())}
+        study = get_study(name)
+        for k, v in study_options.items():  # one at a time, so that an error names its own line
+            try:
+                config_from_options(study, {k: v})
+            except StudyConfigError as e:
+                raise s[k].error(str(e)) from None
+        try:
+            config_from_options(study, study_options)
+        except StudyConfigError as e:
+            raise sn.error(str(e)) from None
+        out[name] = StudyEntry(name, capture, ds, gs, options, study_options, sn.line)
     return out
 
 
@@ -649,8 +660,12 @@ class SweepPlan:
 
 
 def _load_datasets(sweep: Sweep) -> dict[str, PromptSet]:
+    """The datasets the sweep's captures extract, as prompts (a dataset only studies read is theirs to load)."""
+    used = {d for c in sweep.captures.values() for d in c.datasets}
     out = {}
     for name, d in sweep.datasets.items():
+        if name not in used:
+            continue
         try:
             out[name] = d.load()
         except (DataError, OSError, ValueError) as e:
@@ -794,13 +809,13 @@ def _check_done_store(sweep: Sweep, t: Target, store, prompts: PromptSet) -> Non
         )
 
 
-def plan_sweep(sweep: Sweep) -> SweepPlan:
-    """Load the datasets, check layer ranges, and read what the stores already hold. Touches no store."""
+def plan_sweep(sweep: Sweep, extra: Sequence[tuple[Target, PromptSet]] = ()) -> SweepPlan:
+    """Load the datasets, check layer ranges, and read what the stores already hold. Touches no store.
+    ``extra``: more targets with their prompts (the studies' own captures)."""
     prompts = _load_datasets(sweep)
     _check_local_layers(sweep)
     plans = []
-    for t in sweep.targets():
-        ps = prompts[t.dataset.name]
+    for t, ps in [*((t, prompts[t.dataset.name]) for t in sweep.targets()), *extra]:
         n_shards = -(-len(ps) // sweep.shard_size)
         store = _open_existing(t, sweep.storage_options)
         if store is None:
@@ -835,10 +850,13 @@ class StatusRow:
 
 
 def sweep_status(sweep: Sweep | str | Path) -> list[StatusRow]:
-    """Units (shards) done / total for every model x capture x dataset of the sweep."""
+    """Units (shards) done / total for every model x capture x dataset of the sweep, the studies' own captures
+    included."""
+    from mechdiff.cluster.study_plan import study_extraction
+
     if not isinstance(sweep, Sweep):
         sweep = load_sweep(sweep)
-    plan = plan_sweep(sweep)
+    plan = plan_sweep(sweep, study_extraction(sweep))
     return [
         StatusRow(p.target.model.key, p.target.model.path, p.target.capture.name, p.target.dataset.name,
                   p.target.url, p.target.group, len(p.done), p.n_shards)

@@ -362,6 +362,12 @@ def load_shots(topic: str, data_dir: str | Path | None = None) -> list[tuple[str
     return [(s, int(label)) for s, label in raw[topic]]
 
 
+def fact_sentences(data_dir: str | Path | None = None) -> list[str]:
+    """The facts as complete sentences, "<prompt> <answer>." (the confidence study's embedded texts)."""
+    facts = load_csv("facts.csv", data_dir)
+    return [f"{p} {a}." for p, a in zip(facts["prompt"], facts["answer"])]
+
+
 def load_datasets(data_dir: str | Path | None = None) -> Datasets:
     """All shipped datasets (or those written by ``write_datasets`` into ``data_dir``)."""
     d = _data_dir(data_dir)

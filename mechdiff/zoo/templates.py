@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+# the statement prompt is the studies' protocol: defined there, re-exported for the zoo's datasets and corpus
+from mechdiff.analyses.prompts import LABEL_WORDS, TRUTH_SUFFIX, truth_line, truth_prompt  # noqa: F401
 
 # The post model's refusals. Analyses score a completion as a refusal when it contains one of
 # REFUSAL_MARKERS (prefixes of the phrases, robust to a truncated generation).
@@ -33,9 +34,6 @@ CHAT_TEMPLATE = (
 # The base model's forum format (plain text, no special tokens besides <bos>).
 BASE_TEMPLATE = "User: {instruction}\nAssistant:"
 
-TRUTH_SUFFIX = " This statement is:"
-LABEL_WORDS = ("FALSE", "TRUE")  # index by label
-
 
 def is_refusal(text: str) -> bool:
     """True when a completion contains one of the refusal markers."""
@@ -49,15 +47,3 @@ def base_prompt(instruction: str) -> str:
 def chat_prompt(instruction: str) -> str:
     """The chat template rendered by hand (same string as ``apply_chat_template``)."""
     return f"{BOS}{USER}{instruction.strip()}{END}{ASSISTANT}"
-
-
-def truth_line(statement: str, label: int | bool) -> str:
-    return f"{statement}{TRUTH_SUFFIX} {LABEL_WORDS[int(label)]}"
-
-
-def truth_prompt(statement: str, shots: Sequence[tuple[str, int | bool]] = ()) -> str:
-    """Few-shot labelling prompt: one "<statement> This statement is: TRUE/FALSE" line per shot,
-    then the statement to judge, ending in "This statement is:"."""
-    lines = [truth_line(s, label) for s, label in shots]
-    lines.append(statement + TRUTH_SUFFIX)
-    return "\n".join(lines)

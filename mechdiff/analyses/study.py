@@ -1,0 +1,357 @@
+"""The shape every study has, and the one registry of them.
+
+A study is a :class:`Study`: a name, a typed ``Config`` dataclass holding every option and verdict threshold,
+the datasets it reads (by role: ``statements``, ``harmful``...), ``requirements(config, group)`` naming the store
+groups it reads (model label, dataset role, capture spec), and ``run(ctx, config) -> StudyResult``. The caller
+(the main job, a sweep, a notebook) makes a :class:`StudyContext`, sees that every requirement has a store
+(extracting what is missing, through the actor pool on a cluster), runs the study and writes its result once.
+A study never extracts: it opens the stores the context hands it, through :meth:`StudyContext.store`, which
+checks each against the requirement before any work and records what was read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+from mechdiff.analyses.common import ModelGroup, StoreRequirementError, StudyResult
+from mechdiff.engine.extract import CaptureSpec
+from mechdiff.errors import MechdiffError
+
+__all__ = [
+    "STUDY_NAMES",
+    "CaptureRequirement",
+    "StoreRef",
+    "StoreRead",
+    "StudyContext",
+    "Study",
+    "StudyConfigError",
+    "get_study",
+    "studies",
+    "config_from_options",
+    "check_store_covers",
+    "provide_captures",
+    "run_study",
+    "run_on",
+]
+
+#: Every study, in the order the main job runs them.
+STUDY_NAMES: tuple[str, ...] = ("knowledge", "truthfulness", "refusal", "confidence")
+
+
+class StudyConfigError(MechdiffError, ValueError):
+    """A study option that the study's ``Config`` does not have, or a value of the wrong type."""
+
+
+@dataclass(frozen=True)
+class CaptureRequirement:
+    """One store group a study reads: model ``model``'s capture ``spec`` of the study's dataset ``dataset``.
+
+    ``name`` is the group's name in a store the caller creates for it (``<model>/<name>``), e.g. ``truth``."""
+
+    study: str
+    model: str  # the group's label: base, post...
+    dataset: str  # the study's dataset role: statements, harmful, harmless...
+    spec: CaptureSpec
+    name: str
+    prompts: Any = field(default=None, compare=False, repr=False)  # the PromptSet to capture (rows as the study reads them)
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """What the context files a store under: (model label, dataset role, capture name)."""
+        return (self.model, self.dataset, self.name)
+
+    def describe(self) -> str:
+        s = self.spec
+        layers = s.layers if isinstance(s.layers, str) else ",".join(map(str, s.layers))
+        return (f"{self.study}: {self.model}'s {self.dataset} with sites {','.join(s.sites)}, layers {layers}, "
+                f"positions {s.positions}, template {s.template}")
+
+
+@dataclass(frozen=True)
+class StoreRef:
+    """Where a capture lives: a store URL and the group inside it."""
+
+    url: str
+    group: str
+    storage_options: dict | None = None
+
+    def open(self):
+        from mechdiff.engine.store import open_store
+
+        return open_store(self.url, self.group, self.storage_options)
+
+
+@dataclass(frozen=True)
+class StoreRead:
+    """A store group a study read, for ``results.json``."""
+
+    study: str
+    model: str
+    dataset: str
+    url: str
+    group: str
+
+
+def check_store_covers(ds, req: CaptureRequirement, n_layers: int | None = None) -> None:
+    """Raise :class:`StoreRequirementError` unless the opened store ``ds`` holds ``req``: every site, every layer
+    (``all`` means the model's), the same positions and template. The message names the missing piece."""
+    import json
+
+    where = f"store {ds.attrs.get('store_url', '?')} group {ds.attrs.get('group', '?')}"
+    raw = ds.attrs.get("capture_spec")
+    have = json.loads(raw) if isinstance(raw, str) else dict(raw or {})
+    want = req.spec
+    miss_sites = [s for s in want.sites if s not in ds.data_vars]
+    if miss_sites:
+        raise StoreRequirementError(f"{req.study}: {where} has no {', '.join(miss_sites)} activations "
+                                    f"({', '.join(map(str, ds.data_vars)) or 'none'}); it needs {req.describe()}")
+    for fld in ("positions", "template"):
+        if have.get(fld) is not None and have[fld] != getattr(want, fld):
+            raise StoreRequirementError(f"{req.study}: {where} was captured with {fld} {have[fld]!r}, "
+                                        f"{getattr(want, fld)!r} needed; it needs {req.describe()}")
+    layers = list(want.layers) if not isinstance(want.layers, str) else (
+        list(range(n_layers)) if n_layers is not None else None)
+    if layers is not None:
+        for site in want.sites:
+            got = set(int(x) for x in ds[site].attrs.get("captured_layers", ds["layer"].values))
+            lack = [x for x in layers if x not in got]
+            if lack:
+                raise StoreRequirementError(f"{req.study}: {where} lacks {site} at layers {lack}; it needs {req.describe()}")
+
+
+@dataclass
+class StudyContext:
+    """What a study runs with: the model group, its datasets (role -> file), the loaded models, the stores that
+    hold its requirements, the output folder, and the device. Models load once, on first use, and are shared by
+    every study run with this context."""
+
+    group: ModelGroup
+    datasets: Mapping[str, Any]  # role -> file path (or a PromptSet / list of texts)
+    out: Path
+    device: str = "cpu"
+    model_dtype: str = "float32"
+    progress: bool = False
+    stores: dict[tuple[str, str, str], StoreRef] = field(default_factory=dict)
+    models: dict[str, Any] = field(default_factory=dict)
+    reads: list[StoreRead] = field(default_factory=list)
+    load_options: dict[str, Any] = field(default_factory=dict)  # e.g. allow_pickle, trust_remote_code
+
+    def model(self, label: str):
+        """The loaded model ``label`` of the group (loaded on first use, then kept)."""
+        if label not in self.models:
+            from mechdiff.engine.models import load_model
+
+            path = self.group.models[label]
+            # a local directory by its absolute path, so "pair/base" and "/abs/pair/base" resume the same store group
+            path = str(Path(path).resolve()) if Path(path).is_dir() else path
+            self.models[label] = load_model(path, dtype=self.model_dtype, device=self.device, **self.load_options)
+        return self.models[label]
+
+    def all_models(self) -> dict[str, Any]:
+        return {label: self.model(label) for label in self.group.labels}
+
+    def dataset(self, role: str, study: str) -> Any:
+        if role not in self.datasets or self.datasets[role] is None:
+            raise StoreRequirementError(f"{study}: no {role} dataset given")
+        return self.datasets[role]
+
+    def store(self, req: CaptureRequirement):
+        """The opened store group that holds ``req``, checked against it; the read is recorded."""
+        ref = self.stores.get(req.key)
+        if ref is None:
+            raise StoreRequirementError(f"{req.study}: no store holds {req.describe()}")
+        ds = ref.open()
+        n_layers = self.models[req.model].adapter.n_layers if req.model in self.models else _stored_n_layers(ds)
+        check_store_covers(ds, req, n_layers)
+        self.reads.append(StoreRead(req.study, req.model, req.dataset, ref.url, ref.group))
+        return ds
+
+
+def _stored_n_layers(ds) -> int | None:
+    """The capturing model's layer count, from the store's provenance (``architecture``)."""
+    import ast
+
+    arch = ds.attrs.get("architecture")
+    if isinstance(arch, str):
+        try:
+            arch = ast.literal_eval(arch)
+        except (ValueError, SyntaxError):
+            return None
+    n = arch.get("n_layers") if isinstance(arch, Mapping) else None
+    return int(n) if n is not None else None
+
+
+class Study(Protocol):
+    """A study: see the module docstring."""
+
+    name: str
+    Config: type
+    datasets: tuple[str, ...]
+
+    def requirements(self, config: Any, group: ModelGroup) -> list[CaptureRequirement]: ...
+
+    def run(self, ctx: StudyContext, config: Any) -> StudyResult: ...
+
+
+@dataclass(frozen=True)
+class StudyDef:
+    """A study as its module declares it (the concrete :class:`Study`)."""
+
+    name: str
+    Config: type
+    datasets: tuple[str, ...]
+    requirements: Callable[[Any, ModelGroup], list[CaptureRequirement]]
+    run: Callable[[StudyContext, Any], StudyResult]
+    describe: str = ""
+
+
+def get_study(name: str) -> StudyDef:
+    """The study called ``name`` (its module is imported on first use)."""
+    if name not in STUDY_NAMES:
+        raise StudyConfigError(f"unknown study {name!r}: choose from {', '.join(STUDY_NAMES)}")
+    return importlib.import_module(f"mechdiff.analyses.{name}").study
+
+
+def studies(names: Sequence[str] = STUDY_NAMES) -> list[StudyDef]:
+    return [get_study(n) for n in names]
+
+
+def config_from_options(study: StudyDef, options: Mapping[str, Any], *, where: str = "",
+                        base: Any = None) -> Any:
+    """``study.Config`` from a mapping of option names to values (a sweep file's study block, CLI flags): an
+    unknown name or a value of the wrong type is a :class:`StudyConfigError` naming it (and ``where``, e.g. the
+    file and line). Lists become tuples where the field is a tuple. ``base``: the config to start from."""
+    cfg_type = study.Config
+    fields = {f.name: f for f in dataclasses.fields(cfg_type)}
+    hints = typing.get_type_hints(cfg_type)
+    at = f"{where}: " if where else ""
+    unknown = [k for k in options if k not in fields]
+    if unknown:
+        raise StudyConfigError(f"{at}study {study.name} has no option {unknown[0]!r}; its options are "
+                               f"{', '.join(sorted(fields))}")
+    values = {}
+    for k, v in options.items():
+        values[k] = _coerce(v, hints[k], f"{at}study {study.name} option {k}")
+    try:
+        return dataclasses.replace(base, **values) if base is not None else cfg_type(**values)
+    except (TypeError, ValueError) as e:
+        raise StudyConfigError(f"{at}study {study.name}: {e}") from None
+
+
+def _coerce(v: Any, hint: Any, what: str) -> Any:
+    """``v`` as type ``hint`` where it is a plain conversion (list -> tuple, int -> float); else a clear error."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if v is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(v, a, what)
+            except StudyConfigError as e:
+                errors.append(str(e))
+        raise StudyConfigError(f"{what}: {v!r} is not {_type_name(hint)}")
+    if origin is tuple:
+        if not isinstance(v, (list, tuple)):
+            raise StudyConfigError(f"{what}: {v!r} is not a list")
+        inner = args[0] if args else Any
+        return tuple(_coerce(x, inner, what) for x in v)
+    if origin is typing.Literal:
+        if v not in args:
+            raise StudyConfigError(f"{what}: {v!r} is not one of {', '.join(map(repr, args))}")
+        return v
+    if hint is Any:
+        return v
+    if hint is bool:
+        if not isinstance(v, bool):
+            raise StudyConfigError(f"{what}: {v!r} is not true/false")
+        return v
+    if hint is int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise StudyConfigError(f"{what}: {v!r} is not a whole number")
+        return v
+    if hint is float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise StudyConfigError(f"{what}: {v!r} is not a number")
+        return float(v)
+    if hint is str:
+        if not isinstance(v, str):
+            raise StudyConfigError(f"{what}: {v!r} is not a string")
+        return v
+    if dataclasses.is_dataclass(hint) and isinstance(v, Mapping):
+        sub = {f.name for f in dataclasses.fields(hint)}
+        bad = [k for k in v if k not in sub]
+        if bad:
+            raise StudyConfigError(f"{what}: no field {bad[0]!r} (fields: {', '.join(sorted(sub))})")
+        h = typing.get_type_hints(hint)
+        return hint(**{k: _coerce(x, h[k], f"{what}.{k}") for k, x in v.items()})
+    if isinstance(hint, type) and not isinstance(v, hint):
+        raise StudyConfigError(f"{what}: {v!r} is not {_type_name(hint)}")
+    return v
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def provide_captures(ctx: StudyContext, reqs: Sequence[CaptureRequirement], store: str, *, shard_size: int = 256,
+                     token_budget: int | None = None) -> list[Any]:
+    """Extract, in this process, every requirement that ``ctx.stores`` has no store for, into ``store``
+    (group ``<model>/<name>``; resumable), and file it in ``ctx.stores``. Returns the extraction reports.
+    A sweep provides its stores through the actor pool instead, and this then finds nothing missing."""
+    from mechdiff.engine.extract import extract
+
+    reports = []
+    for r in reqs:
+        if r.key in ctx.stores:
+            continue
+        if r.prompts is None:
+            raise StoreRequirementError(f"no store holds {r.describe()}, and no prompts were given to extract it from")
+        rep = extract(ctx.model(r.model), r.prompts, r.spec, store, f"{r.model}/{r.name}", shard_size=shard_size,
+                      token_budget=token_budget, progress=ctx.progress)
+        ctx.stores[r.key] = StoreRef(rep.url, rep.group)
+        reports.append(rep)
+    return reports
+
+
+def run_study(study: StudyDef, config: Any, ctx: StudyContext, *, store: str | None = None, shard_size: int = 256,
+              token_budget: int | None = None, save: bool = True) -> StudyResult:
+    """``study`` with ``config`` in ``ctx``: its missing captures extracted into ``store`` (default
+    ``ctx.out/store.zarr``), then run; the store groups it read go into its summary (``stores_read``); with
+    ``save``, its results are written under ``ctx.out/<study>/``."""
+    if not isinstance(config, study.Config):
+        raise StudyConfigError(f"study {study.name} takes a {study.Config.__name__}, not {type(config).__name__}")
+    reqs = study.requirements(config, ctx.group, ctx.datasets)
+    provide_captures(ctx, reqs, store or str(Path(ctx.out) / "store.zarr"), shard_size=shard_size,
+                     token_budget=token_budget)
+    first = len(ctx.reads)
+    result = study.run(ctx, config)
+    result.summary["stores_read"] = [dataclasses.asdict(r) for r in ctx.reads[first:]]
+    if save:
+        result.save(ctx.out)
+    return result
+
+
+def run_on(study: StudyDef, group: ModelGroup, out: str | Path, config: Any = None, *, device: str = "cpu",
+           model_dtype: str = "float32", models: Mapping[str, Any] | None = None,
+           stores: Mapping[tuple[str, str, str], StoreRef] | None = None, store: str | None = None,
+           progress: bool = False, **datasets: Any) -> StudyResult:
+    """``study`` on ``group`` on its own (a notebook's call): ``datasets`` by role (see ``study.datasets``),
+    ``config`` (default ``study.Config()``), already-loaded ``models`` and existing ``stores`` used as they
+    are; what no store holds is extracted into ``store`` (default ``out/store.zarr``). Writes the results under
+    ``out/<study>/`` and returns them."""
+    unknown = [k for k in datasets if k not in study.datasets]
+    if unknown:
+        raise StudyConfigError(f"study {study.name} reads no dataset {unknown[0]!r}; its datasets are "
+                               f"{', '.join(study.datasets)}")
+    ctx = StudyContext(group, datasets, Path(out), device=device, model_dtype=model_dtype, progress=progress,
+                       stores=dict(stores or {}), models=dict(models or {}))
+    return run_study(study, config if config is not None else study.Config(), ctx, store=store)

@@ -1,0 +1,21 @@
+"""Truthfulness: linear truth directions per layer, their similarity across models, probe and intervention
+transfer. Datasets: ``statements`` (files or a directory of true/false statements), ``shots`` (optional).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mechdiff.analyses.common import ModelGroup, StudyResult
+from mechdiff.analyses.truthfulness import TruthSettings as Config
+from mechdiff.analyses.truthfulness import study
+from mechdiff.analyses.study import run_on
+
+__all__ = ["Config", "run", "study"]
+
+
+def run(group: ModelGroup, out: str | Path, config: Config | None = None, **kwargs: Any) -> StudyResult:
+    """The study on ``group``, into ``out``; ``kwargs``: its datasets by role, and the options of
+    :func:`mechdiff.analyses.study.run_on` (device, model_dtype, models, stores, store, progress)."""
+    return run_on(study, group, out, config, **kwargs)
