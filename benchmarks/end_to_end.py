@@ -95,10 +95,16 @@ def nnsight_loop(model_dir: str, data: str, out: str) -> None:
     tuple_out = int(transformers.__version__.split(".")[0]) < 5  # a decoder layer returns a tensor from 5.x on
     result = np.empty((len(texts), len(layers), model.config.hidden_size), np.float16)
     # Strings in: nnsight tokenizes and pads them itself (pre-tokenized batches get re-padded; see DESIGN.md).
-    for s in range(0, len(texts), BATCH):
-        with model.trace(texts[s : s + BATCH]):
-            saved = [(layer.output[0] if tuple_out else layer.output)[:, -1].save() for layer in layers]
-        result[s : s + BATCH] = torch.stack([getattr(x, "value", x) for x in saved], 1).half().numpy()
+    with torch.no_grad():  # trace records gradients otherwise
+        for s in range(0, len(texts), BATCH):
+            # A list made outside the block and filled inside: nnsight runs the block's code apart from this
+            # function's frame, so names first bound inside it are not bound here afterwards.
+            saved = []
+            with model.trace(texts[s : s + BATCH]):
+                for layer in layers:
+                    saved.append((layer.output[0] if tuple_out else layer.output)[:, -1].save())
+            acts = torch.stack([getattr(x, "value", x) for x in saved], 1)
+            result[s : s + BATCH] = acts.detach().half().numpy()
     np.save(out, result)
 
 

@@ -242,6 +242,7 @@ def test_cli_bad_input_fails_before_work(tiny_dir, tmp_path):
     _cli_error([*base, "--data", str(good), "--sites", "resid_mid"], "unknown site 'resid_mid'")
     _cli_error([*base, "--data", str(good), "--layers", "0,9"], "layer 9 is out of range")
     _cli_error([*base, "--data", str(good), "--positions", "first"], "unknown positions")
+    _cli_error([*base, "--data", str(good), "--token-budget", "0"], "token budget 0")
     _cli_error(["extract", "--model", str(tmp_path / "nomodel"), "--out", str(store), "--data", str(good)], "nomodel")
     longer = tmp_path / "long.csv"
     longer.write_text("text\n" + " ".join(["w1"] * 300) + "\n")
@@ -324,3 +325,53 @@ def test_overflow_in_a_batch_names_its_example(tiny_dir, tmp_path):
         extract(lm, ps, CaptureSpec(layers="all"), url, "g", token_budget=16, shard_size=6, progress=False)
     # shard 0 (examples 0-5) was handed to the writer before the error and is finished; shard 1 is not
     assert ActivationStore.open(url, "g").done_shards() == [0]
+
+
+def test_cli_extract_batches_under_the_device_budget(tiny_dir, tmp_path, monkeypatch):
+    """Without --token-budget the command takes the device's default, not one size for every device."""
+    model = str(tiny_dir("llama", n_layers=3))
+    data = tmp_path / "d.csv"
+    data.write_text("text\n" + "".join(f"{t}\n" for t in random_prompts(12, 3, 12, vocab_size=512, seed=4)))
+    budgets: list[int] = []
+    real = extract_mod.length_batches
+    monkeypatch.setattr(extract_mod, "length_batches", lambda n, idx, b: budgets.append(b) or real(n, idx, b))
+    base = ["extract", "--model", model, "--data", str(data)]
+    r = runner.invoke(app, [*base, "--out", str(tmp_path / "a.zarr")])
+    assert r.exit_code == 0, r.output
+    assert budgets and set(budgets) == {TOKEN_BUDGETS["cpu"]}
+    budgets.clear()
+    r = runner.invoke(app, [*base, "--out", str(tmp_path / "b.zarr"), "--token-budget", "40"])
+    assert r.exit_code == 0, r.output
+    assert budgets and set(budgets) == {40}
+
+
+# Modules the extract path has no use for: each costs start-up time and memory in every extraction process.
+_UNUSED_ON_EXTRACT = ("xarray", "pandas", "dask", "ray", "matplotlib", "sklearn")
+_EXTRACT_AND_LIST = """
+import json, sys
+from mechdiff.cli import app
+try:
+    app(sys.argv[1:], standalone_mode=False)
+finally:
+    print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in %r)))
+"""
+
+
+def test_extract_command_imports_only_what_it_uses(tiny_dir, tmp_path):
+    """A whole ``mechdiff extract`` process (and ``import mechdiff.engine.extract``) imports no xarray, pandas,
+    dask, ray or matplotlib: they are for the analyses. Checked in a fresh interpreter, where nothing else has
+    imported them."""
+    model = str(tiny_dir("llama", n_layers=3))
+    data = tmp_path / "d.csv"
+    data.write_text("text\nw1 w2 w3\nw4 w5\n")
+    out = tmp_path / "s.zarr"
+    script = _EXTRACT_AND_LIST % (_UNUSED_ON_EXTRACT,)
+    r = subprocess.run([sys.executable, "-c", script, "extract", "--model", model, "--data", str(data), "--out",
+                        str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == []
+    assert open_store(str(out))["resid_post"].shape[:2] == (2, 3)  # the run did extract (read here, with xarray)
+    probe = f"import sys, mechdiff.engine.extract; print([m for m in sys.modules if m.split('.')[0] in {_UNUSED_ON_EXTRACT!r}])"
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "[]"

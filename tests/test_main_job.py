@@ -128,14 +128,14 @@ models:
     post:
       post: {zoo_path('post')}
 datasets:
-  facts: {{path: {data / 'facts.csv'}, limit: 96}}
+  facts: {data / 'facts.csv'}
 captures:
   last:
     sites: [resid_post]
     layers: all
     positions: last
 studies:
-  confidence: {{capture: last, datasets: [facts]}}
+  confidence: {{capture: last, datasets: [facts], limit: 96}}
 resources: {{num_cpus: 1, torch_threads: 1, actors: 2}}
 """
     )

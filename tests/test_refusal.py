@@ -32,6 +32,7 @@ from mechdiff.analyses.refusal import (
     refusal_directions,
     refusal_logodds,
     refusal_flags,
+    refusal_decided,
     refusal_score,
     refusal_token_ids,
     run_refusal,
@@ -41,7 +42,7 @@ from mechdiff.analyses.refusal_cli import register
 from mechdiff.engine.batching import PromptTemplate, pad_batch, tokenize
 from mechdiff.engine.data import PromptSet
 from mechdiff.engine.extract import CaptureSpec, extract
-from mechdiff.engine.generate import HFGenerator, vllm_available
+from mechdiff.engine.generate import HFGenerator, faster_threads, intra_op_threads, vllm_available
 from mechdiff.engine.models import load_model
 from mechdiff.engine.sites import Capture, Intervention, hooks
 from mechdiff.engine.store import open_store
@@ -255,6 +256,99 @@ def test_generator_stops_at_the_models_own_stop_tokens(planted):
     finally:
         cfg.eos_token_id = saved
     assert stopped.split() == words[: k + 1]
+
+
+def _conditions(lm, mean_resid, push):
+    n = lm.adapter.n_layers
+    return [[], ablation_interventions(mean_resid.numpy(), n), addition_interventions(push.numpy(), 1, scope="prompt"),
+            addition_interventions(push.numpy(), 0) + ablation_interventions(mean_resid.numpy(), n)]
+
+
+def test_stacked_generation_equals_one_generate_call_per_condition(planted):
+    """Conditions stacked along the batch (each on its own rows) give every completion that generating each
+    condition alone gives, for any stack size, with odd-sized prompt batches, at any thread count."""
+    lm, prompts, mean_resid, push = planted
+    conds = _conditions(lm, mean_resid, push)
+    gen = HFGenerator(lm, TEMPLATE, batch_size=4, threads=1)  # 6 prompts: batches of 4 and 2
+    want = [gen.generate(prompts, max_new_tokens=6, interventions=c) for c in conds]
+    assert len({tuple(w) for w in want}) == len(conds)  # the conditions differ: the check has teeth
+    assert gen.generate_many(prompts, conds, max_new_tokens=6) == want
+    assert gen.generate_many(prompts, conds, max_new_tokens=6, max_bytes=1) == want  # one condition per stack
+    two = HFGenerator(lm, TEMPLATE, batch_size=4, threads=2)
+    assert two.generate_many(prompts, conds, max_new_tokens=6) == want
+    with intra_op_threads(2):  # "auto" times one and two threads (outside the hooks) and takes the faster
+        assert HFGenerator(lm, TEMPLATE, batch_size=4).generate_many(prompts, conds, max_new_tokens=6) == want
+        assert faster_threads(lm, 16) in (1, 2) and faster_threads(lm, 16, 64) in (1, 2)
+        assert torch.get_num_threads() == 2
+    with pytest.raises(ValueError, match="rows"):
+        gen.generate_many(prompts, [[Intervention("resid_post", 0, "add", vector=push, rows=slice(0, 2))]])
+    with pytest.raises(ValueError, match="threads"):
+        HFGenerator(lm, TEMPLATE, threads=0).generate(prompts[:1], max_new_tokens=1)
+
+
+def test_generation_stops_once_the_score_is_decided_and_the_score_stays(planted):
+    """Stopping a completion at the first decided token cuts it, and its refusal flag is the uncut one's."""
+    lm, prompts, mean_resid, push = planted
+    conds = _conditions(lm, mean_resid, push)
+    gen = HFGenerator(lm, TEMPLATE, batch_size=4)
+    full = gen.generate_many(prompts, conds, max_new_tokens=12)
+    words = [w for comps in full for c in comps for w in c.split()[:2]]
+    phrases = sorted(set(words))[:3]  # words some completions start with: some refuse, early
+    for match in ("substring", "prefix"):
+        cut = gen.generate_many(prompts, conds, max_new_tokens=12,
+                                stop=lambda t: refusal_decided(t, phrases, match))
+        for f, c in zip(full, cut):
+            assert refusal_flags(c, phrases, match).tolist() == refusal_flags(f, phrases, match).tolist()
+        assert sum(len(c) for cs in cut for c in cs) < sum(len(c) for cs in full for c in cs), match  # it stopped
+
+
+def test_refusal_decided_waits_for_the_settled_text():
+    p = ["I cannot", "Sorry"]
+    assert not refusal_decided("I cannot", p)  # the last characters may still change when decoded further
+    assert not refusal_decided("I cannot do", p)
+    assert refusal_decided("Well, I cannot do that", p)
+    assert not refusal_decided("Sure, here is how you do", p)  # a phrase may still come
+    assert refusal_decided("Sure, here is how you do", p, "prefix")  # long enough to start with none
+    assert refusal_decided("Sorry, no way", p, "prefix")
+    assert not refusal_decided("Sorr", p, "prefix") and not refusal_decided("", p)
+
+
+def test_row_restricted_interventions_equal_batches_of_their_own(planted):
+    """Conditions stacked along the batch, each on its rows: the logits of each block equal its own forward pass,
+    bit for bit; stacked last-token scoring equals scoring each condition alone."""
+    from mechdiff.analyses.refusal import last_logprobs, stacked_last_logprobs
+    from mechdiff.engine.generate import stacked
+
+    lm, prompts, mean_resid, push = planted
+    conds = _conditions(lm, mean_resid, push)
+    inp = pad_batch(tokenize(lm.tokenizer, [TEMPLATE.apply(p) for p in prompts]), lm.tokenizer.pad_token_id,
+                    side="left")
+    n, k = len(prompts), len(conds)
+    big = {key: v.repeat(k, 1) for key, v in inp.items()}
+    with torch.no_grad():
+        with hooks(lm.adapter, None, stacked(conds, n)):
+            got = lm.model(**big).logits
+        for c, ivs in enumerate(conds):
+            with hooks(lm.adapter, None, ivs):
+                assert torch.equal(got[c * n : (c + 1) * n], lm.model(**inp).logits), c
+    # Last-token scoring multiplies [rows, d_model] by the unembedding: from a few rows up the BLAS runs one
+    # kernel whatever the row count (bit for bit); a 4-row batch takes a small-matrix path that a 16-row stack
+    # does not (float32 rounding apart).
+    for bs, exact in ((8, True), (4, False)):
+        out = {c: torch.empty(n, got.shape[-1], dtype=torch.float64) for c in range(k)}
+        for c, rows, lp in stacked_last_logprobs(lm, prompts, TEMPLATE, conds, batch_size=bs):
+            out[c][rows] = lp
+        for c, ivs in enumerate(conds):
+            want = last_logprobs(lm, prompts, TEMPLATE, interventions=ivs, batch_size=bs)
+            if exact:
+                assert torch.equal(out[c], want), c
+            else:
+                torch.testing.assert_close(out[c], want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="slice"):
+        Intervention("resid_post", 0, "add", vector=push, rows=slice(3, 1))
+    with torch.no_grad(), pytest.raises(ValueError, match="past the batch"):
+        with hooks(lm.adapter, None, [Intervention("resid_post", 0, "add", vector=push, rows=slice(0, n + 1))]):
+            lm.model(**inp)
 
 
 def test_ablation_removes_the_direction_from_the_whole_residual_stream(planted):
@@ -516,9 +610,17 @@ def test_intervention_scores_bookkeeping(tiny_llama):
     assert s.ablation == {"me": 0.0, "other": 0.0} and s.addition == {"me": 1.0, "other": 1.0}
     assert s.effect("me") == pytest.approx(2 / 3 + 1)
     n = lm.adapter.n_layers
-    assert gen.calls[2] == (3, 5, ["ablate"], list(range(n)))  # ablation: harmful prompts, every layer
-    assert gen.calls[3] == (2, 5, ["add"], [1])  # addition: harmless prompts, the direction's layer
+    # a generator that cannot stack conditions gets one call per condition: each prompt set unsteered, then
+    # under each source's direction
+    assert gen.calls[0] == (3, 5, [], [])
+    assert gen.calls[1] == gen.calls[2] == (3, 5, ["ablate"], list(range(n)))  # harmful prompts, every layer
+    assert gen.calls[3] == (2, 5, [], [])
+    assert gen.calls[4] == (2, 5, ["add"], [1])  # addition: harmless prompts, the direction's layer
     assert gen.calls[5] == (2, 5, ["add"], [0])
+    given = _FakeGenerator()  # unsteered completions already made are not made again
+    again = intervention_scores(given, lm, harmful, harmless, dirs, target="me", phrases=["no way"], max_new_tokens=5,
+                                baseline={"harmful": s.completions["harmful"], "harmless": s.completions["harmless"]})
+    assert len(given.calls) == 4 and again.completions == s.completions
     with pytest.raises(ValueError, match="width"):
         RefusalDirection("x", "resid_post", 0, -1, np.ones(d + 1)).ablation(lm)
 
@@ -598,8 +700,8 @@ def test_cli_and_run_on_tiny_models(tiny_dir, tmp_path):
     group = ModelGroup("group", str(base), (str(post),))
     res = run_refusal(group, harmful, harmless, tmp_path / "out", phrases=["w5", "w9 w1"], max_new_tokens=3,
                       store_dtype="float32", select_all=True, n_bootstrap=200)
-    ext = res.summary["store"]["extract"]
-    assert all(e["shards_written"] == 0 and e["shards_skipped"] == 1 for e in ext.values())
+    ext = res.summary["extracted"]
+    assert ext and all(e["shards_written"] == 0 and e["shards_skipped"] == 1 for e in ext)
     assert res.summary["chosen"] == s["chosen"]
 
 
@@ -679,6 +781,105 @@ def test_pair_base_does_not_refuse_so_the_verdict_is_inconclusive(pair_result):
     assert len(comp["harmful"]) == s["used"]["test_harmful"]
     assert sum(c["refusal"] for c in comp["harmful"]) / len(comp["harmful"]) == pytest.approx(
         s["refusal_scores"]["post"]["baseline"]["harmful"])
+
+
+def _reference_selection(lm, dirs, hv, lv, tmpl, ids, gen, *, coefs, scope, max_new_tokens, rerank, kl_max=None):
+    """select_direction the plain way: every candidate, condition and prompt set in a forward pass or generate
+    call of its own, completions run to their end (what the stacked, early-stopping path must equal)."""
+    from mechdiff.analyses.refusal import ablation_kl, last_logprobs
+
+    n = lm.adapter.n_layers
+    layers, positions = list(dirs["layer"].values), list(dirs["position"].values)
+    vals = np.asarray(dirs.values, dtype=np.float64)
+    base_h = float(refusal_logodds(lm, hv, tmpl, ids).mean())
+    base_l = float(refusal_logodds(lm, lv, tmpl, ids).mean())
+    abl, add, kl = (np.full((len(layers), len(positions)), np.nan) for _ in range(3))
+    plain_lp = last_logprobs(lm, lv, tmpl)
+    for l in candidate_layers(n):
+        for j in range(len(positions)):
+            v = vals[l, j]
+            if not np.isfinite(v).all():
+                continue
+            abl[l, j] = refusal_logodds(lm, hv, tmpl, ids, interventions=ablation_interventions(v, n)).mean()
+            add[l, j] = refusal_logodds(lm, lv, tmpl, ids, interventions=addition_interventions(v, l)).mean()
+            if kl_max is not None:
+                kl[l, j] = ablation_kl(lm, lv, tmpl, v, baseline=plain_lp)
+    score = (base_h - abl) + (add - base_l)
+    if kl_max is not None:
+        score = np.where(kl <= kl_max, score, np.nan)
+    phrases = default_refusal_phrases()
+
+    def refusal(texts, ivs):
+        return refusal_score(gen.generate(list(texts), max_new_tokens=max_new_tokens, interventions=ivs), phrases)
+
+    flat = np.where(np.isfinite(score), score, -np.inf).ravel()
+    top = [np.unravel_index(int(k), score.shape) for k in np.argsort(-flat, kind="stable")[:rerank]]
+    g_abl, g_add = np.full(score.shape, np.nan), np.full((*score.shape, len(coefs)), np.nan)
+    gb_h, gb_l = refusal(hv, []), refusal(lv, [])
+    best, best_gain, best_coef = None, -np.inf, None
+    for i, j in top:
+        g_abl[i, j] = refusal(hv, ablation_interventions(vals[i, j], n))
+        for k, c in enumerate(coefs):
+            g_add[i, j, k] = refusal(lv, addition_interventions(vals[i, j], layers[i], coef=c, scope=scope))
+        k = int(np.argmax(g_add[i, j]))
+        gain = (gb_h - g_abl[i, j]) + (g_add[i, j, k] - gb_l)
+        if gain > best_gain:
+            best, best_gain, best_coef = (i, j), gain, coefs[k]
+    return dict(abl=abl, add=add, score=score, kl=kl, base=(base_h, base_l), gen_abl=g_abl, gen_add=g_add,
+                gen_base=(gb_h, gb_l), chosen=(layers[best[0]], positions[best[1]], best_coef))
+
+
+def test_stacked_selection_and_scores_equal_the_plain_path_on_the_pair(pair_result):
+    """The study stacks every candidate of a prompt batch into one forward pass and every condition into one
+    generate call, and stops validation completions once their score is decided. On the shipped pair it must
+    choose the same direction with the same scores, bit for bit, as scoring one candidate, condition and
+    prompt set at a time with completions run to their end (greedy decoding on a CPU: rows of a batch do not
+    interact, so nothing may differ)."""
+    from mechdiff.analyses.refusal import _sample, refusal_prompt_set
+
+    _, post, data = _pair()
+    lm = load_model(str(post))
+    tmpl = PromptTemplate("chat")
+    ps, splits = refusal_prompt_set(data / "instructions_harmful.csv", data / "instructions_harmless.csv",
+                                    n_val=16, n_eval=32)
+    texts, lab = np.asarray(ps.texts, dtype=object), ps.columns["harmful"]
+    hv = _sample(texts[(splits == "val") & (lab == 1)], 16, 0)
+    lv = _sample(texts[(splits == "val") & (lab == 0)], 16, 1)
+    th = _sample(texts[(splits == "test") & (lab == 1)], 32, 2)
+    tl = _sample(texts[(splits == "test") & (lab == 0)], 32, 3)
+    res = pair_result.data.sel(model="post")
+    dirs = res["direction"].dropna("position", how="all")
+    ids = refusal_token_ids(lm.tokenizer, default_refusal_phrases())
+    gen = HFGenerator(lm, tmpl, batch_size=32)
+    coefs = (1.0, 1.5, 2.0, 3.0)
+    ref = _reference_selection(lm, dirs, hv, lv, tmpl, ids, gen, coefs=coefs, scope="prompt", max_new_tokens=10,
+                               rerank=4)
+    s = pair_result.summary["chosen"]["post"]
+    assert (s["layer"], s["position"], s["coef"]) == ref["chosen"]
+    assert (s["baseline_logodds_harmful"], s["baseline_logodds_harmless"]) == ref["base"]
+    got = res.sel(position=dirs["position"])
+    np.testing.assert_array_equal(got["ablation_logodds"].values, ref["abl"])
+    np.testing.assert_array_equal(got["addition_logodds"].values, ref["add"])
+    np.testing.assert_array_equal(got["selection_score"].values, ref["score"])
+    g = s["generation"]
+    assert (g["baseline_harmful"], g["baseline_harmless"]) == ref["gen_base"]
+    layers, positions = list(dirs["layer"].values), list(dirs["position"].values)
+    want = [{"layer": int(layers[i]), "position": int(positions[j]), "ablation": ref["gen_abl"][i, j],
+             "addition": {str(c): ref["gen_add"][i, j, k] for k, c in enumerate(coefs)}}
+            for i, j in zip(*np.nonzero(np.isfinite(ref["gen_abl"])))]
+    assert g["candidates"] == want and len(want) == 4  # four candidates re-ranked: the comparison covers them
+    # the test-time scores: own and transferred directions, each condition generated on its own
+    chosen = {m: RefusalDirection(m, "resid_post", c["layer"], c["position"],
+                                  pair_result.data["direction"].sel(model=m, layer=c["layer"],
+                                                                    position=c["position"]).values, c["coef"])
+              for m, c in pair_result.summary["chosen"].items()}
+    comps = pair_result.summary["completions"]["post"]
+    for src, d in chosen.items():
+        want = gen.generate(th, max_new_tokens=10, interventions=d.ablation(lm))
+        assert [c["completion"] for c in comps[f"harmful|ablate:{src}"]] == want
+        want = gen.generate(tl, max_new_tokens=10, interventions=d.addition(lm, s["coef"], "prompt"))
+        assert [c["completion"] for c in comps[f"harmless|add:{src}"]] == want
+    assert [c["completion"] for c in comps["harmful"]] == gen.generate(th, max_new_tokens=10)
 
 
 @pytest.fixture(scope="module")

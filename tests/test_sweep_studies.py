@@ -132,7 +132,7 @@ def test_sweep_feeds_the_studies_the_pools_stores(world, tmp_path):
     out = tmp_path / "out"
     # the plan: each study's own captures, in <output>/<study>.zarr, for both groups
     planned = {(st.target.url, st.target.group) for st in study_targets(load_sweep(path))}
-    assert {Path(u).name for u, _ in planned} >= {"truthfulness.zarr"}  # TEMP
+    assert {Path(u).name for u, _ in planned} == {"truthfulness.zarr", "refusal.zarr"}
     assert {g.split("/")[0] for _, g in planned} == {"embedded", "random"}
 
     with LocalCluster(nodes=2, cpus_per_node=1) as cluster:
@@ -147,7 +147,7 @@ def test_sweep_feeds_the_studies_the_pools_stores(world, tmp_path):
         assert read == {p for p in planned if p[1].startswith(f"{g}/")}
         for url, group in read:  # written by the pool: complete
             assert ActivationStore.open(url, group).missing_shards() == []
-        assert {x["study"] for s in STUDIES for x in res["stores_read"][s]} >= {"truthfulness"}  # TEMP
+        assert {x["study"] for s in STUDIES for x in res["stores_read"][s]} == {"truthfulness", "refusal"}
 
     # the same studies on the same stores in this process give the same results
     jobs = sweep_jobs(path, tmp_path / "here", progress=False)  # nothing left to extract: no Ray is started

@@ -22,28 +22,35 @@ Following Arditi et al. (2024) as used by Du et al. (COLM 2025):
 
 :func:`run_refusal` does all of it for a :class:`~mechdiff.analyses.common.ModelGroup`: extraction (resumable)
 into a store, analysis, a results group, ``summary.json``, figures, and the findings.
+
+Cost: every candidate and condition on one prompt batch shares its forward passes (stacked along the batch, each
+acting on its own rows: :func:`stacked_last_logprobs`, :meth:`~mechdiff.engine.generate.HFGenerator.generate_many`),
+validation completions, which only their refusal flags are read from, stop once the flag is decided
+(:func:`refusal_decided`), a model is loaded once for the labels in a row that share it, and model work runs under
+the thread count measured faster on the machine (:func:`~mechdiff.engine.generate.faster_threads`). The scores
+equal those of one forward pass or generate call per candidate and condition (tests/test_refusal.py).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 import xarray as xr
 
 from mechdiff.analyses.common import Finding, ModelGroup, StoreRequirementError, StudyResult, require
-from mechdiff.analyses.study import StudyContext, StudyDef
+from mechdiff.analyses.study import CaptureRequirement, StudyContext, StudyDef
 from mechdiff.analyses.refusal_controls import Comparison, Rate, rate_difference, refusal_verdict
 from mechdiff.engine.batching import PromptTemplate, pad_batch, tokenize
 from mechdiff.engine.data import PromptSet, load_prompts
-from mechdiff.engine.generate import Generator, HFGenerator, contains_refusal, vllm_available
+from mechdiff.engine.generate import (Generator, HFGenerator, contains_refusal, faster_threads, generate_each,
+                                      intra_op_threads, stack_groups, stacked, vllm_available)
 from mechdiff.engine.models import LoadedModel
 from mechdiff.engine.sites import Intervention, hooks
 
@@ -56,6 +63,7 @@ __all__ = [
     "default_refusal_phrases",
     "refusal_score",
     "refusal_flags",
+    "refusal_decided",
     "refusal_token_ids",
     "assign_splits",
     "refusal_prompt_set",
@@ -67,6 +75,7 @@ __all__ = [
     "addition_interventions",
     "refusal_logodds",
     "last_logprobs",
+    "stacked_last_logprobs",
     "ablation_kl",
     "Selection",
     "select_direction",
@@ -160,6 +169,27 @@ def refusal_score(completions: Sequence[str], phrases: Sequence[str], match: str
     if len(completions) == 0:
         raise ValueError("no completions to score")
     return float(refusal_flags(completions, phrases, match).mean())
+
+
+#: Characters at the end of a partial completion that later tokens may still change when it is decoded again
+#: (a space removed before punctuation or a contraction, bytes completing a character): a phrase read there is
+#: not final yet.
+_UNSETTLED = 4
+
+
+def refusal_decided(text: str, phrases: Sequence[str], match: str = "substring") -> bool:
+    """True once the refusal flag (:func:`refusal_flags`) of a completion starting with ``text`` (so far, stripped)
+    is the same however it goes on: ``substring``, a phrase is already in the settled part; ``prefix``, the
+    settled part starts with a phrase or is long enough to tell that it starts with none. Generation can stop
+    there without changing the score."""
+    low = text.lower()
+    settled = len(low) - _UNSETTLED
+    if settled <= 0:
+        return False
+    if match == "prefix":
+        heads = [q.strip().lower() for q in phrases]
+        return any(low.startswith(h) and len(h) <= settled for h in heads) or all(len(h) <= settled for h in heads)
+    return any(0 <= low.find(q.lower()) <= settled - len(q) for q in phrases)
 
 
 def refusal_token_ids(tokenizer: Any, phrases: Sequence[str]) -> list[int]:
@@ -436,6 +466,11 @@ def refusal_logodds(
     if not token_ids:
         raise ValueError("no refusal tokens: none of the phrases starts with a token the vocabulary knows")
     lp = last_logprobs(lm, texts, template, interventions=interventions, batch_size=batch_size)
+    return _logodds(lp, token_ids)
+
+
+def _logodds(lp: torch.Tensor, token_ids: Sequence[int]) -> np.ndarray:
+    """Per row of ``lp`` ([rows, vocab] log-probabilities), the log-odds of the tokens ``token_ids``."""
     bad = [t for t in token_ids if not 0 <= t < lp.shape[-1]]
     if bad:
         raise ValueError(f"refusal token ids {bad} are outside the vocabulary of {lp.shape[-1]}")
@@ -471,6 +506,42 @@ def last_logprobs(
             out = torch.empty(len(ids), lp.shape[-1], dtype=torch.float64, device=lp.device)
         out[chunk] = lp
     return out
+
+
+@torch.inference_mode()
+def stacked_last_logprobs(
+    lm: LoadedModel,
+    texts: Sequence[str],
+    template: PromptTemplate,
+    conditions: Sequence[Sequence[Intervention]],
+    *,
+    batch_size: int = 32,
+) -> Iterator[tuple[int, list[int], torch.Tensor]]:
+    """:func:`last_logprobs` of ``texts`` under each of ``conditions`` (intervention lists, ``[]``: none), as
+    ``(condition, prompt indices, log-probabilities [len(indices), vocab])`` blocks, every prompt batch first
+    under condition 0, then 1, ...
+
+    The prompt batches are :func:`last_logprobs`'s: each runs once for as many conditions as fit, repeated along
+    the batch with each condition acting on its own rows, so every block equals its rows there (bit for bit
+    where the BLAS runs one kernel whatever the row count, as on a CPU from a few rows a batch up; else to
+    float32 rounding)."""
+    if len(texts) == 0:
+        raise ValueError("no prompts to score")
+    tok = lm.tokenizer
+    prompts = [template.apply(t, tok) for t in texts]
+    ids = tokenize(tok, prompts, add_special_tokens=template.spec != "chat")
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    for s in range(0, len(order), batch_size):
+        chunk = order[s : s + batch_size]
+        inputs = pad_batch([ids[i] for i in chunk], tok.pad_token_id, side="left", device=lm.device)
+        n, width = inputs["input_ids"].shape
+        for group in stack_groups(len(conditions), n, width, lm):
+            batch = {key: v.repeat(len(group), *([1] * (v.dim() - 1))) for key, v in inputs.items()}
+            threads = faster_threads(lm, len(group) * n, width)  # timed before the hooks go in
+            with hooks(lm.adapter, None, stacked([conditions[c] for c in group], n)), intra_op_threads(threads):
+                lp = torch.log_softmax(_last_logits(lm, batch).double(), dim=-1)
+            for g, c in enumerate(group):
+                yield c, chunk, lp[g * n : (g + 1) * n]
 
 
 def ablation_kl(lm: LoadedModel, texts: Sequence[str], template: PromptTemplate, direction: np.ndarray, *,
@@ -605,29 +676,14 @@ def select_direction(
     if not cands:
         raise ValueError(f"no candidate layer: the directions cover layers {layers}, candidates are "
                          f"{candidate_layers(n_layers, skip_last)}")
-    base_h = float(refusal_logodds(lm, harmful_val, template, token_ids, batch_size=batch_size).mean())
-    base_l = float(refusal_logodds(lm, harmless_val, template, token_ids, batch_size=batch_size).mean())
-    abl = np.full((len(layers), len(positions)), np.nan)
-    add = np.full_like(abl, np.nan)
-    kl = np.full_like(abl, np.nan)
+    if not token_ids:
+        raise ValueError("no refusal tokens: none of the phrases starts with a token the vocabulary knows")
     vals = np.asarray(directions.values, dtype=np.float64)
-    harmless_lp = last_logprobs(lm, harmless_val, template, batch_size=batch_size) if kl_max is not None else None
-    for l in cands:
-        i = layers.index(l)
-        for j, _ in enumerate(positions):
-            v = vals[i, j]
-            if not np.isfinite(v).all() or np.linalg.norm(v) < 1e-12:
-                continue
-            abl[i, j] = refusal_logodds(lm, harmful_val, template, token_ids,
-                                        interventions=ablation_interventions(v, n_layers, ablation_sites),
-                                        batch_size=batch_size).mean()
-            add_v = v / np.linalg.norm(v) if addition_unit else v
-            add[i, j] = refusal_logodds(lm, harmless_val, template, token_ids,
-                                        interventions=addition_interventions(add_v, l, site),
-                                        batch_size=batch_size).mean()
-            if kl_max is not None:
-                kl[i, j] = ablation_kl(lm, harmless_val, template, v, sites=ablation_sites, batch_size=batch_size,
-                                       baseline=harmless_lp)
+    todo = [(layers.index(l), j) for l in cands for j in range(len(positions))
+            if np.isfinite(vals[layers.index(l), j]).all() and np.linalg.norm(vals[layers.index(l), j]) >= 1e-12]
+    abl, add, kl, base_h, base_l = _candidate_logit_scores(
+        lm, vals, todo, layers, positions, harmful_val, harmless_val, template, token_ids, site=site,
+        ablation_sites=ablation_sites, batch_size=batch_size, addition_unit=addition_unit, kl=kl_max is not None)
     score = (base_h - abl) + (add - base_l)
     if np.isnan(score).all():
         raise ValueError(f"{model or 'model'}: every candidate direction is zero or NaN")
@@ -656,28 +712,84 @@ def select_direction(
     return Selection(chosen, scores, base_h, base_l, cands, gen)
 
 
+def _candidate_logit_scores(
+    lm: LoadedModel, vals: np.ndarray, todo: Sequence[tuple[int, int]], layers: list[int], positions: list[int],
+    harmful_val: Sequence[str], harmless_val: Sequence[str], template: PromptTemplate, token_ids: Sequence[int], *,
+    site: str, ablation_sites: Sequence[str], batch_size: int, addition_unit: bool, kl: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
+    """Every candidate ``todo`` ((layer index, position index) into ``vals``) scored as :func:`select_direction`
+    describes: mean log-odds on ``harmful_val`` with it ablated, on ``harmless_val`` with it added, and (``kl``)
+    the mean KL its ablation causes on ``harmless_val`` (:func:`ablation_kl`); plus both unsteered means.
+    All candidates share each prompt batch's forward passes (:func:`stacked_last_logprobs`): one pass over the
+    harmful prompts for every ablation, one over the harmless prompts for every addition and KL ablation."""
+    n_layers = lm.adapter.n_layers
+    shape = (len(layers), len(positions))
+    abl, add, kl_out = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
+    ablate = [ablation_interventions(vals[i, j], n_layers, ablation_sites) for i, j in todo]
+
+    def unit(v: np.ndarray) -> np.ndarray:
+        return v / np.linalg.norm(v) if addition_unit else v
+
+    adds = [addition_interventions(unit(vals[i, j]), layers[i], site) for i, j in todo]
+    k = len(todo)
+    h = np.empty((1 + k, len(harmful_val)))
+    for c, rows, lp in stacked_last_logprobs(lm, harmful_val, template, [[], *ablate], batch_size=batch_size):
+        h[c, rows] = _logodds(lp, token_ids)
+    conds = [[], *adds, *(ablate if kl else [])]
+    l = np.empty((1 + k, len(harmless_val)))
+    kl_rows = torch.empty((k, len(harmless_val)), dtype=torch.float64)
+    plain: torch.Tensor | None = None
+    for c, rows, lp in stacked_last_logprobs(lm, harmless_val, template, conds, batch_size=batch_size):
+        if c == 0:
+            plain = lp  # every batch comes first unsteered: the reference of its KL rows
+        if c <= k:
+            l[c, rows] = _logodds(lp, token_ids)
+        else:  # KL(P || P_ablated) per prompt, as ablation_kl computes it
+            kl_rows[c - 1 - k, rows] = (plain.exp() * (plain - lp)).sum(-1)
+    for t, (i, j) in enumerate(todo):
+        abl[i, j] = h[1 + t].mean()
+        add[i, j] = l[1 + t].mean()
+        if kl:
+            kl_out[i, j] = float(kl_rows[t].mean())
+    return abl, add, kl_out, float(h[0].mean()), float(l[0].mean())
+
+
 def _rerank(generator: Generator, score: np.ndarray, vals: np.ndarray, layers: list[int], positions: list[int],
             coefs: tuple[float, ...], harmful_val: Sequence[str], harmless_val: Sequence[str], *, n_layers: int,
             site: str, rerank: int, scope: str, ablation_sites: Sequence[str], max_new_tokens: int,
             phrases: tuple[str, ...], match: str, addition_unit: bool) -> tuple[tuple[int, int], float, xr.Dataset]:
     """Re-score the ``rerank`` best candidates by validation generations; see :func:`select_direction`."""
 
-    def refusal(texts: Sequence[str], ivs: Sequence[Intervention]) -> float:
-        return refusal_score(generator.generate(list(texts), max_new_tokens=max_new_tokens, interventions=ivs),
-                             phrases, match)
+    def decided(text: str) -> bool:
+        return refusal_decided(text, phrases, match)
+
+    def refusal(comps: Sequence[str]) -> float:
+        return refusal_score(comps, phrases, match)
 
     flat = np.where(np.isfinite(score), score, -np.inf).ravel()
     top = [np.unravel_index(int(k), score.shape) for k in np.argsort(-flat, kind="stable")[:rerank]
            if np.isfinite(flat[k])]
-    base_h, base_l = refusal(harmful_val, []), refusal(harmless_val, [])
+
+    def unit(v: np.ndarray) -> np.ndarray:
+        return v / np.linalg.norm(v) if addition_unit else v
+
+    # every condition on one prompt set in one stacked call; only the scores are kept, so each completion
+    # stops once its score is decided
+    ablated = generate_each(generator, list(harmful_val),
+                            [[], *(ablation_interventions(vals[i, j], n_layers, ablation_sites) for i, j in top)],
+                            max_new_tokens=max_new_tokens, stop=decided)
+    added = generate_each(generator, list(harmless_val),
+                          [[], *(addition_interventions(unit(vals[i, j]), layers[i], site, c, scope)
+                                 for i, j in top for c in coefs)],
+                          max_new_tokens=max_new_tokens, stop=decided)
+    base_h, base_l = refusal(ablated[0]), refusal(added[0])
     abl = np.full(score.shape, np.nan)
     add = np.full((*score.shape, len(coefs)), np.nan)
     best, best_gain, best_coef = top[0], -np.inf, coefs[0]
-    for i, j in top:  # best logit score first, so ties keep it
-        abl[i, j] = refusal(harmful_val, ablation_interventions(vals[i, j], n_layers, ablation_sites))
-        v = vals[i, j] / np.linalg.norm(vals[i, j]) if addition_unit else vals[i, j]
-        for k, c in enumerate(coefs):
-            add[i, j, k] = refusal(harmless_val, addition_interventions(v, layers[i], site, c, scope))
+    for t, (i, j) in enumerate(top):  # best logit score first, so ties keep it
+        abl[i, j] = refusal(ablated[1 + t])
+        for k in range(len(coefs)):
+            add[i, j, k] = refusal(added[1 + t * len(coefs) + k])
         k = int(np.argmax(add[i, j]))  # the first maximum: the smallest coefficient
         gain = (base_h - abl[i, j]) + (add[i, j, k] - base_l)
         if gain > best_gain:
@@ -740,11 +852,15 @@ def intervention_scores(
     if not harmful or not harmless:
         raise ValueError("need harmful and harmless prompts to score")
 
-    def gen(texts: Sequence[str], ivs: Sequence[Intervention]) -> list[str]:
-        return generator.generate(list(texts), max_new_tokens=max_new_tokens, interventions=ivs)
-
-    comps: dict[str, list[str]] = {k: list(baseline[k]) if baseline is not None else gen(v, [])
-                                    for k, v in (("harmful", harmful), ("harmless", harmless))}
+    srcs = list(directions)
+    plain = [] if baseline is not None else [[]]
+    # each prompt set once, every condition stacked: unsteered (unless given), then each source's direction
+    h = _each(generator, harmful, [*plain, *(directions[s].ablation(lm, ablation_sites) for s in srcs)],
+              max_new_tokens)
+    l = _each(generator, harmless, [*plain, *(directions[s].addition(lm, coef, addition_scope, unit=addition_unit)
+                                              for s in srcs)], max_new_tokens)
+    comps: dict[str, list[str]] = ({"harmful": list(baseline["harmful"]), "harmless": list(baseline["harmless"])}
+                                   if baseline is not None else {"harmful": h[0], "harmless": l[0]})
     res = RefusalScores(target, {}, {}, {}, comps)
 
     def score(key: str) -> float:
@@ -752,12 +868,17 @@ def intervention_scores(
         return float(res.flags[key].mean())
 
     res.baseline = {k: score(k) for k in ("harmful", "harmless")}
-    for src, d in directions.items():
-        comps[f"harmful|ablate:{src}"] = gen(harmful, d.ablation(lm, ablation_sites))
+    for t, src in enumerate(srcs):
+        comps[f"harmful|ablate:{src}"] = h[len(plain) + t]
         res.ablation[src] = score(f"harmful|ablate:{src}")
-        comps[f"harmless|add:{src}"] = gen(harmless, d.addition(lm, coef, addition_scope, unit=addition_unit))
+        comps[f"harmless|add:{src}"] = l[len(plain) + t]
         res.addition[src] = score(f"harmless|add:{src}")
     return res
+
+
+def _each(generator: Generator, texts: Sequence[str], conditions: list[list[Intervention]],
+          max_new_tokens: int) -> list[list[str]]:
+    return generate_each(generator, list(texts), conditions, max_new_tokens=max_new_tokens) if conditions else []
 
 
 def make_generator(kind: str, lm: LoadedModel, template: PromptTemplate, *, model_path: str | None = None,
@@ -818,45 +939,61 @@ def _templates(group: ModelGroup, templates: Mapping[str, str] | None) -> dict[s
     return out
 
 
-def _group_name(group: ModelGroup, label: str, prompts: PromptSet, template: str | None = None) -> str:
-    """The store group of ``label``'s activations: under its own template, or (``template``) under another."""
-    clean = "".join(c if c.isalnum() or c in "-_." else "_" for c in group.name)
-    name = f"{clean}/{label}/refusal-{prompts.hash[:12]}"
-    if template is not None:
-        import hashlib
-
-        name += f"-template-{hashlib.sha256(template.encode()).hexdigest()[:8]}"
-    return name
-
-
 def _partners(group: ModelGroup, label: str) -> list[str]:
     """The labels ``label`` is compared with: the post models for the base, the base for a post model."""
     return [q for b, p in group.pairs for q in ((p,) if b == label else (b,) if p == label else ())]
 
 
-@contextmanager
-def _chat_template_for(lm: LoadedModel, spec: str, label: str, group: ModelGroup, own: bool):
-    """A base model prompted under its partner's chat template may have none of its own: it borrows the
-    partner's for the extraction (a base and its post-trained model share a vocabulary; the store records the
-    tokenizer, template included, that it was made with)."""
-    tok = lm.tokenizer
-    if spec != "chat" or getattr(tok, "chat_template", None):
-        yield
-        return
+def _capture_template(group: ModelGroup, label: str, spec: str, own: bool, tokenizer: Any = None) -> str:
+    """The template ``label``'s capture under ``spec`` is extracted with: ``spec`` itself, except that a model
+    prompted under its partner's chat template that has none of its own borrows the partner's, written out as
+    a format string (a base and its post-trained model share a vocabulary), so that any process can extract
+    it without the partner's tokenizer."""
+    if spec != "chat":
+        return spec
+    from mechdiff.engine.models import load_tokenizer
+
+    tok = tokenizer if tokenizer is not None else load_tokenizer(group.models[label])
+    if getattr(tok, "chat_template", None):
+        return spec
     if own:
         raise ValueError(f"model {label!r} ({group.models[label]}) has no chat template; "
                          f"give it a template with {{text}} (templates={{{label!r}: ...}})")
-    from mechdiff.engine.models import load_tokenizer
+    for q in _partners(group, label):
+        donor = load_tokenizer(group.models[q])
+        if getattr(donor, "chat_template", None):
+            return donor.apply_chat_template([{"role": "user", "content": "{text}"}], tokenize=False,
+                                             add_generation_prompt=True)
+    raise ValueError(f"model {label!r} has no chat template and no partner has one to lend")
 
-    donors = [load_tokenizer(group.models[q]) for q in _partners(group, label)]
-    donor = next((d.chat_template for d in donors if getattr(d, "chat_template", None)), None)
-    if donor is None:
-        raise ValueError(f"model {label!r} has no chat template and no partner has one to lend")
-    tok.chat_template = donor
-    try:
-        yield
-    finally:
-        tok.chat_template = None
+
+def capture_plan(config: "RefusalConfig", group: ModelGroup, datasets: Mapping[str, Any]) -> list[tuple[str, str, CaptureRequirement]]:
+    """(label, template, requirement) for every capture the study reads: each model's harmful and harmless
+    instructions at the post-instruction positions of every layer, under its own template and under each
+    partner's (the template-matched comparison needs both models under one template)."""
+    from mechdiff.engine.extract import CaptureSpec
+
+    prompts, _ = refusal_prompt_set(datasets.get("harmful"), datasets.get("harmless"), n_val=config.n_val,
+                                    n_eval=config.n_eval, seed=config.seed, text_column=config.text_column)
+    tmpl = _templates(group, config.templates)
+    specs = {l: [tmpl[l].spec] for l in group.labels}
+    for b, p in group.pairs:
+        for x, y in ((b, p), (p, b)):
+            if tmpl[y].spec not in specs[x]:
+                specs[x].append(tmpl[y].spec)
+    out = []
+    for label in group.labels:
+        for spec in specs[label]:
+            own = spec == tmpl[label].spec
+            cap = CaptureSpec(sites=(config.site,), layers="all", positions="post_instruction",
+                              template=_capture_template(group, label, spec, own), dtype=config.store_dtype)
+            name = f"refusal-{prompts.hash[:12]}"
+            if not own:
+                import hashlib
+
+                name += f"-template-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
+            out.append((label, spec, CaptureRequirement(STUDY, label, "instructions", cap, name, prompts)))
+    return out
 
 
 def _unselected(label: str, site: str, dirs: xr.DataArray, layer: int) -> Selection:
@@ -903,6 +1040,8 @@ def run_refusal(
     n_splits: int = 5,
     lms: Mapping[str, LoadedModel] | None = None,
     progress: bool = False,
+    stores: Mapping[tuple[str, str], xr.Dataset] | None = None,
+    save: bool = True,
 ) -> StudyResult:
     """The refusal study for every model of ``group`` (base vs each post-trained model).
 
@@ -928,11 +1067,12 @@ def run_refusal(
     that does not refuse is not searched for a direction and not steered (``select_all``: it is anyway): its
     comparison is inconclusive.
 
-    Writes ``out_dir/refusal/`` (results.zarr, summary.json, figures) and returns the :class:`StudyResult`.
+    ``stores``: (label, template) -> the opened store of that capture (:func:`capture_plan`); without them the
+    captures are extracted first (into ``store``, default ``out_dir/store.zarr``; resumable) by the generic
+    runner, then the study runs on them. Writes ``out_dir/refusal/`` (figures; with ``save`` results.zarr and
+    summary.json) and returns the :class:`StudyResult`.
     """
-    from mechdiff.engine.extract import CaptureSpec, extract
     from mechdiff.engine.models import load_model
-    from mechdiff.engine.store import open_store
 
     t0 = time.perf_counter()
     # -- everything checked before any model runs
@@ -972,6 +1112,20 @@ def run_refusal(
     unknown = set(lms) - set(group.labels)
     if unknown:
         raise ValueError(f"lms given for unknown models {sorted(unknown)}; models are {list(group.labels)}")
+    if stores is None:
+        from mechdiff.analyses.study import run_study
+
+        config = RefusalConfig(
+            site=site, templates=dict(templates) if templates else None, phrases=tuple(phrases),
+            max_new_tokens=max_new_tokens, n_val=n_val, n_eval=n_eval, skip_last=skip_last, generator=generator,
+            batch_size=batch_size, text_column=text_column, store_dtype=store_dtype, token_budget=token_budget,
+            seed=seed, addition_scope=addition_scope, addition_coefs=tuple(addition_coefs),
+            addition_unit=addition_unit, rerank=rerank, match=match, kl_max=kl_max, select_all=select_all,
+            n_bootstrap=n_bootstrap, n_null=n_null, n_splits=n_splits)
+        ctx = StudyContext(group, {"harmful": harmful, "harmless": harmless}, Path(out_dir), device=device,
+                           model_dtype=model_dtype, progress=progress, models=dict(lms or {}))
+        return run_study(study, config, ctx, store=store,
+                         token_budget=token_budget, save=save)
 
     lab = prompts.columns[_LABEL]
     texts = np.asarray(prompts.texts, dtype=object)
@@ -981,10 +1135,16 @@ def run_refusal(
     test_h = _sample(texts[(splits == "test") & (lab == 1)], n_eval, seed + 2)
     test_l = _sample(texts[(splits == "test") & (lab == 0)], n_eval, seed + 3)
 
+    held: dict[str, LoadedModel] = {}  # the last model loaded here, by path: labels in a row that share it load once
+
     def model(label: str) -> LoadedModel:
         if label in lms:
             return lms[label]
-        return load_model(group.models[label], dtype=model_dtype, device=device)
+        path = group.models[label]
+        if path not in held:
+            held.clear()  # one loaded model at a time
+            held[path] = load_model(path, dtype=model_dtype, device=device)
+        return held[path]
 
     # -- per model: extract under every template the comparisons need, directions, unsteered test completions
     # (each model's own template, and each partner's: the template-matched comparison needs both models under
@@ -1017,16 +1177,10 @@ def run_refusal(
                 acts[(label, spec)] = acts[(twin.split("|")[0], spec)]
                 extract_info[key] = {**extract_info[twin], "same_as": twin}
                 continue
-            g = groups[key] = _group_name(group, label, prompts, None if own else spec)
-            with _chat_template_for(lm, spec, label, group, own):
-                cap = CaptureSpec(sites=(site,), layers="all", positions="post_instruction", template=spec,
-                                  dtype=store_dtype)
-                rep = extract(lm, prompts, cap, store, g, token_budget=token_budget, progress=progress)
-            extract_info[key] = {"group": g, "template": spec, "shards_written": rep.shards_written,
-                                 "shards_skipped": rep.shards_skipped, "tokens": rep.tokens,
-                                 "seconds": round(rep.seconds, 3)}
-            ds = acts[(label, spec)] = open_store(store, g)
-            check_store(ds, site=site, template=spec, n_layers=lm.adapter.n_layers)
+            ds = acts[(label, spec)] = stores[(label, spec)]
+            groups[key] = ds.attrs.get("group")
+            extract_info[key] = {"url": ds.attrs.get("store_url"), "group": ds.attrs.get("group"), "template": spec}
+            check_store(ds, site=site, template=ds.attrs.get("template"), n_layers=lm.adapter.n_layers)
         dirs[label] = refusal_directions(acts[(label, tmpl[label].spec)], site=site, rows=train).load()
         ids = refusal_token_ids(lm.tokenizer, phrases)
         if not ids:
@@ -1115,7 +1269,7 @@ def run_refusal(
         },
         "used": {"val_harmful": len(val_h), "val_harmless": len(val_l), "test_harmful": len(test_h),
                  "test_harmless": len(test_l)},
-        "store": {"url": store, "extract": extract_info},
+        "store": {"read": extract_info},
         "chosen": {k: s.summary() for k, s in sel.items()},
         "cosine": {
             pair: {
@@ -1145,7 +1299,8 @@ def run_refusal(
                         "that model's first two principal components (harmful vs harmless), with its refusal "
                         "direction as an arrow (the paper's Figure 1c).")
     summary["seconds"] = round(time.perf_counter() - t0, 2)
-    res.save(out)
+    if save:
+        res.save(out)
     return res
 
 
@@ -1451,14 +1606,15 @@ class RefusalConfig:
 
 def _run_study(ctx: StudyContext, config: RefusalConfig) -> StudyResult:
     options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    stores = {(label, spec): ctx.store(req) for label, spec, req in capture_plan(config, ctx.group, ctx.datasets)}
     return run_refusal(ctx.group, ctx.dataset("harmful", "refusal"), ctx.dataset("harmless", "refusal"), ctx.out,
-                       store=str(ctx.out / "store.zarr"), device=ctx.device, lms=ctx.all_models(),
-                       progress=ctx.progress, **options)
+                       device=ctx.device, lms=ctx.all_models(), progress=ctx.progress, stores=stores, save=False,
+                       **options)
 
 
 study = StudyDef(
     name="refusal", Config=RefusalConfig, datasets=("harmful", "harmless"),
-    requirements=lambda config, group, datasets: [],
+    requirements=lambda config, group, datasets: [req for _, _, req in capture_plan(config, group, datasets)],
     run=_run_study, describe="refusal directions from harmful vs harmless instructions, their similarity, ablation and "
     "addition and its transfer, scored on generations",
 )

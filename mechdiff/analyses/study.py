@@ -302,22 +302,36 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
+def _identity(ctx: StudyContext, r: CaptureRequirement) -> tuple:
+    """What makes two requirements one capture: the same model files, capture spec and rows (e.g. a model
+    compared with itself, as a control, under one template)."""
+    path = ctx.group.models[r.model]
+    path = str(Path(path).resolve()) if Path(path).is_dir() else path
+    return (path, r.spec, r.prompts.hash if r.prompts is not None else None)
+
+
 def provide_captures(ctx: StudyContext, reqs: Sequence[CaptureRequirement], store: str, *, shard_size: int = 256,
                      token_budget: int | None = None) -> list[Any]:
     """Extract, in this process, every requirement that ``ctx.stores`` has no store for, into ``store``
-    (group ``<model>/<name>``; resumable), and file it in ``ctx.stores``. Returns the extraction reports.
+    (group ``<model>/<name>``; resumable), and file it in ``ctx.stores``; a requirement that is the same capture
+    as one already filed (same model files, spec and rows) shares its store. Returns the extraction reports.
     A sweep provides its stores through the actor pool instead, and this then finds nothing missing."""
     from mechdiff.engine.extract import extract
 
     reports = []
+    have = {_identity(ctx, r): ctx.stores[r.key] for r in reqs if r.key in ctx.stores}
     for r in reqs:
         if r.key in ctx.stores:
+            continue
+        ident = _identity(ctx, r)
+        if ident in have:
+            ctx.stores[r.key] = have[ident]
             continue
         if r.prompts is None:
             raise StoreRequirementError(f"no store holds {r.describe()}, and no prompts were given to extract it from")
         rep = extract(ctx.model(r.model), r.prompts, r.spec, store, f"{r.model}/{r.name}", shard_size=shard_size,
                       token_budget=token_budget, progress=ctx.progress)
-        ctx.stores[r.key] = StoreRef(rep.url, rep.group)
+        ctx.stores[r.key] = have[ident] = StoreRef(rep.url, rep.group)
         reports.append(rep)
     return reports
 
@@ -325,16 +339,20 @@ def provide_captures(ctx: StudyContext, reqs: Sequence[CaptureRequirement], stor
 def run_study(study: StudyDef, config: Any, ctx: StudyContext, *, store: str | None = None, shard_size: int = 256,
               token_budget: int | None = None, save: bool = True) -> StudyResult:
     """``study`` with ``config`` in ``ctx``: its missing captures extracted into ``store`` (default
-    ``ctx.out/store.zarr``), then run; the store groups it read go into its summary (``stores_read``); with
-    ``save``, its results are written under ``ctx.out/<study>/``."""
+    ``ctx.out/store.zarr``), then run; the store groups it read go into its summary (``stores_read``), and what
+    was extracted for it (``extracted``); with ``save``, its results are written under ``ctx.out/<study>/``."""
     if not isinstance(config, study.Config):
         raise StudyConfigError(f"study {study.name} takes a {study.Config.__name__}, not {type(config).__name__}")
     reqs = study.requirements(config, ctx.group, ctx.datasets)
-    provide_captures(ctx, reqs, store or str(Path(ctx.out) / "store.zarr"), shard_size=shard_size,
-                     token_budget=token_budget)
+    reports = provide_captures(ctx, reqs, store or str(Path(ctx.out) / "store.zarr"), shard_size=shard_size,
+                               token_budget=token_budget)
     first = len(ctx.reads)
     result = study.run(ctx, config)
     result.summary["stores_read"] = [dataclasses.asdict(r) for r in ctx.reads[first:]]
+    # what this run extracted itself for the study (nothing where a sweep's pool provided the stores)
+    result.summary["extracted"] = [
+        {"url": r.url, "group": r.group, "shards_written": r.shards_written, "shards_skipped": r.shards_skipped,
+         "tokens": r.tokens, "seconds": round(r.seconds, 3)} for r in reports]
     if save:
         result.save(ctx.out)
     return result

@@ -30,10 +30,16 @@ class StudyTarget:
     """A study's requirement as one of the sweep's extraction targets (or, when ``pinned``, a sweep capture's
     existing target that holds it)."""
 
+    group: str  # the model group whose study reads it
     requirement: CaptureRequirement
     target: Target
     prompts: PromptSet = field(compare=False, repr=False)
     pinned: bool = False
+    shared: bool = False  # the same capture as an earlier requirement's (same model files, spec, rows): read, not extracted
+
+    @property
+    def extracts(self) -> bool:
+        return not (self.pinned or self.shared)
 
 
 def group_of(sweep: Sweep, name: str) -> ModelGroup:
@@ -115,6 +121,7 @@ def study_targets(sweep: Sweep, *, quick: bool = False, studies: Sequence[str] |
     """Every requirement of every study the sweep configures (``studies``: only these), as extraction targets."""
     out: list[StudyTarget] = []
     seen: set[tuple[str, str]] = set()
+    planned: dict[tuple, Target] = {}  # (model files, spec, rows) -> the target that extracts it
     for gname, specs in sweep.groups.items():
         group = group_of(sweep, gname)
         datasets = group_inputs(sweep, gname).datasets()
@@ -128,9 +135,13 @@ def study_targets(sweep: Sweep, *, quick: bool = False, studies: Sequence[str] |
             for req in study.requirements(configs[st_name], group, datasets):
                 if entry.capture is not None:
                     t = _pinned_target(sweep, st_name, req, req.prompts, gname)
-                    out.append(StudyTarget(req, t, req.prompts, pinned=True))
+                    out.append(StudyTarget(gname, req, t, req.prompts, pinned=True))
                     continue
                 model = next(m for m in specs if m.label == req.model)
+                ident = (model.path, model.revision, model.dtype, req.spec, req.prompts.hash)
+                if ident in planned:
+                    out.append(StudyTarget(gname, req, planned[ident], req.prompts, shared=True))
+                    continue
                 ds = DatasetSpec(f"{st_name}.{req.dataset}.{req.prompts.hash[:12]}", req.prompts.source)
                 cap = CaptureEntry(f"{st_name}.{req.name}", req.spec, (ds.name,), (gname,))
                 url = f"{sweep.output.rstrip('/')}/{st_name}.zarr"
@@ -138,13 +149,14 @@ def study_targets(sweep: Sweep, *, quick: bool = False, studies: Sequence[str] |
                 if (t.url, t.group) in seen:
                     raise SweepError(f"{sweep.file}: study {st_name} asks for store group {t.group} twice")
                 seen.add((t.url, t.group))
-                out.append(StudyTarget(req, t, req.prompts))
+                planned[ident] = t
+                out.append(StudyTarget(gname, req, t, req.prompts))
     return out
 
 
 def study_extraction(sweep: Sweep, *, quick: bool = False, studies: Sequence[str] | None = None) -> list[tuple[Target, PromptSet]]:
     """The studies' own targets with their prompts, as :func:`~mechdiff.cluster.runner.run_sweep` extracts them."""
-    return [(st.target, st.prompts) for st in study_targets(sweep, quick=quick, studies=studies) if not st.pinned]
+    return [(st.target, st.prompts) for st in study_targets(sweep, quick=quick, studies=studies) if st.extracts]
 
 
 def sweep_jobs(
@@ -165,9 +177,9 @@ def sweep_jobs(
                      and all(p is not None for p in inputs.files(s)))
         inputs.check(here)
         stores = {st.requirement.key: StoreRef(st.target.url, st.target.group, sweep.storage_options)
-                  for st in targets if st.target.model.group == name}
+                  for st in targets if st.group == name}
         jobs.append(GroupJob(group_of(sweep, name), inputs, Path(out_dir) / name, here,
                              group_configs(sweep, name, quick), stores))
-    run_sweep(sweep, address=address, extra=[(st.target, st.prompts) for st in targets if not st.pinned],
+    run_sweep(sweep, address=address, extra=[(st.target, st.prompts) for st in targets if st.extracts],
               progress=progress)
     return jobs

@@ -8,7 +8,6 @@ from typing import Callable, Iterator
 
 from rich.progress import (
     BarColumn,
-    MofNCompleteColumn,
     Progress,
     ProgressColumn,
     TaskProgressColumn,
@@ -18,7 +17,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-__all__ = ["token_progress", "count_progress"]
+__all__ = ["token_progress"]
 
 
 class _RateColumn(ProgressColumn):
@@ -48,15 +47,3 @@ def token_progress(description: str, total_tokens: int, *, enabled: bool = True)
     with Progress(*cols, transient=not sys.stderr.isatty(), disable=not enabled) as prog:
         task = prog.add_task(description, total=total_tokens)
         yield lambda n: prog.advance(task, n)
-
-
-@contextlib.contextmanager
-def count_progress(description: str, total: int, *, enabled: bool = True) -> Iterator[Callable[[int], None]]:
-    """A bar over items (runs, prompts, units); yields ``advance(n)``."""
-    if not enabled:
-        yield lambda n=1: None
-        return
-    cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*cols, transient=not sys.stderr.isatty()) as prog:
-        task = prog.add_task(description, total=total)
-        yield lambda n=1: prog.advance(task, n)

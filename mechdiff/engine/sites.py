@@ -97,6 +97,9 @@ class Intervention:
     ``prompt_only`` (add/ablate): act on forward passes over more than one token (a prompt, or the prefill of
     cached generation) and leave single-token decode steps alone, so a steered prompt is continued by the
     model's own dynamics.
+    ``rows`` (a ``slice`` of the batch): act on those batch rows only, as if they were a batch of their own, so
+    one forward pass can run several conditions stacked along the batch (``index`` / ``values`` then count
+    rows within the slice).
     """
 
     site: str
@@ -107,6 +110,7 @@ class Intervention:
     values: torch.Tensor | None = None
     index: torch.Tensor | None = None
     prompt_only: bool = False
+    rows: slice | None = None
 
     def __post_init__(self) -> None:
         if self.site not in SITES:
@@ -119,6 +123,11 @@ class Intervention:
             raise ValueError("intervention 'replace' needs values and index")
         if self.prompt_only and self.kind == "replace":
             raise ValueError("prompt_only applies to add/ablate; 'replace' already names its positions")
+        if self.rows is not None:
+            r = self.rows
+            if not (isinstance(r, slice) and r.step in (None, 1) and isinstance(r.start, int)
+                    and isinstance(r.stop, int) and 0 <= r.start < r.stop):
+                raise ValueError(f"intervention rows {r!r}: a slice(start, stop) of batch rows, 0 <= start < stop")
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Return the modified activation ``x`` ([batch, seq, width]); never writes into ``x``."""
@@ -255,13 +264,35 @@ def hooks(
             h.remove()
 
 
+def _apply_all(ivs: Sequence[Intervention], x: torch.Tensor) -> torch.Tensor:
+    """``ivs`` applied in order to ``x`` ([batch, seq, width]). Row-restricted ones act on their slice only: the
+    batch is cut at every slice boundary, each piece gets the interventions that cover it (in order) exactly as a
+    batch of its own would, and the pieces are joined again."""
+    if all(iv.rows is None for iv in ivs):
+        for iv in ivs:
+            x = iv.apply(x)
+        return x
+    n = x.shape[0]
+    for iv in ivs:
+        if iv.rows is not None and iv.rows.stop > n:
+            raise ValueError(f"intervention rows {iv.rows!r} reach past the batch of {n} rows")
+    cuts = sorted({0, n, *(b for iv in ivs if iv.rows is not None for b in (iv.rows.start, iv.rows.stop))})
+    pieces = []
+    for a, b in zip(cuts, cuts[1:]):
+        piece = x[a:b]
+        for iv in ivs:
+            if iv.rows is None or (iv.rows.start <= a and b <= iv.rows.stop):
+                piece = iv.apply(piece)
+        pieces.append(piece)
+    return torch.cat(pieces)
+
+
 def _out_hook(site: str, layer: int, ivs: list[Intervention], cap: Capture | None):
     def hook(module, args, output):
         x = hidden_from_output(output)
-        changed = False
-        for iv in ivs:
-            x = iv.apply(x)
-            changed = True
+        changed = bool(ivs)
+        if changed:
+            x = _apply_all(ivs, x)
         if cap is not None:
             cap.take(site, layer, x)
         return replace_hidden_in_output(output, x) if changed else None
@@ -272,10 +303,9 @@ def _out_hook(site: str, layer: int, ivs: list[Intervention], cap: Capture | Non
 def _in_hook(site: str, layer: int, ivs: list[Intervention], cap: Capture | None):
     def hook(module, args, kwargs):
         x = _input_hidden(args, kwargs)
-        changed = False
-        for iv in ivs:
-            x = iv.apply(x)
-            changed = True
+        changed = bool(ivs)
+        if changed:
+            x = _apply_all(ivs, x)
         if cap is not None:
             cap.take(site, layer, x)
         return _with_input_hidden(args, kwargs, x) if changed else None
