@@ -493,9 +493,7 @@ def last_logprobs(
     if len(texts) == 0:
         raise ValueError("no prompts to score")
     tok = lm.tokenizer
-    prompts = [template.apply(t, tok) for t in texts]
-    ids = tokenize(tok, prompts, add_special_tokens=template.spec != "chat")
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    ids, order = _templated_ids(lm, texts, template)
     out: torch.Tensor | None = None
     for s in range(0, len(order), batch_size):
         chunk = order[s : s + batch_size]
@@ -506,6 +504,13 @@ def last_logprobs(
             out = torch.empty(len(ids), lp.shape[-1], dtype=torch.float64, device=lp.device)
         out[chunk] = lp
     return out
+
+
+def _templated_ids(lm: LoadedModel, texts: Sequence[str], template: PromptTemplate) -> tuple[list[list[int]], list[int]]:
+    """Each text's token ids under ``template``, and the rows ordered by length (the batches' order)."""
+    prompts = [template.apply(t, lm.tokenizer) for t in texts]
+    ids = tokenize(lm.tokenizer, prompts, add_special_tokens=template.spec != "chat")
+    return ids, sorted(range(len(ids)), key=lambda i: len(ids[i]))
 
 
 @torch.inference_mode()
@@ -528,9 +533,7 @@ def stacked_last_logprobs(
     if len(texts) == 0:
         raise ValueError("no prompts to score")
     tok = lm.tokenizer
-    prompts = [template.apply(t, tok) for t in texts]
-    ids = tokenize(tok, prompts, add_special_tokens=template.spec != "chat")
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    ids, order = _templated_ids(lm, texts, template)
     for s in range(0, len(order), batch_size):
         chunk = order[s : s + batch_size]
         inputs = pad_batch([ids[i] for i in chunk], tok.pad_token_id, side="left", device=lm.device)

@@ -157,7 +157,7 @@ class ModelWorker:
 
     def extract_shard(self, model: ModelSpec, target_key: str, prompts_ref: list, capture: CaptureEntry,
                       max_length: int | None, truncate: bool, url: str, group: str,
-                      storage_options: dict | None, shard: int, token_budget: int, unit_key: str) -> UnitResult:
+                      storage_options: dict | None, shard: int, token_budget: int | None, unit_key: str) -> UnitResult:
         """Capture one shard straight into the store; its done flag is set after its data is written."""
         from mechdiff.engine.extract import run_shards
         from mechdiff.engine.store import ActivationStore

@@ -6,7 +6,7 @@ A sweep file is YAML::
     output: s3://bucket/mechdiff/llama31      # store root; one Zarr store per capture: <output>/<capture>.zarr
     storage_options: {endpoint_url: ...}      # fsspec options for s3:// / gs:// outputs (optional)
     shard_size: 256                           # examples per shard = per work unit (optional)
-    token_budget: 16384                       # padded tokens per batch (optional)
+    token_budget: 16384                       # padded tokens per batch (optional; default: per device type)
     models:
       llama31-8b:                             # a model group: a base and its post-trained versions
         base: meta-llama/Llama-3.1-8B
@@ -173,7 +173,7 @@ class Sweep:
     studies: dict[str, StudyEntry] = field(default_factory=dict)
     storage_options: dict[str, Any] | None = None
     shard_size: int = 256
-    token_budget: int = 16384
+    token_budget: int | None = None  # None: each replica's device's default (engine.batching.TOKEN_BUDGETS)
     max_length: int | None = None
     truncate: bool = False
     resources: Resources = Resources()
@@ -391,7 +391,7 @@ def parse_sweep(text: str, *, file: str = "<sweep>", base_dir: str | Path = ".")
         studies=studies,
         storage_options=storage_options,
         shard_size=top["shard_size"].int(1) if "shard_size" in top else 256,
-        token_budget=top["token_budget"].int(1) if "token_budget" in top else 16384,
+        token_budget=top["token_budget"].int(1) if "token_budget" in top else None,
         max_length=top["max_length"].int(1) if "max_length" in top and not top["max_length"].is_null else None,
         truncate=top["truncate"].bool() if "truncate" in top else False,
         resources=resources,

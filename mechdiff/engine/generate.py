@@ -12,7 +12,7 @@ import math
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -140,6 +140,15 @@ class HFGenerator:
         return self.threads
 
     @torch.inference_mode()
+    def _ids_and_eos(self, texts: Sequence[str]) -> tuple[list[list[int]], Any]:
+        """The templated prompts' token ids, and the stop tokens: the model's own (a chat model's end-of-turn
+        marker among them), else the tokenizer's."""
+        tok = self.lm.tokenizer
+        prompts = [self.template.apply(t, tok) for t in texts]
+        ids = tokenize(tok, prompts, add_special_tokens=self.template.spec != "chat")
+        eos = getattr(getattr(self.lm.model, "generation_config", None), "eos_token_id", None)
+        return ids, tok.eos_token_id if eos is None else eos
+
     def generate(
         self, texts: Sequence[str], *, max_new_tokens: int = 32, interventions: Sequence[Intervention] = ()
     ) -> list[str]:
@@ -147,12 +156,7 @@ class HFGenerator:
             if iv.index is not None or iv.kind == "replace":
                 raise ValueError("generation interventions act on every position: give add/ablate with no index")
         tok = self.lm.tokenizer
-        prompts = [self.template.apply(t, tok) for t in texts]
-        ids = tokenize(tok, prompts, add_special_tokens=self.template.spec != "chat")
-        # the model's own stop tokens (a chat model's end-of-turn marker among them), else the tokenizer's
-        eos = getattr(getattr(self.lm.model, "generation_config", None), "eos_token_id", None)
-        if eos is None:
-            eos = tok.eos_token_id
+        ids, eos = self._ids_and_eos(texts)
         outs: list[str] = [""] * len(ids)
         # Longest first inside length order keeps padding low; results go back to input order.
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -206,11 +210,7 @@ class HFGenerator:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}: at least 1")
         tok = self.lm.tokenizer
-        prompts = [self.template.apply(t, tok) for t in texts]
-        ids = tokenize(tok, prompts, add_special_tokens=self.template.spec != "chat")
-        eos = getattr(getattr(self.lm.model, "generation_config", None), "eos_token_id", None)
-        if eos is None:
-            eos = tok.eos_token_id
+        ids, eos = self._ids_and_eos(texts)
         outs: list[list[str]] = [[""] * len(ids) for _ in conditions]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         for s in range(0, len(order), self.batch_size):
