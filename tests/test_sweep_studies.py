@@ -107,6 +107,8 @@ def test_study_options_are_checked_against_the_study_config(world):
         parse_sweep(bad, file="s.yaml", base_dir=world)
     with pytest.raises(SweepError, match=r"studies\.confidence\.limit: .*'eight' is not"):
         parse_sweep(text.replace("limit: 8", "limit: eight"), file="s.yaml", base_dir=world)
+    with pytest.raises(SweepError, match=r"studies\.refusal\.templates: .*'chat' is not dict\[str, str\]"):
+        parse_sweep(text.replace("n_val: 3,", "templates: chat, n_val: 3,"), file="s.yaml", base_dir=world)
     assert issubclass(StudyConfigError, ValueError)
 
 

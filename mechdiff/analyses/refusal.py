@@ -970,10 +970,10 @@ def _capture_template(group: ModelGroup, label: str, spec: str, own: bool, token
     raise ValueError(f"model {label!r} has no chat template and no partner has one to lend")
 
 
-def capture_plan(config: "RefusalConfig", group: ModelGroup, datasets: Mapping[str, Any]) -> list[tuple[str, str, CaptureRequirement]]:
-    """(label, template, requirement) for every capture the study reads: each model's harmful and harmless
-    instructions at the post-instruction positions of every layer, under its own template and under each
-    partner's (the template-matched comparison needs both models under one template)."""
+def capture_plan(config: "RefusalConfig", group: ModelGroup, datasets: Mapping[str, Any]) -> list[CaptureRequirement]:
+    """Every capture the study reads (``variant``: the template it is compared under): each model's harmful and
+    harmless instructions at the post-instruction positions of every layer, under its own template and under
+    each partner's (the template-matched comparison needs both models under one template)."""
     from mechdiff.engine.extract import CaptureSpec
 
     prompts, _ = refusal_prompt_set(datasets.get("harmful"), datasets.get("harmless"), n_val=config.n_val,
@@ -995,7 +995,7 @@ def capture_plan(config: "RefusalConfig", group: ModelGroup, datasets: Mapping[s
                 import hashlib
 
                 name += f"-template-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
-            out.append((label, spec, CaptureRequirement(STUDY, label, "instructions", cap, name, prompts)))
+            out.append(CaptureRequirement(STUDY, label, "instructions", cap, name, prompts, variant=spec))
     return out
 
 
@@ -1609,7 +1609,7 @@ class RefusalConfig:
 
 def _run_study(ctx: StudyContext, config: RefusalConfig) -> StudyResult:
     options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    stores = {(label, spec): ctx.store(req) for label, spec, req in capture_plan(config, ctx.group, ctx.datasets)}
+    stores = {(req.model, req.variant): ctx.store(req) for req in ctx.requirements(study, config)}
     return run_refusal(ctx.group, ctx.dataset("harmful", "refusal"), ctx.dataset("harmless", "refusal"), ctx.out,
                        device=ctx.device, lms=ctx.all_models(), progress=ctx.progress, stores=stores, save=False,
                        **options)
@@ -1617,7 +1617,7 @@ def _run_study(ctx: StudyContext, config: RefusalConfig) -> StudyResult:
 
 study = StudyDef(
     name="refusal", Config=RefusalConfig, datasets=("harmful", "harmless"),
-    requirements=lambda config, group, datasets: [req for _, _, req in capture_plan(config, group, datasets)],
+    requirements=capture_plan,
     run=_run_study, describe="refusal directions from harmful vs harmless instructions, their similarity, ablation and "
     "addition and its transfer, scored on generations",
 )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,8 @@ class CaptureRequirement:
     dataset: str  # the study's dataset role: statements, harmful, harmless...
     spec: CaptureSpec
     name: str
-    prompts: Any = field(default=None, compare=False, repr=False)  # the PromptSet to capture (rows as the study reads them)
+    prompts: Any = field(default=None, compare=False, repr=False)
+    variant: str = ""  # which of the study's captures of this model and dataset (e.g. refusal's template)  # the PromptSet to capture (rows as the study reads them)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -140,6 +142,13 @@ class StudyContext:
     models: dict[str, Any] = field(default_factory=dict)
     reads: list[StoreRead] = field(default_factory=list)
     load_options: dict[str, Any] = field(default_factory=dict)  # e.g. allow_pickle, trust_remote_code
+    planned: dict[str, list[CaptureRequirement]] = field(default_factory=dict)  # study -> its requirements
+
+    def requirements(self, study: "StudyDef", config: Any) -> list[CaptureRequirement]:
+        """``study``'s requirements under ``config`` here, computed once (the runner's, reused by the run)."""
+        if study.name not in self.planned:
+            self.planned[study.name] = study.requirements(config, self.group, self.datasets)
+        return self.planned[study.name]
 
     def model(self, label: str):
         """The loaded model ``label`` of the group (loaded on first use, then kept)."""
@@ -247,7 +256,7 @@ def _coerce(v: Any, hint: Any, what: str) -> Any:
     """``v`` as type ``hint`` where it is a plain conversion (list -> tuple, int -> float); else a clear error."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if v is None and type(None) in args:
             return None
         errors = []
@@ -259,6 +268,11 @@ def _coerce(v: Any, hint: Any, what: str) -> Any:
             except StudyConfigError as e:
                 errors.append(str(e))
         raise StudyConfigError(f"{what}: {v!r} is not {_type_name(hint)}")
+    if origin is dict:
+        if not isinstance(v, Mapping):
+            raise StudyConfigError(f"{what}: {v!r} is not a mapping")
+        kt, vt = args if args else (Any, Any)
+        return {_coerce(k, kt, what): _coerce(x, vt, f"{what}.{k}") for k, x in v.items()}
     if origin is tuple:
         if not isinstance(v, (list, tuple)):
             raise StudyConfigError(f"{what}: {v!r} is not a list")
@@ -343,7 +357,8 @@ def run_study(study: StudyDef, config: Any, ctx: StudyContext, *, store: str | N
     was extracted for it (``extracted``); with ``save``, its results are written under ``ctx.out/<study>/``."""
     if not isinstance(config, study.Config):
         raise StudyConfigError(f"study {study.name} takes a {study.Config.__name__}, not {type(config).__name__}")
-    reqs = study.requirements(config, ctx.group, ctx.datasets)
+    ctx.planned.pop(study.name, None)  # this config's, not a previous run's
+    reqs = ctx.requirements(study, config)
     reports = provide_captures(ctx, reqs, store or str(Path(ctx.out) / "store.zarr"), shard_size=shard_size,
                                token_budget=token_budget)
     first = len(ctx.reads)

@@ -1280,7 +1280,7 @@ def _requirements(settings: TruthSettings, group: ModelGroup, datasets: Mapping[
 
 
 def _run(ctx: StudyContext, settings: TruthSettings) -> StudyResult:
-    reqs = _requirements(settings, ctx.group, ctx.datasets)
+    reqs = ctx.requirements(study, settings)
     _, shot_map = load_statements(ctx.dataset("statements", STUDY), shots=ctx.datasets.get("shots"))
     stores = {r.model: ctx.store(r) for r in reqs}
     models = ctx.all_models() if settings.intervene else None
