@@ -1,12 +1,14 @@
 """Scaling of sweep extraction over Ray actors on CPU: tokens/s with 1 and with 2 actors (1 torch thread
-each), against one process with 2 threads.
+each), against one process with 2 threads; and 2 actors whose writes do not overlap the next unit (the pool
+with ``pipeline=1``, as before the persistent writer) against the default pool (each actor's persistent
+writer writes a unit while the next one computes).
 
 The benchmark Llama of the engine issue (random weights, 8 layers, d_model 512, 8 heads, MLP 1536, vocab
 8192), 512 prompts of 16-128 tokens (fixed seed), last-token resid_post at every layer into an fp16 store,
 shards of 32 examples (16 work units), token budget 4096. The three modes run the same batches.
 
-A local Ray with 3 logical CPUs holds both pools at once (1 actor and 2 actors), so every model loads once
-and an idle actor uses no core. Modes are interleaved round by round (order rotated), the first round is a
+A local Ray with 5 logical CPUs holds the three pools at once (1 actor, 2 actors, 2 actors without overlap),
+so every model loads once and an idle actor uses no core. Modes are interleaved round by round (order rotated), the first round is a
 warm-up, and ratios are taken within a round (this machine's run-to-run noise is larger than the effects).
 
 tokens/s of a pool run = its tokens / (last unit done - first unit dispatched): the extraction phase, like
@@ -89,13 +91,14 @@ captures:
         # only the base model: the post "model" is there because a group needs one
         return sw, [t for t in sw.targets() if t.model.label == "base"]
 
-    connect(None, num_cpus=3)
+    connect(None, num_cpus=5)
     pool1 = ActorPool(1, num_cpus=1, torch_threads=1, max_retries=0)
     pool2 = ActorPool(2, num_cpus=1, torch_threads=1, max_retries=0)
-    pool1.start()
-    pool2.start()
-    pool1.pids(timeout=300)
-    pool2.pids(timeout=300)
+    pool2s = ActorPool(2, num_cpus=1, torch_threads=1, max_retries=0, pipeline=1)
+    for p in (pool1, pool2, pool2s):
+        p.start()
+    for p in (pool1, pool2, pool2s):
+        p.pids(timeout=300)
 
     torch.set_num_threads(2)
     lm = load_model(model)
@@ -115,7 +118,7 @@ captures:
                     marks["cpu"] += e.result.cpu_seconds
 
         t0 = time.perf_counter()
-        rep = run_sweep(sw, pool=pool, progress=False, on_event=ev)
+        rep = run_sweep(sw, pool=pool, progress=False, on_event=ev, extra=[])  # no studies
         wall = time.perf_counter() - t0
         return rep.tokens / (marks["last"] - marks["first"]), rep.tokens / wall, rep.tokens, rep.tokens / marks["cpu"]
 
@@ -131,13 +134,14 @@ captures:
         "1 actor x 1 thread": lambda out: run_pool(pool1, out),
         "2 actors x 1 thread": lambda out: run_pool(pool2, out),
         "1 process x 2 threads": run_single,
+        "2 actors, writes not overlapped": lambda out: run_pool(pool2s, out),
     }
     names = list(modes)
     phase: dict[str, list[float]] = {k: [] for k in names}
     e2e: dict[str, list[float]] = {k: [] for k in names}
     per_cpu: dict[str, list[float]] = {k: [] for k in names}
     for r in range(args.rounds + 1):
-        order = names[r % 3:] + names[: r % 3]
+        order = names[r % len(names):] + names[: r % len(names)]
         line = []
         for name in order:
             tps, tps_e2e, tokens, tpc = modes[name](f"{tmp}/out-{r}-{names.index(name)}")
@@ -148,23 +152,25 @@ captures:
             line.append(f"{name}: {tps:,.0f} tok/s ({tps_e2e:,.0f} end-to-end)")
         print(("warm-up " if r == 0 else f"round {r}: ") + "; ".join(line) + f"  [{tokens:,} tokens, load {_load()}]", flush=True)
 
-    a1, a2, p2 = names
+    a1, a2, p2, a2s = names
     ratio_actors = [b / a for a, b in zip(phase[a1], phase[a2])]
     ratio_vs_proc = [b / a for a, b in zip(phase[p2], phase[a2])]
     ratio_proc = [b / a for a, b in zip(phase[a1], phase[p2])]
     print()
     for name in names:
-        print(f"{name:24s} {statistics.median(phase[name]):9,.0f} tok/s   end-to-end {statistics.median(e2e[name]):9,.0f} tok/s"
+        print(f"{name:32s} {statistics.median(phase[name]):9,.0f} tok/s   end-to-end {statistics.median(e2e[name]):9,.0f} tok/s"
               f"   {statistics.median(per_cpu[name]):9,.0f} tok per CPU-s")
     print()
     print(f"2 actors / 1 actor            = {statistics.median(ratio_actors):.2f}   per round {[round(x, 2) for x in ratio_actors]}  (target >= 1.7)")
     print(f"2 actors / 1 process 2 threads = {statistics.median(ratio_vs_proc):.2f}   per round {[round(x, 2) for x in ratio_vs_proc]}")
     print(f"1 process 2 threads / 1 actor  = {statistics.median(ratio_proc):.2f}   per round {[round(x, 2) for x in ratio_proc]}")
+    ratio_overlap = [b / a for a, b in zip(phase[a2s], phase[a2])]
+    print(f"2 actors overlapped / not      = {statistics.median(ratio_overlap):.2f}   per round {[round(x, 2) for x in ratio_overlap]}")
     e2e_ratio = [b / a for a, b in zip(e2e[a1], e2e[a2])]
     print(f"end-to-end 2 actors / 1 actor = {statistics.median(e2e_ratio):.2f}")
     print(f"load average at end {_load()}")
-    pool1.close()
-    pool2.close()
+    for p in (pool1, pool2, pool2s):
+        p.close()
 
 
 if __name__ == "__main__":

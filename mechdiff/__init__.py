@@ -20,7 +20,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 _EXPORTS = {
     "load_model": "mechdiff.engine.models",
     "LoadedModel": "mechdiff.engine.models",
-    "CaptureSpec": "mechdiff.engine.extract",
+    "CaptureSpec": "mechdiff.engine.capture",
     "extract": "mechdiff.engine.extract",
     "open_store": "mechdiff.engine.store",
     "PromptSet": "mechdiff.engine.data",

@@ -146,9 +146,20 @@ def run_job(job: GroupJob, opts: RunOptions = RunOptions(), *,
 def study_configs(quick: bool = False, options: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Each study's Config for the main job: its sample sizes (``quick``: the smaller ones) under ``options``
     (study -> option -> value, e.g. a sweep file's study blocks), checked against the study's Config."""
-    options = options or {}
+    options = dict(options or {})
+    if "phrases" not in options.get("refusal", {}):
+        options["refusal"] = {**options.get("refusal", {}), "phrases": refusal_phrases()}
     return {name: config_from_options(get_study(name), {**_SIZES[name][1 if quick else 0], **options.get(name, {})})
             for name in STUDY_NAMES}
+
+
+def refusal_phrases() -> tuple[str, ...]:
+    """The refusal study's default phrases: the embedded pair's own (its phrases and their markers) plus the
+    common ones, so a completion of either kind counts."""
+    from mechdiff.analyses.refusal import default_refusal_phrases
+    from mechdiff.zoo import REFUSAL_MARKERS, REFUSAL_PHRASES
+
+    return default_refusal_phrases((*REFUSAL_PHRASES, *REFUSAL_MARKERS))
 
 
 def run_group(

@@ -19,7 +19,7 @@ from mechdiff.engine.adapter import ArchAdapter, hidden_from_output, replace_hid
 from mechdiff.engine.models import load_model
 from mechdiff.engine.patching import ATTRIBUTION_METHODS as METHODS
 from mechdiff.engine.patching import AttributionError, attribution_patching, exact_patching
-from mechdiff.engine.sites import Intervention, hooks
+from mechdiff.engine.sites import Replace, hooks
 from mechdiff.errors import MechdiffError
 
 
@@ -178,7 +178,7 @@ def test_qk_fix_replaces_the_linearised_softmax_by_the_recomputed_pattern(tiny_d
     delta = (x_true - x_false.detach()).double()
     want = (delta * (g_x - linear).double()).sum(-1)  # AtP minus the linearised softmax path
     for p in range(f_ids.shape[1]):
-        iv = Intervention("resid_post", 0, "replace", values=x_true[:, p : p + 1], index=torch.full((len(pairs), 1), p))
+        iv = Replace("resid_post", 0, values=x_true[:, p : p + 1], index=torch.full((len(pairs), 1), p))
         a_patched = probs(f_ids, [iv])[0]
         want[:, p] += (g_a.double() * (a_patched.double() - a_false.detach().double())).sum((1, 2, 3))
     got = _delta(attribution_patching(lm, None, pairs, sites="resid_post", layers=[0], method="atp+qk"),

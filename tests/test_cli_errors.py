@@ -3,6 +3,7 @@ before the error (no weights loaded, no training, nothing written)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -119,12 +120,27 @@ def test_console_script_prints_one_line_and_the_traceback_with_debug(tmp_path):
 
 
 def test_one_fail_function():
-    """Every CLI module reports through mechdiff.cli_common.fail (no copies left)."""
+    """One error path: fail() is defined once, in mechdiff/cli/common.py, and every command module uses it (no
+    copies, no error printed another way)."""
     root = Path(__file__).resolve().parents[1] / "mechdiff"
-    files = [root / "cli.py", root / "zoo" / "cli.py", root / "cluster" / "cli.py", *sorted((root / "analyses").glob("*_cli.py"))]
+    files = sorted((root / "cli").glob("*.py"))
+    assert {f.name for f in files} >= {"__init__.py", "common.py", "extract.py", "store.py", "run.py", "analyze.py",
+                                       "sweep.py", "zoo.py"}
+    defined = [f.name for f in files if re.search(r"^def _?fail\(", f.read_text(), re.M)]
+    assert defined == ["common.py"]
     for f in files:
         text = f.read_text()
-        assert "def fail(" not in text and "def _fail(" not in text, f
+        assert not re.search(r"(print|echo)\(f?[\"'][^\"']*error:", text) or f.name == "common.py", \
+            f"{f.name} prints its own error line"
+        if f.name in ("extract.py", "store.py", "run.py", "analyze.py", "sweep.py", "zoo.py"):
+            assert "from mechdiff.cli.common import" in text and "fail" in text, f
+
+
+def test_python_dash_m_mechdiff(tmp_path):
+    """``python -m mechdiff`` and ``python -m mechdiff.cli`` are the console script."""
+    for mod in ("mechdiff", "mechdiff.cli"):
+        r = subprocess.run([sys.executable, "-m", mod, "zoo", "path", "nope"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "expected one of" in r.stderr, r.stderr
 
 
 # ------------------------------------------------------------------------------------ mechdiff run --out
@@ -165,7 +181,7 @@ def test_verify_sample_negative_is_refused_and_zero_does_not_crash(model, data, 
 
 
 def test_missing_model_directory_is_named(data, tmp_path, monkeypatch):
-    from mechdiff.cli import _config_layers
+    from mechdiff.cli.extract import config_layers as _config_layers
     from mechdiff.engine.models import ModelLoadError, load_model, load_tokenizer
 
     monkeypatch.chdir(tmp_path)
@@ -254,6 +270,14 @@ def test_extract_refuses_long_prompts_before_loading_weights(model, tmp_path, mo
     missing.write_text("text\nw1 w2\nw3 w4\n")
     error_of(["extract", "--model", model, "--data", missing, "--out", tmp_path / "s.zarr", "--positions", "from:w9"],
              "marker 'w9'", "not found")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_extract_backend_is_checked_and_vllm_without_a_gpu_is_one_line(model, data, tmp_path):
+    base = ["extract", "--model", model, "--data", data, "--out", tmp_path / "s.zarr"]
+    error_of([*base, "--backend", "onnx"], "--backend 'onnx': hf or vllm")
+    # no vLLM or no GPU here: said before the store is touched
+    error_of([*base, "--backend", "vllm"], "vLLM")
     assert not (tmp_path / "s.zarr").exists()
 
 
@@ -352,3 +376,155 @@ def test_analyze_checks_out_before_work(study, runner_name, tmp_path, monkeypatc
     error_of(["analyze", study, "--out", f], f"output {f} exists and is not a directory")
     with read_only_dir(tmp_path / "ro") as ro:
         error_of(["analyze", study, "--out", ro], f"output {ro} is not writable")
+
+
+# ------------------------------------------------------------------------------------ analyze: flags from the Config
+
+
+def _field_paths(cls, prefix=()):
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _field_paths(hints[f.name], (*prefix, f.name))
+        else:
+            yield (*prefix, f.name)
+
+
+@pytest.mark.parametrize("name", ["knowledge", "truthfulness", "refusal", "confidence"])
+def test_every_config_field_is_a_flag_of_its_analyze_command(name):
+    from mechdiff.analyses.study import get_study
+    from mechdiff.cli.analyze import study_flags
+
+    study = get_study(name)
+    flags = {f.path: f.flag for f in study_flags(study)}
+    assert set(flags) == set(_field_paths(study.Config)), "a Config field without a flag"
+    assert len(set(flags.values())) == len(flags)
+    r = runner.invoke(app, ["analyze", name, "--help"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    for flag in flags.values():
+        assert f" {flag} " in r.output or f" {flag}\n" in r.output, (flag, "not in --help")
+    for role in study.datasets:
+        assert f"--{role}" in r.output
+    for heading in ("OUTPUT", "EXAMPLE", "EXIT STATUS"):
+        assert heading in r.output
+
+
+@pytest.mark.parametrize("name", ["knowledge", "truthfulness", "refusal", "confidence"])
+def test_each_flag_given_its_default_as_text_gives_the_default_config(name):
+    """The text of each default, parsed by the flag's type and through config_from_options, is the default: every
+    kind of field (int, float, str, Optional, tuple, nested dataclass) reads back."""
+    from mechdiff.analyses.study import get_study
+    from mechdiff.cli.analyze import _show, config_from_flags, parse_value, study_flags
+
+    study = get_study(name)
+    for f in study_flags(study):
+        if f.is_dict or f.is_bool:
+            continue
+        text = _show(f.default)
+        text = eval(text) if text.startswith("'") else text  # a quoted default (e.g. a suffix starting with a space)
+        value = parse_value(text, f.hint, f.flag)
+        assert config_from_flags(study, {f.path: value}) == study.Config(), f.flag
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inner:
+    depth: int = 3  # how deep to go
+
+
+@dataclasses.dataclass(frozen=True)
+class _MadeUpConfig:
+    """A made-up study. ``ratio``: a share of the rows."""
+
+    brand_new: tuple[float, ...] = (1.0, 2.0)  # values to try
+    ratio: float = 0.5
+    maybe: int | None = None
+    fast: bool = False
+    inner: _Inner = _Inner()
+
+    def __post_init__(self):
+        if not 0 < self.ratio <= 1:
+            raise ValueError(f"ratio must lie in (0, 1], got {self.ratio}")
+
+
+def test_a_new_config_field_is_a_flag_with_no_cli_edit(tmp_path):
+    """A study whose Config gains a field gets the flag, its help from the field's comment, and its value
+    through config_from_options."""
+    import typer
+
+    from mechdiff.analyses.study import StudyDef
+    from mechdiff.cli.analyze import _command, config_from_flags, parse_value, study_flags
+
+    seen = {}
+    study = StudyDef("madeup", _MadeUpConfig, ("texts",), lambda c, g, d: [], lambda ctx, c: seen.setdefault("config", c))
+    flags = {f.flag: f for f in study_flags(study)}
+    assert set(flags) == {"--brand-new", "--ratio", "--maybe", "--fast", "--depth"}
+    assert flags["--brand-new"].help == "values to try." and flags["--depth"].help == "how deep to go."
+    assert flags["--ratio"].help.startswith("a share of the rows")
+    assert config_from_flags(study, {("brand_new",): parse_value("3,4.5", flags["--brand-new"].hint, "--brand-new"),
+                                     ("inner", "depth"): 7, ("fast",): True}) == _MadeUpConfig(
+        (3.0, 4.5), fast=True, inner=_Inner(7))
+    sub = typer.Typer()
+    sub.command("madeup")(_command(study))
+    sub.command("other")(lambda: None)
+    r = runner.invoke(sub, ["madeup", "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and "--brand-new" in r.output and "--no-fast" in r.output and "--depth" in r.output
+    r = runner.invoke(sub, ["madeup", "--ratio", "2", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "ratio must lie in (0, 1], got 2.0" in r.stderr, r.output
+
+
+def _reached_run(monkeypatch, seen):
+    import mechdiff.analyses.study as study_mod
+
+    def reached(study, config, ctx, **kw):
+        seen.update(study=study.name, config=config, ctx=ctx, kw=kw)
+        raise Reached("reached run_study")
+
+    monkeypatch.setattr(study_mod, "run_study", reached)
+
+
+def test_analyze_defaults_to_the_embedded_pair_for_every_study(tmp_path, monkeypatch):
+    """No --base/--post (refusal included, which required them before) and no datasets: the embedded pair and its
+    datasets; the study gets the Config with only the given flags changed."""
+    from mechdiff.zoo.paths import zoo_path
+
+    seen = {}
+    _reached_run(monkeypatch, seen)
+    for name, extra, check in (
+        ("refusal", ["--n-val", "5", "--phrases", "w5,w9 w1", "--no-select-all", "--templates", "post=chat"],
+         lambda c: c.n_val == 5 and c.phrases == ("w5", "w9 w1") and c.templates == {"post": "chat"}),
+        ("knowledge", ["--layers", "0:2", "--n-bootstrap", "7", "--min-gap", "none"],
+         lambda c: c.layers == "0:2" and c.controls.n_bootstrap == 7 and c.min_gap is None),
+        ("truthfulness", ["--heldout-topics", "cities", "--iv-layers", "0,2:4", "--center-by-topic"],
+         lambda c: c.heldout_topics == ("cities",) and c.iv_layers == (0, 2, 3) and c.center_by_topic),
+        ("confidence", ["-q", "0.5", "--bootstrap", "9", "--q-factors", "1,2"],
+         lambda c: c.q == 0.5 and c.n_bootstrap == 9 and c.q_factors == (1.0, 2.0)),
+    ):
+        error_of(["analyze", name, "--out", tmp_path / name, *extra], "reached run_study")
+        assert seen["study"] == name and check(seen["config"]), seen["config"]
+        ctx = seen["ctx"]
+        assert ctx.group.models == {"base": str(zoo_path("base")), "post": str(zoo_path("post"))}
+        assert all(ctx.datasets[r] is not None for r in ctx.datasets if r != "shots"), ctx.datasets
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["analyze", "refusal", "--n-val", "abc"], ["--n-val 'abc': not a whole number"]),
+    (["analyze", "refusal", "--kl-max", "lots"], ["--kl-max 'lots'", "not a number"]),
+    (["analyze", "refusal", "--templates", "chat"], ["--templates 'chat': give KEY=VALUE"]),
+    (["analyze", "refusal", "--harmful", "/no/such.csv"], ["--harmful /no/such.csv: no such file"]),
+    (["analyze", "refusal", "--phrases", "@/no/phrases.txt"], ["--phrases @/no/phrases.txt: no such file"]),
+    (["analyze", "confidence", "--q", "1.5"], ["q must be a fraction in (0, 1], got 1.5"]),
+    (["analyze", "confidence", "--bootstrap", "3", "--n-bootstrap", "4"], ["--n-bootstrap given twice"]),
+    (["analyze", "knowledge", "--n-bootstrap", "0"], ["n_bootstrap must be at least 1"]),
+    (["analyze", "knowledge", "--normalisation", "nie"], ["--normalisation 'nie'"]),
+    (["analyze", "truthfulness", "--probe-layer", "99"], ["--probe-layer 99", "the model has layers"]),
+    (["analyze", "truthfulness", "--heldout-topics", "moon"], ["--heldout-topics moon: not among"]),
+    (["analyze", "knowledge", "--base", "./no-model-here"], ["give both --base and at least one --post"]),
+])
+def test_analyze_bad_flags_are_one_line_before_any_work(args, needles, tmp_path, monkeypatch):
+    seen = {}
+    _reached_run(monkeypatch, seen)
+    error_of([*args, "--out", tmp_path / "out"], *needles)
+    assert not seen and not (tmp_path / "out").exists()

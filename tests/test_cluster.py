@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -340,11 +339,9 @@ def test_dask_graphs_run_on_ray_or_local_threads(world, clean_run, cluster):
 
 
 def test_cli_status_and_run_of_a_finished_sweep(clean_run, cluster):
-    from mechdiff.cluster.cli import register
+    from mechdiff.cli import app
 
     path = clean_run[0]
-    app = typer.Typer()
-    register(app)
     runner = CliRunner()
     r = runner.invoke(app, ["sweep", "status", str(path)], env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
@@ -481,7 +478,7 @@ def test_deploy_files_are_valid():
     import ray
     import yaml
 
-    from mechdiff.cluster.cli import register
+    from mechdiff.cli import app
 
     deploy = Path(__file__).resolve().parents[1] / "deploy"
     schema = json.loads((Path(ray.__file__).parent / "autoscaler/ray-schema.json").read_text())
@@ -503,8 +500,6 @@ def test_deploy_files_are_valid():
     assert "ray start --head --block" in sbatch.read_text()
 
     # the command lines the files run are accepted by the CLI (only the sweep file is missing here)
-    app = typer.Typer()
-    register(app)
     entry = job["spec"]["entrypoint"].split()
     assert entry[:3] == ["mechdiff", "sweep", "run"]
     r = CliRunner().invoke(app, entry[1:])

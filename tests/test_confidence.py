@@ -13,6 +13,7 @@ import xarray as xr
 from mechdiff.analyses import confidence as cf
 from mechdiff.analyses.common import ModelGroup
 from mechdiff.engine.models import load_model
+from mechdiff.engine.sites import MeanAblate
 from mechdiff.engine.tiny import random_prompts
 
 D_MODEL, D_MLP, VOCAB = 64, 128, 512
@@ -146,7 +147,7 @@ def test_mean_ablation_matches_hand_forward(planted):
     np.testing.assert_allclose(base["max_prob"], mx0, atol=1e-6)
     _, ent1, mx1 = hand(torch.as_tensor(means[S_A]).float())
     abl = cf.next_token_confidence(
-        lm, texts, token_budget=20, interventions=[cf.NeuronMeanAblation(layer, S_A, means[S_A])])
+        lm, texts, token_budget=20, interventions=[MeanAblate("mlp_act", layer, mean=means[S_A], units=S_A)])
     np.testing.assert_allclose(abl["entropy"], ent1, atol=1e-5)
     np.testing.assert_allclose(abl["max_prob"], mx1, atol=1e-6)
     assert np.abs(ent1 - ent0).max() > 1e-3  # the ablation does something, so the comparison can fail
@@ -169,7 +170,7 @@ def test_texts_are_the_callers_to_give(tmp_path):
     CLI's default is the embedded facts as sentences, "<prompt> <answer>." per row of facts.csv."""
     import csv
 
-    from mechdiff.analyses.confidence_cli import embedded_texts
+    from mechdiff.cli.analyze import embedded_texts
     from mechdiff.zoo.paths import zoo_path
 
     with pytest.raises(cf.ConfidenceOptionError, match="give texts"):
@@ -195,7 +196,7 @@ def test_run_confidence_end_to_end(planted, tmp_path):
     layer = a.adapter.n_layers - 1
     cand = np.array(s["per_model"]["base"]["candidates"])
     base = cf.next_token_confidence(a, texts)
-    abl = cf.next_token_confidence(a, texts, interventions=[cf.NeuronMeanAblation(layer, cand, means[cand])])
+    abl = cf.next_token_confidence(a, texts, interventions=[MeanAblate("mlp_act", layer, mean=means[cand], units=cand)])
     got = s["per_model"]["base"]["ablate_candidates"]["delta_entropy"]
     assert got == pytest.approx(float((abl["entropy"] - base["entropy"]).mean()), abs=1e-6)
     ds = xr.open_zarr(tmp_path / "confidence" / "results.zarr", consolidated=False)
@@ -217,10 +218,9 @@ def test_run_confidence_end_to_end(planted, tmp_path):
 
 
 def test_cli_confidence(planted, tmp_path, tiny_dir):
-    import typer
     from typer.testing import CliRunner
 
-    from mechdiff.analyses.confidence_cli import register
+    from mechdiff.cli import app
 
     dirs = []
     for i, lm in enumerate(planted):
@@ -230,9 +230,6 @@ def test_cli_confidence(planted, tmp_path, tiny_dir):
         dirs.append(str(d))
     csv = tmp_path / "texts.csv"
     csv.write_text("text\n" + "\n".join(random_prompts(5, 4, 10, vocab_size=VOCAB, seed=5)) + "\n")
-    app, analyze = typer.Typer(), typer.Typer()
-    app.add_typer(analyze, name="analyze")
-    register(analyze)
     runner = CliRunner()
     r = runner.invoke(app, ["analyze", "confidence", "--help"])
     assert r.exit_code == 0 and "DESCRIPTION" in r.output
@@ -247,9 +244,9 @@ def test_cli_confidence(planted, tmp_path, tiny_dir):
     r = runner.invoke(app, args[:5] + [str(gpt2)] + args[6:8] + ["--out", str(tmp_path / "bad")])
     assert r.exit_code == 2 and "architecture" in r.output
     r = runner.invoke(app, args + ["-q", "1.5"])
-    assert r.exit_code == 2 and "-q must be" in r.output
+    assert r.exit_code == 2 and "q must be a fraction" in r.output
     r = runner.invoke(app, args + ["--weight-processing", "fold", "--out", str(tmp_path / "bad2")])
-    assert r.exit_code == 2 and "--weight-processing 'fold'" in " ".join(r.output.split())
+    assert r.exit_code == 2 and "weight_processing 'fold'" in " ".join(r.output.split())
     r = runner.invoke(app, args + ["--weight-processing", "none", "--no-patch", "--iou-draws", "50", "--out", str(tmp_path / "raw")])
     assert r.exit_code == 0, r.output
     s = json.loads((tmp_path / "raw" / "confidence" / "summary.json").read_text())["summary"]

@@ -121,7 +121,7 @@ def test_refuses_store_of_another_model(tiny_dir, tiny_llama, tmp_path):
     other = load_model(tiny_dir("llama", n_layers=3, seed=7))
     with pytest.raises(StoreMismatchError, match="was made by model"):
         extract(other, ps, spec, url, "g", progress=False)
-    with pytest.raises(StoreMismatchError, match="capture_spec"):
+    with pytest.raises(StoreMismatchError, match="another capture spec: layers stored"):
         extract(tiny_llama, ps, CaptureSpec(layers=(1,)), url, "g", progress=False)
     with pytest.raises(StoreMismatchError, match="dataset"):
         extract(tiny_llama, _prompts(8, seed=9), spec, url, "g", progress=False)

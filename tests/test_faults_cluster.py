@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
 from mechdiff import open_store
@@ -170,14 +169,11 @@ def test_actor_killed_mid_sweep_ends_equal_to_single_process(world):
 
 
 def test_unreachable_address_fails_fast_naming_it_and_creates_nothing(world):
-    from mechdiff.cli import app as main_app
-    from mechdiff.cluster.cli import register
+    from mechdiff.cli import app
 
     port = _dead_port()
     address = f"127.0.0.1:{port}"
     path = _write(world, "dead.yaml", _yaml("out-dead"))
-    app = typer.Typer()
-    register(app)
     runner = CliRunner()
 
     t0 = time.perf_counter()
@@ -191,7 +187,7 @@ def test_unreachable_address_fails_fast_naming_it_and_creates_nothing(world):
 
     out = world / "dead-main-out"
     t0 = time.perf_counter()
-    r = runner.invoke(main_app, ["run", str(path), "--address", address, "--out", str(out)])
+    r = runner.invoke(app, ["run", str(path), "--address", address, "--out", str(out)])
     took = time.perf_counter() - t0
     assert r.exit_code == 2, r.output
     err = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
@@ -248,12 +244,10 @@ def test_address_that_accepts_but_is_no_ray_cluster_fails_within_the_bound(world
 
 
 def test_status_of_a_sweep_whose_output_is_a_file_is_one_line(world):
-    from mechdiff.cluster.cli import register
+    from mechdiff.cli import app
 
     (world / "a-file").write_text("not a folder\n")
     path = _write(world, "onfile.yaml", _yaml("a-file"))
-    app = typer.Typer()
-    register(app)
     r = CliRunner().invoke(app, ["sweep", "status", str(path)])
     assert r.exit_code == 2, r.output
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
@@ -274,7 +268,7 @@ def test_status_of_a_sweep_whose_output_is_a_file_is_one_line(world):
 
 
 def test_finished_store_is_reused_only_for_the_same_capture_and_weights(world):
-    from mechdiff.cluster.cli import register
+    from mechdiff.cli import app
     from mechdiff.cluster.sweep import StoreReuseError
 
     path = _write(world, "reuse.yaml", _yaml("out-reuse"))
@@ -294,13 +288,11 @@ def test_finished_store_is_reused_only_for_the_same_capture_and_weights(world):
     with pytest.raises(StoreReuseError) as e:
         plan_sweep(load_sweep(other))
     msg = str(e.value)
-    assert "capture_spec.layers: the store has [0, 1], captures.resid asks for [1]" in msg, msg
+    assert "capture.layers: the store has [0, 1], captures.resid asks for [1]" in msg, msg
     assert "weights_hash" not in msg and "\n" not in msg
-    app = typer.Typer()
-    register(app)
     for cmd in (["sweep", "status", str(other)], ["sweep", "run", str(other), "--no-progress"]):
         r = CliRunner().invoke(app, cmd)
-        assert r.exit_code == 2 and "capture_spec.layers" in r.output, r.output
+        assert r.exit_code == 2 and "capture.layers" in r.output, r.output
         assert len([ln for ln in r.output.splitlines() if ln.strip()]) == 1, r.output
 
     # other weights at the same path: refused, naming the weights hash with both values

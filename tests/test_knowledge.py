@@ -221,12 +221,12 @@ def test_last_token_scoring_under_padding_equals_unpadded_forwards(models, arch)
     with and without an intervention (GPT-2: absolute positions, so the position ids must count real tokens)."""
     from mechdiff.engine.batching import pad_batch
     from mechdiff.engine.scoring import answer_readout, last_token_logits, last_token_logprobs, logit_difference
-    from mechdiff.engine.sites import Intervention, hooks
+    from mechdiff.engine.sites import Add, hooks
 
     lm = models[arch]
     rows = [[5, 17, 40, 9, 33], [8, 2, 77], [61, 12, 3, 30]]
     vec = torch.randn(lm.adapter.d_model, generator=torch.Generator().manual_seed(0))
-    for ivs in ([], [Intervention("resid_post", 0, "add", vector=vec, coef=2.0)]):
+    for ivs in ([], [Add("resid_post", 0, vec, 2.0)]):
         with torch.no_grad(), hooks(lm.adapter, None, ivs):
             want = torch.stack([lm.model(input_ids=torch.tensor([r])).logits[0, -1] for r in rows])
         for side in ("left", "right"):
@@ -585,7 +585,7 @@ def test_pairs_are_the_callers_to_give(tmp_path):
     """No default dataset in the study: None is an error before any model loads (the paths do not exist); the
     CLI's default is the embedded patching.csv, whose shots.json "auto" finds beside it."""
     from mechdiff.analyses.common import ModelGroup
-    from mechdiff.analyses.knowledge_cli import embedded_pairs
+    from mechdiff.cli.analyze import embedded_pairs
     from mechdiff.zoo.paths import zoo_path
 
     with pytest.raises(PairError, match="give pairs"):
@@ -643,15 +643,10 @@ def test_run_knowledge_end_to_end(group_dirs, tmp_path):
 
 
 def test_cli_knowledge(group_dirs, tmp_path, tiny_dir):
-    import typer
     from typer.testing import CliRunner
 
-    from mechdiff.analyses.knowledge_cli import register
+    from mechdiff.cli import app
 
-    app = typer.Typer()
-    analyze = typer.Typer()
-    app.add_typer(analyze, name="analyze")
-    register(analyze)
     runner = CliRunner()
     r = runner.invoke(app, ["analyze", "knowledge", "--help"])
     assert r.exit_code == 0 and "DESCRIPTION" in r.output and "EXAMPLES" in r.output

@@ -158,7 +158,7 @@ def test_captures_at_every_site_equal_hf_with_padding(smollm2, chat_ids, referen
         # one batch holding every prompt: the short ones padded (on `side`) up to the longest
         extract(lm, ps, spec, url, "m/d", token_budget=1 << 16, shard_size=len(PROMPTS), padding_side=side, progress=False)
         ds = open_store(url, "m/d")
-        assert ds.attrs.get("template", "chat") == "chat"
+        assert ds.attrs["capture"].template.spec == "chat" and str(ds.attrs["capture"].positions) == "all"
         results[dtype] = _store_vs_reference(ds, chat_ids, references)
     line = {s: {"fp32_abs": results["float32"][s]["abs"], "fp32_rel": results["float32"][s]["rel"],
                 "fp32_token_rel": results["float32"][s]["tok_rel"], "fp32_padded_rows_rel": results["float32"][s]["padded_rel"]}

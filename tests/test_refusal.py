@@ -10,7 +10,6 @@ import re
 import numpy as np
 import pytest
 import torch
-import typer
 import xarray as xr
 from torch import nn
 from typer.testing import CliRunner
@@ -38,13 +37,14 @@ from mechdiff.analyses.refusal import (
     run_refusal,
     select_direction,
 )
-from mechdiff.analyses.refusal_cli import register
+from mechdiff.cli import app as cli_app
 from mechdiff.engine.batching import PromptTemplate, pad_batch, tokenize
 from mechdiff.engine.data import PromptSet
 from mechdiff.engine.extract import CaptureSpec, extract
 from mechdiff.engine.generate import HFGenerator, faster_threads, intra_op_threads, vllm_available
 from mechdiff.engine.models import load_model
-from mechdiff.engine.sites import Capture, Intervention, hooks
+from mechdiff.engine.sites import Add, Capture, ProjectOut, Replace, hooks
+from mechdiff.pipeline import refusal_phrases
 from mechdiff.engine.store import open_store
 from mechdiff.engine.tiny import random_prompts
 
@@ -73,11 +73,12 @@ def test_candidate_layers_skip_the_last_fifth():
 
 
 def test_refusal_score_and_phrases():
-    phrases = default_refusal_phrases()
-    assert set(COMMON_REFUSAL_PHRASES) <= set(phrases)
+    assert default_refusal_phrases() == COMMON_REFUSAL_PHRASES
+    phrases = refusal_phrases()  # what the main job, sweeps and the CLI hand the study: the zoo's and the common
     import mechdiff.zoo as zoo
 
-    assert set(zoo.REFUSAL_PHRASES) <= set(phrases)
+    assert set(zoo.REFUSAL_PHRASES) | set(COMMON_REFUSAL_PHRASES) <= set(phrases)
+    assert phrases == default_refusal_phrases(phrases)
     comps = ["Sure, here it is.", "i CANNOT do that", "As an AI model, no.", "I can help with that."]
     assert refusal_score(comps, phrases) == pytest.approx(0.5)
     assert refusal_score(comps, ["help with"]) == pytest.approx(0.25)
@@ -210,7 +211,7 @@ def test_prompt_only_addition_equals_adding_at_the_prompt_positions(planted):
     inp = pad_batch(tokenize(tok, [TEMPLATE.apply(p) for p in prompts]), tok.pad_token_id, side="left")
     ids, mask = inp["input_ids"], inp["attention_mask"]
     b, width = ids.shape
-    at_prompt = Intervention("resid_post", 1, "add", vector=push, index=torch.arange(width).expand(b, width))
+    at_prompt = Add("resid_post", 1, push, index=torch.arange(width).expand(b, width))
     with torch.no_grad(), hooks(lm.adapter, None, [at_prompt]):
         for _ in range(n_new):
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -236,9 +237,9 @@ def test_prompt_only_addition_equals_adding_at_the_prompt_positions(planted):
     assert torch.equal(iv.apply(x.expand(2, 3, -1)), x.expand(2, 3, -1) + push)
     with pytest.raises(ValueError, match="scope"):
         addition_interventions(push.numpy(), 1, scope="generated")
-    with pytest.raises(ValueError, match="prompt_only"):
-        Intervention("resid_post", 1, "replace", values=torch.zeros(1, 1, 4), index=torch.zeros(1, 1, dtype=torch.long),
-                     prompt_only=True)
+    with pytest.raises(TypeError, match="prompt_only"):  # a patch names its positions: it has no such option
+        Replace("resid_post", 1, values=torch.zeros(1, 1, 4), index=torch.zeros(1, 1, dtype=torch.long),
+                prompt_only=True)
 
 
 def test_generator_stops_at_the_models_own_stop_tokens(planted):
@@ -281,7 +282,7 @@ def test_stacked_generation_equals_one_generate_call_per_condition(planted):
         assert faster_threads(lm, 16) in (1, 2) and faster_threads(lm, 16, 64) in (1, 2)
         assert torch.get_num_threads() == 2
     with pytest.raises(ValueError, match="rows"):
-        gen.generate_many(prompts, [[Intervention("resid_post", 0, "add", vector=push, rows=slice(0, 2))]])
+        gen.generate_many(prompts, [[Add("resid_post", 0, push, rows=slice(0, 2))]])
     with pytest.raises(ValueError, match="threads"):
         HFGenerator(lm, TEMPLATE, threads=0).generate(prompts[:1], max_new_tokens=1)
 
@@ -345,9 +346,9 @@ def test_row_restricted_interventions_equal_batches_of_their_own(planted):
             else:
                 torch.testing.assert_close(out[c], want, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="slice"):
-        Intervention("resid_post", 0, "add", vector=push, rows=slice(3, 1))
+        Add("resid_post", 0, push, rows=slice(3, 1))
     with torch.no_grad(), pytest.raises(ValueError, match="past the batch"):
-        with hooks(lm.adapter, None, [Intervention("resid_post", 0, "add", vector=push, rows=slice(0, n + 1))]):
+        with hooks(lm.adapter, None, [Add("resid_post", 0, push, rows=slice(0, n + 1))]):
             lm.model(**inp)
 
 
@@ -537,6 +538,10 @@ def test_refusal_flags_substring_and_prefix():
         refusal_flags(comps, ["I cannot"], "regex")
 
 
+
+def _kind(iv) -> str:
+    return {Add: "add", ProjectOut: "ablate"}.get(type(iv), type(iv).__name__)
+
 class _FakeGenerator:
     """Says "no way" when the prompt contains 'bad' and no ablation is active; "no way" under any addition."""
 
@@ -544,7 +549,7 @@ class _FakeGenerator:
         self.calls = []
 
     def generate(self, texts, *, max_new_tokens=32, interventions=()):
-        kinds = {iv.kind for iv in interventions}
+        kinds = {_kind(iv) for iv in interventions}
         self.calls.append((len(texts), max_new_tokens, sorted(kinds), sorted({iv.layer for iv in interventions})))
         out = []
         for t in texts:
@@ -562,8 +567,8 @@ class _SteerableGenerator:
         self.steers = torch.as_tensor(steers).float()
 
     def generate(self, texts, *, max_new_tokens=32, interventions=()):
-        kinds = {iv.kind for iv in interventions}
-        steer = any(iv.kind == "add" and iv.prompt_only and iv.coef >= 2 and torch.allclose(iv.vector, self.steers)
+        kinds = {_kind(iv) for iv in interventions}
+        steer = any(isinstance(iv, Add) and iv.prompt_only and iv.coef >= 2 and torch.allclose(iv.vector, self.steers)
                     for iv in interventions)
         return ["No way." if ("bad" in t and "ablate" not in kinds) or steer else "Sure." for t in texts]
 
@@ -659,15 +664,13 @@ def test_cli_and_run_on_tiny_models(tiny_dir, tmp_path):
     splits = ["train"] * 10 + ["val"] * 3 + ["test"] * 3
     harmful = _write_csv(tmp_path / "harmful.csv", [t + " w50" for t in _texts(16, 1)], splits)
     harmless = _write_csv(tmp_path / "harmless.csv", _texts(16, 2), splits)
-    root, analyze = typer.Typer(), typer.Typer()
-    root.add_typer(analyze, name="analyze")
-    register(analyze)
+    root = cli_app
     runner = CliRunner()
     r = runner.invoke(root, ["analyze", "refusal", "--help"])
     assert r.exit_code == 0 and "WHAT IT DOES" in r.output and "--max-new-tokens" in r.output
     args = ["analyze", "refusal", "--base", str(base), "--post", str(post), "--harmful", str(harmful),
             "--harmless", str(harmless), "--out", str(tmp_path / "out"), "--max-new-tokens", "3",
-            "--phrases", "w5", "--phrases", "w9 w1", "--store-dtype", "float32", "--select-all", "--bootstrap", "200"]
+            "--phrases", "w5,w9 w1", "--store-dtype", "float32", "--select-all", "--bootstrap", "200"]
     r = runner.invoke(root, args)
     assert r.exit_code == 0, r.output
     assert "chosen refusal direction" in r.output and "cosine vs controls" in r.output
@@ -737,7 +740,7 @@ def pair_result(tmp_path_factory):
     group = ModelGroup("zoo", str(base), (str(post),))
     out = tmp_path_factory.mktemp("pair_refusal")
     return run_refusal(group, data / "instructions_harmful.csv", data / "instructions_harmless.csv", out,
-                       n_val=16, n_eval=32, max_new_tokens=10, store_dtype="float32")
+                       n_val=16, n_eval=32, max_new_tokens=10, store_dtype="float32", phrases=refusal_phrases())
 
 
 def test_pair_own_direction_flips_refusal_of_the_post_model(pair_result):
@@ -807,7 +810,7 @@ def _reference_selection(lm, dirs, hv, lv, tmpl, ids, gen, *, coefs, scope, max_
     score = (base_h - abl) + (add - base_l)
     if kl_max is not None:
         score = np.where(kl <= kl_max, score, np.nan)
-    phrases = default_refusal_phrases()
+    phrases = refusal_phrases()
 
     def refusal(texts, ivs):
         return refusal_score(gen.generate(list(texts), max_new_tokens=max_new_tokens, interventions=ivs), phrases)
@@ -849,7 +852,7 @@ def test_stacked_selection_and_scores_equal_the_plain_path_on_the_pair(pair_resu
     tl = _sample(texts[(splits == "test") & (lab == 0)], 32, 3)
     res = pair_result.data.sel(model="post")
     dirs = res["direction"].dropna("position", how="all")
-    ids = refusal_token_ids(lm.tokenizer, default_refusal_phrases())
+    ids = refusal_token_ids(lm.tokenizer, refusal_phrases())
     gen = HFGenerator(lm, tmpl, batch_size=32)
     coefs = (1.0, 1.5, 2.0, 3.0)
     ref = _reference_selection(lm, dirs, hv, lv, tmpl, ids, gen, coefs=coefs, scope="prompt", max_new_tokens=10,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,7 +10,8 @@ from mechdiff.engine.adapter import hidden_from_output, replace_hidden_in_output
 from mechdiff.engine.batching import pad_batch, tokenize
 from mechdiff.engine.models import load_model
 from mechdiff.engine.positions import Positions, PositionError, gather_index
-from mechdiff.engine.sites import SITES, Capture, Intervention, SiteError, hooks, parse_layers
+from mechdiff.engine.sites import (SITES, Add, Capture, Intervention, MeanAblate, ProjectOut, Replace, SiteError, hooks,
+                                   parse_layers)
 from mechdiff.engine.tiny import TINY_ARCHS, random_prompts
 
 PROMPTS = random_prompts(5, 4, 12, vocab_size=512, seed=3)
@@ -120,7 +122,7 @@ def _hand_logits(lm, inputs, layer, fn):
         layers[layer] = orig
 
 
-@pytest.mark.parametrize("kind", ["add", "ablate", "replace"])
+@pytest.mark.parametrize("kind", ["add", "ablate", "replace", "mean", "mean_at"])
 def test_interventions_equal_hand_modified_forward(tiny_llama, kind):
     lm = tiny_llama
     ids, inputs = _batch(lm)
@@ -129,16 +131,29 @@ def test_interventions_equal_hand_modified_forward(tiny_llama, kind):
     v = torch.randn(d, generator=g)
     layer = 1
     index = gather_index(inputs["attention_mask"], torch.full((len(ids),), 2), 2)
+    units = torch.tensor([3, 0, 7])
     if kind == "add":
-        iv = Intervention("resid_post", layer, "add", vector=v, coef=3.0)
+        iv = Add("resid_post", layer, v, 3.0)
         fn = lambda x: x + 3.0 * v
     elif kind == "ablate":
-        iv = Intervention("resid_post", layer, "ablate", vector=v)
+        iv = ProjectOut("resid_post", layer, v)
         u = v / v.norm()
         fn = lambda x: x - (x @ u)[..., None] * u
+    elif kind == "mean":  # every unit, every position
+        iv = MeanAblate("resid_post", layer, mean=v)
+        fn = lambda x: v.expand_as(x).clone()
+    elif kind == "mean_at":  # some units, at the last two positions only
+        iv = MeanAblate("resid_post", layer, mean=v[units], units=units, index=index)
+
+        def fn(x):
+            x = x.clone()
+            for b in range(len(ids)):
+                for j in range(2):
+                    x[b, index[b, j], units] = v[units]
+            return x
     else:
         vals = torch.randn(len(ids), 2, d, generator=g)
-        iv = Intervention("resid_post", layer, "replace", values=vals, index=index)
+        iv = Replace("resid_post", layer, values=vals, index=index)
 
         def fn(x):
             x = x.clone()
@@ -162,7 +177,7 @@ def test_add_at_selected_positions_only(tiny_llama):
     ids, inputs = _batch(lm)
     index = gather_index(inputs["attention_mask"], torch.ones(len(ids), dtype=torch.long), 1)
     v = torch.randn(lm.adapter.d_model)
-    iv = Intervention("mlp_out", 0, "add", vector=v, index=index)
+    iv = Add("mlp_out", 0, v, index=index)
     cap_a = Capture(("mlp_out",), (0,))
     with torch.no_grad(), hooks(lm.adapter, cap_a, [iv]):
         lm.model(**inputs, use_cache=False)
@@ -182,7 +197,7 @@ def test_mlp_act_intervention_matches_hand_modified_down_proj(tiny_llama):
     _, inputs = _batch(lm)
     u = torch.zeros(lm.adapter.d_mlp)
     u[5] = 1.0  # zero-ablate neuron 5
-    iv = Intervention("mlp_act", 2, "ablate", vector=u)
+    iv = ProjectOut("mlp_act", 2, u)
     with torch.no_grad(), hooks(lm.adapter, None, [iv]):
         got = lm.model(**inputs, use_cache=False).logits
     dp = lm.adapter.down_proj(2)
@@ -204,7 +219,7 @@ def test_hooks_removed_on_exception(tiny_llama):
     before = [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in modules]
     cap = Capture(("resid_post", "mlp_act", "attn_out", "mlp_out", "resid_pre"), tuple(range(a.n_layers)))
     with pytest.raises(RuntimeError, match="boom"):
-        with hooks(a, cap, [Intervention("resid_post", 0, "add", vector=torch.ones(a.d_model))]):
+        with hooks(a, cap, [Add("resid_post", 0, torch.ones(a.d_model))]):
             assert any(len(m._forward_hooks) + len(m._forward_pre_hooks) > len(b[0]) + len(b[1]) for m, b in zip(modules, before))
             raise RuntimeError("boom")
     assert [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in modules] == before
@@ -240,3 +255,70 @@ def test_bad_sites_layers_positions(tiny_llama):
     with pytest.raises(PositionError, match="not found"):
         Positions.parse("from:w9").counts([[1, 5, 6]], [999])
     assert Positions.parse("from:x").counts([[1, 5, 6, 7, 5, 6, 9]], [5, 6]) == [3]
+
+
+def test_interventions_are_an_open_family(tiny_llama):
+    """A new kind is a subclass saying what it does; the hooks need nothing else. Bad arguments fail when made."""
+    lm = tiny_llama
+    _, inputs = _batch(lm)
+
+    class Scale(Intervention):
+        def apply(self, x):
+            return 2.0 * x
+
+    with torch.no_grad(), hooks(lm.adapter, None, [Scale("resid_post", 1)]):
+        got = lm.model(**inputs, use_cache=False).logits
+    torch.testing.assert_close(got, _hand_logits(lm, inputs, 1, lambda x: 2.0 * x), atol=1e-5, rtol=1e-5)
+    assert Scale("resid_post", 0).every_position and not Replace("resid_post", 0, values=torch.zeros(1, 1, 2),
+                                                                  index=torch.zeros(1, 1, dtype=torch.long)).every_position
+    with pytest.raises(SiteError, match="unknown site"):
+        Add("resid", 0, torch.ones(2))
+    with pytest.raises(ValueError, match="needs a vector"):
+        ProjectOut("resid_post", 0)
+    with pytest.raises(ValueError, match="3 units but a mean of shape"):
+        MeanAblate("mlp_act", 0, mean=torch.zeros(2), units=[1, 2, 3])
+    with pytest.raises(ValueError, match="rows"):
+        Add("resid_post", 0, torch.ones(2), rows=slice(3, 1))
+
+
+def test_captures_are_gathered_onto_the_output_device():
+    """Layers of a split model live on different devices: each capture moves to the output device, and a stack
+    over layers gathers them onto one (here the second device is ``meta``, which a CPU-only machine has)."""
+    x = torch.randn(2, 5, 4)
+    index = torch.tensor([[3, 4], [-1, 4]])
+    cap = Capture(("resid_post",), (0, 1), index=index, dtype=torch.float16, to_device="meta")
+    cap.take("resid_post", 0, x)
+    cap.take("resid_post", 1, x.to("meta"))  # computed on the other device
+    assert {t.device.type for t in cap.acts.values()} == {"meta"}
+    assert cap.stacked("resid_post").shape == (2, 2, 2, 4) and cap.stacked("resid_post").device.type == "meta"
+    # no output device: the stack lands on the first layer's device, the values sliced and cast where computed
+    here = Capture(("resid_post",), (0, 1), index=index, dtype=torch.float16)
+    here.take("resid_post", 0, x)
+    here.take("resid_post", 1, 2 * x)
+    got = here.stacked("resid_post")
+    assert got.device.type == "cpu" and got.dtype == torch.float16
+    want = torch.stack([x, 2 * x], 1)[:, :, :, :].half()
+    torch.testing.assert_close(got[0], want[0, :, 3:5])
+    assert torch.isnan(got[1, :, 0]).all() and torch.equal(got[1, :, 1], want[1, :, 4])
+    here.wait()  # nothing pinned: returns at once
+
+
+def test_a_model_placed_by_device_map_captures_what_the_plain_model_does(tiny_dir, tmp_path):
+    """A model dispatched layer by layer (``device_map``, each module placed explicitly) is extracted like one on
+    a single device: the same values, every capture on the host."""
+    from mechdiff.engine.capture import CaptureSpec
+    from mechdiff.engine.data import PromptSet
+    from mechdiff.engine.extract import forward_capture, prepare
+
+    path = tiny_dir("llama", n_layers=3)
+    plain = load_model(path)
+    placed = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
+              **{f"model.layers.{i}": "cpu" for i in range(3)}}
+    split = load_model(path, device_map=placed)
+    assert split.device_map == placed
+    ps = PromptSet.from_texts(["w1 w2 w3", "w4 w5", "w6 w7 w8 w9"])
+    spec = CaptureSpec(sites="resid_post,mlp_out", layers="all", positions="last:2")
+    a = forward_capture(plain, prepare(plain, ps, spec), [0, 1, 2])
+    b = forward_capture(split, prepare(split, ps, spec), [0, 1, 2])
+    for site in a:
+        np.testing.assert_array_equal(a[site], b[site])

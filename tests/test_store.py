@@ -66,6 +66,10 @@ def coords(n: int = N_EX) -> dict[str, np.ndarray]:
     }
 
 
+# what must match: the store's default keys, and this file's own capture record (not a mechdiff capture)
+IDENTITY = ("model_id", "weights_hash", "tokenizer_hash", "dataset_hash", "capture_spec")
+
+
 def make(url, group="base/cities", *, prov=PROV, arrays=None, n=N_EX, shard=SHARD, so=None) -> ActivationStore:
     ids, _ = token_ids(n)
     return ActivationStore.create_or_open(
@@ -77,6 +81,7 @@ def make(url, group="base/cities", *, prov=PROV, arrays=None, n=N_EX, shard=SHAR
         coords=coords(n),
         token_ids=ids,
         provenance=prov,
+        identity_keys=IDENTITY,
         storage_options=so,
     )
 
@@ -144,6 +149,7 @@ def test_roundtrip_shuffled_shards_local(tmp_path):
 
     ds = open_store(url, "base/cities")
     check_against(ds, ref)
+    st.finish()  # the run's end: the root's metadata is consolidated once
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no consolidated-metadata or dtype warnings for plain xarray
         plain = xr.open_zarr(str(url), group="base/cities")
@@ -466,10 +472,11 @@ def test_groups_listing_and_open_store_discovery(tmp_path):
         b = make(url, "chat/cities", prov={**PROV, "model_id": "tiny/chat"})
         fill(a, order=[0, 1])
         fill(b)
+        b.finish()
         assert list_groups(url) == ["base/cities", "chat/cities"]
         with pytest.raises(ValueError, match="2 activation groups.*base/cities, chat/cities"):
             open_store(url)
-        # the root's consolidated metadata was refreshed for the second group
+        # the root's consolidated metadata was written by the finish, with the second group
         assert xr.open_zarr(str(url), group="chat/cities").attrs["model_id"] == "tiny/chat"
     infos = {i.group: i for i in store_info(url)}
     assert infos["base/cities"].fraction_done == pytest.approx(0.4)
@@ -488,6 +495,7 @@ def test_group_at_root(tmp_path):
     written = fill(st)
     check_against(open_store(url), reference(st, written))
     assert list_groups(url) == [""]
+    st.finish()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_against(xr.open_zarr(str(url)), reference(st, written))
@@ -538,6 +546,7 @@ def test_s3_roundtrip(s3_endpoint, monkeypatch):
     assert reopened.done_shards() == [0, 1, 3]
     ref = reference(st, written)
     check_against(open_store(url, storage_options=so), ref)
+    st.finish()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_against(xr.open_zarr(url, group="base/cities", storage_options=so), ref)

@@ -511,7 +511,9 @@ def test_run_truthfulness_end_to_end(tiny_pair, tmp_path):
     np.testing.assert_allclose(saved["cosine"].values, res.data["cosine"].values)
     # the store holds what the study needs, one group per model
     st = open_store(out / "store.zarr", "post/truth")
-    assert st.attrs["positions"] == "last:2" and st["resid_post"].dims == ("example", "layer", "position", "hidden")
+    cap = st.attrs["capture"]
+    assert str(cap.positions) == "last:2" and cap.template.spec == "none" and cap.layers == (0, 1, 2)
+    assert st["resid_post"].dims == ("example", "layer", "position", "hidden")
     check_truth_store(st)
     # NIE is the shift of each label's mean P(TRUE)-P(FALSE) over the clean gap
     iv = res.data
@@ -538,14 +540,10 @@ def test_run_truthfulness_end_to_end(tiny_pair, tmp_path):
 
 
 def test_cli_truthfulness(tiny_pair, tmp_path):
-    import typer
     from typer.testing import CliRunner
 
-    from mechdiff.analyses.truthfulness_cli import register
+    from mechdiff.cli import app
 
-    app, analyze = typer.Typer(), typer.Typer()
-    app.add_typer(analyze, name="analyze")
-    register(analyze)
     group, data = tiny_pair
     runner = CliRunner()
     h = runner.invoke(app, ["analyze", "truthfulness", "--help"], env={"COLUMNS": "120"})
@@ -554,11 +552,11 @@ def test_cli_truthfulness(tiny_pair, tmp_path):
               "--label-words", "w1,w2", "--suffix", " w3 w4 w5", "--n-shots", "2", "--n-intervene", "4"]
     bad = runner.invoke(app, common + ["--heldout-topic", "moon"])
     assert bad.exit_code == 2 and "moon" in bad.output and not (tmp_path / "store.zarr").exists()
-    bad = runner.invoke(app, common + ["--layers", "7:9"])
-    assert bad.exit_code == 2 and "7:9" in bad.output and "layer" in bad.output
+    bad = runner.invoke(app, common + ["--iv-layers", "7:9"])
+    assert bad.exit_code == 2 and "--iv-layers" in bad.output and "layer 7 is out of range" in bad.output
     bad = runner.invoke(app, common + ["--probe-layer", "3"])
     assert bad.exit_code == 2 and "--probe-layer 3" in bad.output and not (tmp_path / "store.zarr").exists()
-    ok = runner.invoke(app, common + ["--heldout-topic", "t2", "--layers", "0:2", "--coef", "2", "--probe-layer", "1",
+    ok = runner.invoke(app, common + ["--heldout-topic", "t2", "--iv-layers", "0:2", "--coef", "2", "--probe-layer", "1",
                                       "--center-by-topic"])
     assert ok.exit_code == 0, ok.output
     s = json.loads((tmp_path / "truthfulness" / "summary.json").read_text())["summary"]

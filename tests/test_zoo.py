@@ -72,7 +72,7 @@ def test_manifest_hashes_and_size():
 def test_zoo_paths_and_cli():
     from typer.testing import CliRunner
 
-    from mechdiff.zoo.cli import zoo_app
+    from mechdiff.cli.zoo import zoo_app
 
     for kind in ("base", "post", "data"):
         assert zoo_path(kind).is_dir()

@@ -69,9 +69,13 @@ def require(
     n_pos = ds.sizes.get("position", 1)
     if n_pos < min_positions:
         raise StoreRequirementError(f"{study}: {where} keeps {n_pos} position(s), {min_positions} needed; {hint}")
-    if positions and ds.attrs.get("positions") not in (None, positions):
+    from mechdiff.engine.capture import capture_of
+    from mechdiff.engine.positions import Positions
+
+    cap = capture_of(ds.attrs)
+    if positions and cap is not None and cap.positions != Positions.parse(positions):
         raise StoreRequirementError(
-            f"{study}: {where} was captured at positions {ds.attrs.get('positions')!r}, {positions!r} needed; {hint}"
+            f"{study}: {where} was captured at positions {str(cap.positions)!r}, {positions!r} needed; {hint}"
         )
     for c in coords:
         if c not in ds.coords and c not in ds.data_vars:
@@ -98,6 +102,8 @@ def to_jsonable(x: Any) -> Any:
         return int(x)
     if isinstance(x, np.bool_):
         return bool(x)
+    if hasattr(x, "to_json") and callable(x.to_json):  # a type with its own record (e.g. a store's capture)
+        return to_jsonable(x.to_json())
     if hasattr(x, "__dataclass_fields__"):
         # plus the read-only properties a class lists in ``_json_properties`` (e.g. ``Finding.agrees``)
         keys = [*x.__dataclass_fields__, *getattr(type(x), "_json_properties", ())]

@@ -58,7 +58,7 @@ from mechdiff.analyses.confidence_controls import (
 )
 from mechdiff.engine.batching import length_batches, pad_batch, tokenize
 from mechdiff.engine.models import LoadedModel
-from mechdiff.engine.sites import Capture, Intervention, hooks
+from mechdiff.engine.sites import Capture, Intervention, MeanAblate, hooks
 
 __all__ = [
     "ArchitectureMismatchError",
@@ -72,7 +72,6 @@ __all__ = [
     "processed_unembed",
     "EntropyNeurons",
     "NeuronPatch",
-    "NeuronMeanAblation",
     "neuron_stats",
     "select_candidates",
     "entropy_neurons",
@@ -314,28 +313,18 @@ def norm_matched_controls(
 # running the model
 
 
+@dataclass
 class NeuronPatch(Intervention):
-    """``mlp_act`` intervention: the given neurons' activations set to ``values`` -- one value per neuron ([n],
-    the same at every position) or one per position ([batch, seq, n], for the batch it is installed for)."""
+    """``mlp_act`` intervention: the given neurons' activations set to ``values`` ([batch, seq, n], one per
+    position of the batch it is installed for). (A neuron's mean everywhere is the engine's ``MeanAblate``.)"""
 
-    def __init__(self, layer: int, neurons: np.ndarray | torch.Tensor, values: np.ndarray | torch.Tensor):
-        super().__init__("mlp_act", int(layer), "add", vector=torch.zeros(1))  # kind is unused: apply() is ours
-        self.kind = "patch_neurons"
-        self.neurons = torch.as_tensor(np.asarray(neurons), dtype=torch.long)
-        self.values = values if isinstance(values, torch.Tensor) else torch.as_tensor(np.asarray(values), dtype=torch.float32)
+    neurons: torch.Tensor = None
+    values: torch.Tensor = None
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         out = x.clone()
-        out[..., self.neurons.to(x.device)] = self.values.to(device=x.device, dtype=x.dtype)
+        out[..., torch.as_tensor(self.neurons, dtype=torch.long).to(x.device)] = self.values.to(device=x.device, dtype=x.dtype)
         return out
-
-
-class NeuronMeanAblation(NeuronPatch):
-    """``mlp_act`` intervention: the given neurons' activations set to fixed values (their means) everywhere."""
-
-    def __init__(self, layer: int, neurons: np.ndarray | torch.Tensor, values: np.ndarray | torch.Tensor):
-        super().__init__(layer, neurons, values)
-        self.kind = "mean_ablate"
 
 
 def _token_ids(lm: LoadedModel, texts: Sequence[str]) -> list[list[int]]:
@@ -442,7 +431,7 @@ def patched_confidence(
 
     def variants(batch):
         acts = _capture_mlp_act(src, batch, layer).to(dst.device)
-        return [[NeuronPatch(layer, s, acts[..., s.to(acts.device)])] for s in sets]
+        return [[NeuronPatch("mlp_act", layer, s, acts[..., s.to(acts.device)])] for s in sets]
 
     return _scan(dst, texts, variants, token_budget)
 
@@ -500,7 +489,7 @@ def _ablation(lm: LoadedModel, en: EntropyNeurons, texts: Sequence[str], *, cont
     means = neuron_means(lm, texts, layer=en.layer, token_budget=token_budget)
     ctrl_sets = norm_matched_controls(en.norm, en.candidates, draws=controls, seed=seed)
     sets = [en.candidates, *ctrl_sets]
-    ablations = [[NeuronMeanAblation(en.layer, s, means[s])] for s in sets]
+    ablations = [[MeanAblate("mlp_act", en.layer, mean=means[s], units=s)] for s in sets]
     base, cand, *ctrl_runs = _scan(lm, texts, lambda batch: [[], *ablations], token_budget)
     ce = _effect(base, cand)
     ctrl = [_effect(base, r) for r in ctrl_runs]

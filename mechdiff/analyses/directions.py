@@ -31,6 +31,12 @@ __all__ = [
     "Probe",
     "best_threshold",
     "direction_controls",
+    "ControlWeights",
+    "control_weights",
+    "weighted_row_sums",
+    "GroupWeights",
+    "group_means",
+    "centre_by_group",
     "accuracy_interval",
 ]
 
@@ -609,25 +615,207 @@ def _strata(y: np.ndarray, groups: np.ndarray) -> list[np.ndarray]:
     return [np.flatnonzero((groups == g) & (y == l)) for g, l in keys]
 
 
-def _diff_weights(y: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Row weights [k, n] whose product with X is the difference of class means (true minus false) of the rows
-    counted ``counts`` [k, n] times."""
-    pos = counts * y
-    neg = counts * ~y
-    n_pos = np.maximum(pos.sum(1, keepdims=True), 1e-300)
-    n_neg = np.maximum(neg.sum(1, keepdims=True), 1e-300)
-    return pos / n_pos - neg / n_neg
-
-
 def _row_cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     na, nb = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.einsum("kw,kw->k", a, b) / (na * nb)
 
 
+def _count_dtype(n: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every multiplicity a resample of ``n`` rows can give."""
+    return np.dtype(np.uint16) if n < 2**16 else np.dtype(np.uint32)
+
+
+@dataclass
+class ControlWeights:
+    """Every direction the controls compare, as compact per-row multiplicities and labels (no [k, n] float64
+    matrix): ``rows(lo, hi)`` builds the float64 weights of examples lo..hi only, so the products with the
+    activations can be reduced chunk by chunk. Memory: about ``n * (n_bootstrap * 2 + 2 * n_null + n_splits)``
+    bytes (``* 4`` per bootstrap row past 65535 rows), whatever the width.
+
+    Row order (``K`` rows): the full direction, ``n_bootstrap`` resamples, ``n_null`` shuffles for model a,
+    ``n_null`` for model b, ``n_splits`` first halves, ``n_splits`` second halves. Each row's weights are
+    ``c * l / n_pos - c * (1 - l) / n_neg`` (``c`` multiplicity, ``l`` label): its product with X is the
+    difference of class means of the rows it counts.
+    """
+
+    y: np.ndarray  # bool [n]
+    counts: np.ndarray  # unsigned [n_bootstrap, n]: bootstrap multiplicities
+    null_a: np.ndarray  # bool [n_null, n]: labels shuffled within each cell, for model a
+    null_b: np.ndarray  # bool [n_null, n]: another shuffle, for model b
+    halves: np.ndarray  # bool [n_splits, n]: the first half of each split (the second is its complement)
+    n_pos: np.ndarray = field(init=False)  # float64 [K]: the counted positive rows of each weight row
+    n_neg: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        y = self.y
+        # integer sums, exact: the same normalisers as the sums of a [k, n] float64 matrix
+        cy, cn = self.counts[:, y].sum(1, dtype=np.int64), self.counts[:, ~y].sum(1, dtype=np.int64)
+        ny, nn = int(y.sum()), int((~y).sum())
+        hy = self.halves[:, y].sum(1, dtype=np.int64)
+        hn = self.halves[:, ~y].sum(1, dtype=np.int64)
+        n_pos = np.concatenate([[ny], cy, self.null_a.sum(1), self.null_b.sum(1), hy, ny - hy]).astype(np.float64)
+        n_neg = np.concatenate([[nn], cn, (~self.null_a).sum(1), (~self.null_b).sum(1), hn, nn - hn]).astype(np.float64)
+        self.n_pos, self.n_neg = np.maximum(n_pos, 1e-300), np.maximum(n_neg, 1e-300)
+
+    @property
+    def n(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def n_rows(self) -> int:
+        return 1 + self.counts.shape[0] + 2 * self.null_a.shape[0] + 2 * self.halves.shape[0]
+
+    def parts(self) -> dict[str, slice]:
+        """Where each kind of row lies among the ``K`` rows."""
+        b, m, s = self.counts.shape[0], self.null_a.shape[0], self.halves.shape[0]
+        edges = np.cumsum([0, 1, b, m, m, s, s])
+        names = ("full", "bootstrap", "null_a", "null_b", "half1", "half2")
+        return {k: slice(int(edges[i]), int(edges[i + 1])) for i, k in enumerate(names)}
+
+    def rows(self, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """The float64 weights [K, hi - lo] of examples lo..hi."""
+        hi = self.n if hi is None else hi
+        yb = self.y[lo:hi]
+        m = hi - lo
+        s = self.halves[:, lo:hi]
+        c = np.concatenate([np.ones((1, m)), self.counts[:, lo:hi], np.ones((2 * self.null_a.shape[0], m)), s, ~s])
+        lab = np.concatenate([
+            np.broadcast_to(yb, (1 + self.counts.shape[0], m)), self.null_a[:, lo:hi], self.null_b[:, lo:hi],
+            np.broadcast_to(yb, (2 * s.shape[0], m)),
+        ])
+        # c * l / n_pos - c * (1 - l) / n_neg, bit for bit (c / -n_neg == -(c / n_neg)), in two buffers
+        den = np.where(lab, self.n_pos[:, None], -self.n_neg[:, None])
+        return np.divide(c, den, out=c)
+
+
+def control_weights(
+    labels: np.ndarray, groups: np.ndarray | None = None, *, n_null: int = 20, n_splits: int = 5,
+    n_bootstrap: int = 200, seed: int = 0,
+) -> ControlWeights:
+    """The seeded resamples, shuffles and split halves of :func:`direction_controls` (labels only, no activations).
+    Shuffles, resamples and splits stay within each group x label cell."""
+    y = np.asarray(labels).astype(bool)
+    n = len(y)
+    g = np.zeros(n, dtype=np.int64) if groups is None else np.asarray(groups)
+    if g.shape != (n,):
+        raise ValueError(f"groups have shape {g.shape}, expected ({n},)")
+    cells = _strata(y, g)
+    rng = np.random.default_rng(seed)
+    # the draws in the order this module always made them: bootstrap, shuffles (a, then b), halves
+    counts = np.zeros((n_bootstrap, n), dtype=_count_dtype(n))
+    for idx in cells:
+        counts[:, idx] = rng.multinomial(idx.size, np.full(idx.size, 1.0 / idx.size), size=n_bootstrap)
+    groups_in_order = list(dict.fromkeys(g.tolist()))
+
+    def shuffled() -> np.ndarray:
+        out = y.copy()
+        for t in groups_in_order:
+            idx = np.flatnonzero(g == t)
+            out[idx] = rng.permutation(out[idx])
+        return out
+
+    null_a = np.stack([shuffled() for _ in range(n_null)]) if n_null else np.zeros((0, n), bool)
+    null_b = np.stack([shuffled() for _ in range(n_null)]) if n_null else np.zeros((0, n), bool)
+    halves = np.zeros((n_splits, n), dtype=bool)
+    for s in range(n_splits):
+        for idx in cells:
+            p = rng.permutation(idx)
+            halves[s, p[: (idx.size + int(rng.integers(2))) // 2]] = True
+    return ControlWeights(y, counts, null_a, null_b, halves)
+
+
+def _dask_of(x: Any) -> Any:
+    """The dask array behind ``x`` (an xarray DataArray or a dask array), else None."""
+    import dask.array as da
+
+    data = x.data if isinstance(x, xr.DataArray) else x
+    return data if isinstance(data, da.Array) else None
+
+
+def weighted_row_sums(weights: Any, x: Any, *, split_every: int = 4) -> np.ndarray:
+    """``weights.rows() @ x`` ([K, width] float64) for activations ``x`` [n, width] in memory or dask-backed
+    (an xarray DataArray or a dask array). ``weights``: anything with ``rows(lo, hi)`` and ``n_rows``
+    (:class:`ControlWeights`, :class:`GroupWeights`). A dask ``x`` is reduced chunk by chunk (each chunk times its
+    columns of the weights, partial sums added in a tree), so memory stays at a few chunks and their weights."""
+    d = _dask_of(x)
+    if d is None:
+        X = np.asarray(x, dtype=np.float64)
+        return weights.rows(0, X.shape[0]) @ X
+    if d.ndim != 2:
+        raise ValueError(f"activations must be [example, width], got shape {d.shape}")
+    d = d.rechunk({1: -1})
+    K, width = weights.n_rows, d.shape[1]
+
+    def block(xb: np.ndarray, block_info: dict | None = None) -> np.ndarray:
+        lo, hi = block_info[0]["array-location"][0]
+        return (weights.rows(lo, hi) @ np.asarray(xb, dtype=np.float64))[None]
+
+    parts = d.map_blocks(block, new_axis=[1], chunks=(1, K, width), dtype=np.float64,
+                         meta=np.empty((0, 0, 0), dtype=np.float64))
+    return np.asarray(parts.sum(axis=0, split_every=split_every).compute())
+
+
+@dataclass
+class GroupWeights:
+    """One-hot rows of groups (``gid`` [n] in 0..n_groups-1; -1 = in none): ``rows(lo, hi) @ X`` sums each group."""
+
+    gid: np.ndarray
+    n_groups: int
+
+    @property
+    def n_rows(self) -> int:
+        return self.n_groups
+
+    def rows(self, lo: int, hi: int) -> np.ndarray:
+        g = self.gid[lo:hi]
+        return (np.arange(self.n_groups)[:, None] == g[None, :]).astype(np.float64)
+
+
+def group_means(x: Any, groups: np.ndarray, *, skipna: bool = False) -> tuple[list[Any], np.ndarray]:
+    """(group keys in order of first appearance, their mean rows [G, width]) of activations ``x`` [n, width],
+    in memory or dask-backed (streamed). ``skipna``: each entry averaged over the rows where it is finite (as
+    ``np.nanmean``); otherwise a NaN row makes its group's mean NaN (as ``mean``)."""
+    g = np.asarray(groups)
+    keys = list(dict.fromkeys(g.tolist()))
+    lookup = {k: i for i, k in enumerate(keys)}
+    gid = np.asarray([lookup[v] for v in g.tolist()], dtype=np.int64)
+    gw = GroupWeights(gid, len(keys))
+    if not skipna:
+        sums = weighted_row_sums(gw, x)
+        return keys, sums / np.bincount(gid, minlength=len(keys))[:, None]
+    import dask.array as da
+
+    d = _dask_of(x)
+    src = np.asarray(x, dtype=np.float64) if d is None else d.astype(np.float64)
+    finite = np.isfinite(src)
+    where = np.where if d is None else da.where
+    sums = weighted_row_sums(gw, where(finite, src, 0.0))
+    counts = weighted_row_sums(gw, finite.astype(np.float64))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return keys, sums / counts
+
+
+def centre_by_group(x: Any, groups: np.ndarray, means: np.ndarray, keys: Sequence[Any]) -> Any:
+    """``x`` [n, width] with its group's mean row (``means[keys.index(group)]``) subtracted from each row: numpy
+    in, numpy out; a dask-backed ``x`` stays lazy (subtracted block by block)."""
+    lookup = {k: i for i, k in enumerate(keys)}
+    gid = np.asarray([lookup[v] for v in np.asarray(groups).tolist()], dtype=np.int64)
+    d = _dask_of(x)
+    if d is None:
+        return np.asarray(x, dtype=np.float64) - means[gid]
+    d = d.rechunk({1: -1})
+
+    def block(xb: np.ndarray, block_info: dict | None = None) -> np.ndarray:
+        lo, hi = block_info[0]["array-location"][0]
+        return np.asarray(xb, dtype=np.float64) - means[gid[lo:hi]]
+
+    return d.map_blocks(block, dtype=np.float64)
+
+
 def direction_controls(
-    Xa: np.ndarray,
-    Xb: np.ndarray,
+    Xa: Any,
+    Xb: Any,
     labels: np.ndarray,
     *,
     groups: np.ndarray | None = None,
@@ -641,8 +829,10 @@ def direction_controls(
     """The cross-model cosine of the difference-of-means directions and its controls, from activations alone.
 
     ``Xa``, ``Xb``: [n, width] activations of the same n statements in two models (the rows the directions are
-    fitted on, at the chosen layer and position); ``labels``: 0/1 per row; ``groups``: topic per row (shuffles,
-    resamples and splits stay within each topic x label cell; ``center`` removes each topic's mean first).
+    fitted on, at the chosen layer and position): numpy arrays, or dask-backed (an xarray DataArray or a dask
+    array, e.g. one layer of an opened store), which are streamed chunk by chunk and never loaded whole (see
+    :class:`ControlWeights` for the memory the weights take); ``labels``: 0/1 per row; ``groups``: topic per row
+    (shuffles, resamples and splits stay within each topic x label cell; ``center`` removes each topic's mean first).
 
     * ``cosine`` and its ``interval``: the 2.5/97.5% quantiles over ``n_bootstrap`` resamples of the statements
       (the same resample in both models);
@@ -654,56 +844,39 @@ def direction_controls(
       averaged over ``n_splits`` seeded splits; ``ceiling`` is their Spearman-Brown correction to full size
       (2r / (1 + r)), geometric mean over the two models: the cosine identical directions would reach through
       the sampling noise of this many statements.
+
+    Every direction is a weighted sum of the rows, so only the products of the weight rows with each model's
+    activations ([K, width]) are ever formed.
     """
-    Xa = np.asarray(Xa, dtype=np.float64)
-    Xb = np.asarray(Xb, dtype=np.float64)
     y = np.asarray(labels).astype(bool)
     n = len(y)
-    if Xa.shape != Xb.shape or Xa.shape[0] != n:
-        raise ValueError(f"activations {Xa.shape} / {Xb.shape} do not match {n} labels")
+    sa, sb = tuple(np.shape(Xa)), tuple(np.shape(Xb))
+    if sa != sb or len(sa) != 2 or sa[0] != n:
+        raise ValueError(f"activations {sa} / {sb} do not match {n} labels")
     if y.all() or not y.any():
         raise ValueError("the directions need both true and false statements")
     g = np.zeros(n, dtype=np.int64) if groups is None else np.asarray(groups)
     if center:
-        Xa, Xb = Xa.copy(), Xb.copy()
-        for t in dict.fromkeys(g.tolist()):
-            m = g == t
-            Xa[m] -= Xa[m].mean(0)
-            Xb[m] -= Xb[m].mean(0)
-    cells = _strata(y, g)
-    rng = np.random.default_rng(seed)
+        centred = []
+        for X in (Xa, Xb):
+            keys, means = group_means(X, g)
+            centred.append(centre_by_group(X, g, means, keys))
+        Xa, Xb = centred
+    cw = control_weights(y, g, n_null=n_null, n_splits=n_splits, n_bootstrap=n_bootstrap, seed=seed)
+    pa, pb = weighted_row_sums(cw, Xa), weighted_row_sums(cw, Xb)  # [K, width]: every direction, both models
+    at = cw.parts()
 
-    w = _diff_weights(y, np.ones((1, n)))
-    cosine = float(_row_cos(w @ Xa, w @ Xb)[0])
-
-    counts = np.zeros((n_bootstrap, n))
-    for idx in cells:
-        counts[:, idx] = rng.multinomial(idx.size, np.full(idx.size, 1.0 / idx.size), size=n_bootstrap)
-    wb = _diff_weights(y, counts)
-    boot = _row_cos(wb @ Xa, wb @ Xb)
+    cosine = float(_row_cos(pa[at["full"]], pb[at["full"]])[0])
+    boot = _row_cos(pa[at["bootstrap"]], pb[at["bootstrap"]])
     lo, hi = np.nanquantile(boot, [0.025, 0.975])
-
-    def shuffled() -> np.ndarray:
-        out = y.copy()
-        for t in dict.fromkeys(g.tolist()):
-            idx = np.flatnonzero(g == t)
-            out[idx] = rng.permutation(out[idx])
-        return out
-
-    wa = np.stack([_diff_weights(shuffled(), np.ones((1, n)))[0] for _ in range(n_null)])
-    wn = np.stack([_diff_weights(shuffled(), np.ones((1, n)))[0] for _ in range(n_null)])
-    null = _row_cos(wa @ Xa, wn @ Xb)
-    null_shared = _row_cos(wa @ Xa, wa @ Xb)
-
-    halves = np.zeros((n_splits, n), dtype=bool)
-    for s in range(n_splits):
-        for idx in cells:
-            p = rng.permutation(idx)
-            halves[s, p[: (idx.size + int(rng.integers(2))) // 2]] = True
-    w1, w2 = _diff_weights(y, halves.astype(float)), _diff_weights(y, (~halves).astype(float))
-    split = {"a": float(np.nanmean(_row_cos(w1 @ Xa, w2 @ Xa))), "b": float(np.nanmean(_row_cos(w1 @ Xb, w2 @ Xb)))}
-    sb = {k: 2 * r / (1 + r) if r > 0 else r for k, r in split.items()}
-    ceiling = float(math.sqrt(sb["a"] * sb["b"])) if min(sb.values()) > 0 else float(min(sb.values()))
+    null = _row_cos(pa[at["null_a"]], pb[at["null_b"]])
+    null_shared = _row_cos(pa[at["null_a"]], pb[at["null_a"]])
+    split = {
+        "a": float(np.nanmean(_row_cos(pa[at["half1"]], pa[at["half2"]]))),
+        "b": float(np.nanmean(_row_cos(pb[at["half1"]], pb[at["half2"]]))),
+    }
+    sb_ = {k: 2 * r / (1 + r) if r > 0 else r for k, r in split.items()}
+    ceiling = float(math.sqrt(sb_["a"] * sb_["b"])) if min(sb_.values()) > 0 else float(min(sb_.values()))
     return {
         "cosine": cosine,
         "interval": (float(lo), float(hi)),

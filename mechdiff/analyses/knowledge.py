@@ -684,8 +684,10 @@ def run_knowledge(
     control_model: str | Path | None = None,
     controls: KnowledgeControls = KnowledgeControls(),
     attribution_method: str = "ig",
+    save: bool = True,
 ) -> StudyResult:
-    """The knowledge-storage study for a model group.
+    """The knowledge-storage study for a model group (written to ``out_dir`` when ``save``; the study runner
+    writes it itself).
 
     Per model: exact patching heatmaps (and attribution estimates) for every site x layer x position; per
     (base, post) pair: cross-model patching both ways (the base model's true-prompt activations into the post
@@ -915,7 +917,8 @@ def run_knowledge(
     notes = {"attribution": f"{agreement.message()}. Each point: one (pair, layer, position) of {sites[0]}, the "
                             "estimate against exact patching (logit-normalised)."} if attribution else {}
     result = StudyResult("knowledge", data, summary, figures, findings, notes)
-    result.save(out_dir)
+    if save:
+        result.save(out_dir)
     return result
 
 
@@ -943,7 +946,7 @@ class KnowledgeConfig:
 def _run_study(ctx: StudyContext, config: KnowledgeConfig) -> StudyResult:
     options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     return run_knowledge(ctx.group, ctx.dataset("pairs", "knowledge"), ctx.out, shots=ctx.datasets.get("shots") or "auto",
-                         device=ctx.device, models=ctx.all_models(), **options)
+                         device=ctx.device, models=ctx.all_models(), save=False, **options)
 
 
 study = StudyDef(

@@ -48,11 +48,12 @@ from mechdiff.analyses.common import Finding, ModelGroup, StoreRequirementError,
 from mechdiff.analyses.study import CaptureRequirement, StudyContext, StudyDef
 from mechdiff.analyses.refusal_controls import Comparison, Rate, rate_difference, refusal_verdict
 from mechdiff.engine.batching import PromptTemplate, pad_batch, tokenize
+from mechdiff.engine.capture import CaptureSpec, capture_of
 from mechdiff.engine.data import PromptSet, load_prompts
 from mechdiff.engine.generate import (Generator, HFGenerator, contains_refusal, faster_threads, generate_each,
                                       intra_op_threads, stack_groups, stacked, vllm_available)
 from mechdiff.engine.models import LoadedModel
-from mechdiff.engine.sites import Intervention, hooks
+from mechdiff.engine.sites import Add, Intervention, ProjectOut, hooks
 
 __all__ = [
     "STUDY",
@@ -126,16 +127,9 @@ _SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "v
 # refusal phrases, tokens and scores
 
 
-def default_refusal_phrases() -> tuple[str, ...]:
-    """The embedded zoo's refusal phrases and markers (when the zoo is importable) plus the common ones."""
-    zoo: tuple[str, ...] = ()
-    try:
-        import mechdiff.zoo as z
-
-        zoo = tuple(getattr(z, "REFUSAL_PHRASES", ())) + tuple(getattr(z, "REFUSAL_MARKERS", ()))
-    except ImportError:  # the zoo is optional for studies of other models
-        pass
-    return tuple(dict.fromkeys((*zoo, *COMMON_REFUSAL_PHRASES)))
+def default_refusal_phrases(extra: Sequence[str] = ()) -> tuple[str, ...]:
+    """``extra`` (e.g. a model family's own refusal phrases, handed in by the caller) plus the common ones."""
+    return tuple(dict.fromkeys((*extra, *COMMON_REFUSAL_PHRASES)))
 
 
 def _check_phrases(phrases: Sequence[str]) -> tuple[str, ...]:
@@ -336,9 +330,10 @@ def check_store(
     lab = np.asarray(ds[label].values)
     if not set(np.unique(lab).tolist()) <= {0, 1}:
         raise StoreRequirementError(f"{STUDY}: column {label!r} must be 0/1 (1 = harmful), got {np.unique(lab)[:5]}")
-    if template is not None and ds.attrs.get("template") not in (None, template):
+    cap = capture_of(ds.attrs)
+    if template is not None and cap is not None and cap.template != PromptTemplate(template):
         raise StoreRequirementError(
-            f"{STUDY}: {ds.attrs.get('group') or 'store'} was captured with template {ds.attrs.get('template')!r}, "
+            f"{STUDY}: {ds.attrs.get('group') or 'store'} was captured with template {cap.template.spec!r}, "
             f"{template!r} needed; extract with --template {template!r}"
         )
 
@@ -378,7 +373,7 @@ def ablation_interventions(
     """Directional ablation ``x -= (x . d) d`` (d = direction / |d|) at ``sites`` of every layer and every
     position (generation steps included)."""
     v = _vec(direction)
-    return [Intervention(site, l, "ablate", vector=v) for l in range(n_layers) for site in sites]
+    return [ProjectOut(site, l, v) for l in range(n_layers) for site in sites]
 
 
 def addition_interventions(
@@ -389,8 +384,7 @@ def addition_interventions(
     ``all``, generation steps included, as in Arditi et al.) or at the prompt's positions only (``prompt``:
     the model continues a steered prompt on its own)."""
     _check_scope(scope)
-    return [Intervention(site, int(layer), "add", vector=_vec(vector), coef=float(coef),
-                         prompt_only=scope == "prompt")]
+    return [Add(site, int(layer), _vec(vector), float(coef), prompt_only=scope == "prompt")]
 
 
 def _check_scope(scope: str) -> None:
@@ -974,7 +968,6 @@ def capture_plan(config: "RefusalConfig", group: ModelGroup, datasets: Mapping[s
     """Every capture the study reads (``variant``: the template it is compared under): each model's harmful and
     harmless instructions at the post-instruction positions of every layer, under its own template and under
     each partner's (the template-matched comparison needs both models under one template)."""
-    from mechdiff.engine.extract import CaptureSpec
 
     prompts, _ = refusal_prompt_set(datasets.get("harmful"), datasets.get("harmless"), n_val=config.n_val,
                                     n_eval=config.n_eval, seed=config.seed, text_column=config.text_column)
@@ -1183,7 +1176,7 @@ def run_refusal(
             ds = acts[(label, spec)] = stores[(label, spec)]
             groups[key] = ds.attrs.get("group")
             extract_info[key] = {"url": ds.attrs.get("store_url"), "group": ds.attrs.get("group"), "template": spec}
-            check_store(ds, site=site, template=ds.attrs.get("template"), n_layers=lm.adapter.n_layers)
+            check_store(ds, site=site, n_layers=lm.adapter.n_layers)  # the template: checked by ctx.store
         dirs[label] = refusal_directions(acts[(label, tmpl[label].spec)], site=site, rows=train).load()
         ids = refusal_token_ids(lm.tokenizer, phrases)
         if not ids:
@@ -1336,9 +1329,10 @@ def template_comparisons(
     own = {m: templates[m].spec for m in (b, p)}
     ref = {m: (sel[m].direction.layer, sel[m].direction.position) for m in (b, p)}
 
-    def x(m: str, owner: str) -> np.ndarray:
+    def x(m: str, owner: str):
         layer, pos = ref[owner]
-        return np.asarray(acts[(m, own[owner])][site].sel(layer=layer, position=pos).values, dtype=np.float64)[rows]
+        # lazy: direction_controls streams the rows chunk by chunk, so a large store is never loaded whole
+        return acts[(m, own[owner])][site].sel(layer=layer, position=pos).isel(example=np.asarray(rows))
 
     def compare(what: str, m1: str, o1: str, m2: str, o2: str) -> Comparison:
         c = direction_controls(x(m1, o1), x(m2, o2), harmful, n_null=n_null, n_splits=n_splits,

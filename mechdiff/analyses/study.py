@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from mechdiff.analyses.common import ModelGroup, StoreRequirementError, StudyResult
-from mechdiff.engine.extract import CaptureSpec
+from mechdiff.engine.capture import CaptureDifference, CaptureSpec, ResolvedCapture, capture_of
 from mechdiff.errors import MechdiffError
 
 __all__ = [
@@ -68,10 +68,7 @@ class CaptureRequirement:
         return (self.model, self.dataset, self.name)
 
     def describe(self) -> str:
-        s = self.spec
-        layers = s.layers if isinstance(s.layers, str) else ",".join(map(str, s.layers))
-        return (f"{self.study}: {self.model}'s {self.dataset} with sites {','.join(s.sites)}, layers {layers}, "
-                f"positions {s.positions}, template {s.template}")
+        return f"{self.study}: {self.model}'s {self.dataset} with {self.spec.describe()}"
 
 
 @dataclass(frozen=True)
@@ -102,28 +99,29 @@ class StoreRead:
 def check_store_covers(ds, req: CaptureRequirement, n_layers: int | None = None) -> None:
     """Raise :class:`StoreRequirementError` unless the opened store ``ds`` holds ``req``: every site, every layer
     (``all`` means the model's), the same positions and template. The message names the missing piece."""
-    import json
-
     where = f"store {ds.attrs.get('store_url', '?')} group {ds.attrs.get('group', '?')}"
-    raw = ds.attrs.get("capture_spec")
-    have = json.loads(raw) if isinstance(raw, str) else dict(raw or {})
-    want = req.spec
-    miss_sites = [s for s in want.sites if s not in ds.data_vars]
-    if miss_sites:
-        raise StoreRequirementError(f"{req.study}: {where} has no {', '.join(miss_sites)} activations "
-                                    f"({', '.join(map(str, ds.data_vars)) or 'none'}); it needs {req.describe()}")
-    for fld in ("positions", "template"):
-        if have.get(fld) is not None and have[fld] != getattr(want, fld):
-            raise StoreRequirementError(f"{req.study}: {where} was captured with {fld} {have[fld]!r}, "
-                                        f"{getattr(want, fld)!r} needed; it needs {req.describe()}")
-    layers = list(want.layers) if not isinstance(want.layers, str) else (
-        list(range(n_layers)) if n_layers is not None else None)
-    if layers is not None:
-        for site in want.sites:
-            got = set(int(x) for x in ds[site].attrs.get("captured_layers", ds["layer"].values))
-            lack = [x for x in layers if x not in got]
-            if lack:
-                raise StoreRequirementError(f"{req.study}: {where} lacks {site} at layers {lack}; it needs {req.describe()}")
+    have = capture_of(ds.attrs)
+    if have is None:  # a store written without a capture record: what its arrays hold is all there is to go by
+        layers = sorted({int(x) for x in ds["layer"].values}) if "layer" in ds.coords else []
+        have = ResolvedCapture(tuple(str(v) for v in ds.data_vars), tuple(layers), req.spec.positions,
+                               req.spec.template, "float32", None, n_layers)
+    elif n_layers is not None and have.n_layers is None:
+        have = ResolvedCapture(have.sites, have.layers, have.positions, have.template, have.dtype, have.compression, n_layers)
+    lacking = have.lacks(req.spec.resolve(n_layers) if n_layers is not None else req.spec)
+    missing_vars = [s for s in req.spec.sites if s not in ds.data_vars]
+    if missing_vars and not any(d.field == "sites" for d in lacking):
+        lacking.insert(0, CaptureDifference("sites", [str(v) for v in ds.data_vars], list(req.spec.sites)))
+    if lacking:
+        parts = "; ".join(_lack(d) for d in lacking)
+        raise StoreRequirementError(f"{req.study}: {where} {parts}; it needs {req.describe()}")
+
+
+def _lack(d) -> str:
+    """One missing piece in words: the sites or layers not captured, or the positions / template it was made with."""
+    if d.field in ("sites", "layers"):
+        miss = [x for x in d.want if x not in d.have]
+        return f"lacks {d.field} {', '.join(map(str, miss))} (it holds {', '.join(map(str, d.have)) or 'none'})"
+    return f"was captured with {d.field} {d.have!r}, {d.want!r} needed"
 
 
 @dataclass
@@ -136,13 +134,16 @@ class StudyContext:
     datasets: Mapping[str, Any]  # role -> file path (or a PromptSet / list of texts)
     out: Path
     device: str = "cpu"
-    model_dtype: str = "float32"
+    model_dtype: str = "auto"  # bfloat16 on a GPU, float32 on the CPU
     progress: bool = False
     stores: dict[tuple[str, str, str], StoreRef] = field(default_factory=dict)
     models: dict[str, Any] = field(default_factory=dict)
     reads: list[StoreRead] = field(default_factory=list)
     load_options: dict[str, Any] = field(default_factory=dict)  # e.g. allow_pickle, trust_remote_code
     planned: dict[str, list[CaptureRequirement]] = field(default_factory=dict)  # study -> its requirements
+    # where the study's dask graphs run: a dask scheduler name ("threads", "synchronous") or a get function
+    # (e.g. Ray's ray_dask_get); None keeps the caller's dask configuration
+    scheduler: Any = None
 
     def requirements(self, study: "StudyDef", config: Any) -> list[CaptureRequirement]:
         """``study``'s requirements under ``config`` here, computed once (the runner's, reused by the run)."""
@@ -362,7 +363,13 @@ def run_study(study: StudyDef, config: Any, ctx: StudyContext, *, store: str | N
     reports = provide_captures(ctx, reqs, store or str(Path(ctx.out) / "store.zarr"), shard_size=shard_size,
                                token_budget=token_budget)
     first = len(ctx.reads)
-    result = study.run(ctx, config)
+    if ctx.scheduler is None:
+        result = study.run(ctx, config)
+    else:
+        import dask
+
+        with dask.config.set(scheduler=ctx.scheduler):
+            result = study.run(ctx, config)
     result.summary["stores_read"] = [dataclasses.asdict(r) for r in ctx.reads[first:]]
     # what this run extracted itself for the study (nothing where a sweep's pool provided the stores)
     result.summary["extracted"] = [
@@ -374,7 +381,7 @@ def run_study(study: StudyDef, config: Any, ctx: StudyContext, *, store: str | N
 
 
 def run_on(study: StudyDef, group: ModelGroup, out: str | Path, config: Any = None, *, device: str = "cpu",
-           model_dtype: str = "float32", models: Mapping[str, Any] | None = None,
+           model_dtype: str = "auto", models: Mapping[str, Any] | None = None,
            stores: Mapping[tuple[str, str, str], StoreRef] | None = None, store: str | None = None,
            progress: bool = False, **datasets: Any) -> StudyResult:
     """``study`` on ``group`` on its own (a notebook's call): ``datasets`` by role (see ``study.datasets``),

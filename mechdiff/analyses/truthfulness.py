@@ -21,7 +21,7 @@ Following Marks & Tegmark ("The Geometry of Truth") as used by Du et al. (COLM 2
 * a PCA figure of every model's statements at the probe layer with its truth direction (the paper's Figure 1b).
 
 Everything that needs only activations is a dask reduction over the stores; only the intervention runs the
-models (through the engine's ``Intervention`` + ``hooks``).
+models (through the engine's ``Add`` intervention + ``hooks``).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import xarray as xr
 from mechdiff.analyses.common import Finding, ModelGroup, StoreRequirementError, StudyResult, require
 from mechdiff.analyses.prompts import LABEL_WORDS, TRUTH_SUFFIX
 from mechdiff.analyses.study import CaptureRequirement, StudyContext, StudyDef
+from mechdiff.engine.capture import capture_of
 from mechdiff.engine.tokens import answer_token, char_offsets
 from mechdiff.errors import MechdiffError
 from mechdiff.analyses.directions import (
@@ -72,6 +73,12 @@ __all__ = [
 
 STUDY = "truthfulness"
 POSITIONS = "last:2"
+#: Probe scores held at once while fitting thresholds: a block of layers of [example, source, fold] float64 (always
+#: at least one layer), instead of every layer's scores together.
+PROJECTION_BLOCK_BYTES = 64 * 2**20
+#: The PCA figure plots at most this many statements (a seeded sample when there are more): the SVD needs its rows
+#: in memory, [rows, width] float64 per model.
+PCA_MAX_ROWS = 2000
 #: Probe positions tried when none is given, the period first (it wins ties).
 PROBE_POSITIONS = (-1, -2)
 
@@ -260,8 +267,9 @@ def check_truth_store(ds: xr.Dataset, settings: TruthSettings = TruthSettings())
     pos = set(int(p) for p in ds["position"].values)
     if not {-1, -2} <= pos:
         raise StoreRequirementError(f"{STUDY}: {where} lacks positions -2/-1 (has {sorted(pos)}); {hint}")
-    tmpl = ds.attrs.get("template", "none")
-    if tmpl not in (None, "none"):
+    cap = capture_of(ds.attrs)
+    tmpl = cap.template.spec if cap is not None else "none"
+    if tmpl != "none":
         raise StoreRequirementError(
             f"{STUDY}: {where} was extracted with template {tmpl!r}, so its last tokens are the template's, not "
             f"the statement's; {hint}"
@@ -411,11 +419,14 @@ def _probe_analysis_at(
         # the paper's centring subtracts each topic's mean over all its statements (no labels used): their sums too,
         # in the same pass over the stores
         lazy_all = {n: mean_diff_sums(stores[n], settings.site, data.labels, center_by=topics, compute=False) for n in names} if centred else {}
-        totals = dask.compute(*[lazy[n].total for n in names], *[lazy_null[n].total for n in names],
-                              *[lazy_all[n].total for n in lazy_all])
-        sums = {n: lazy[n].finish(t) for n, t in zip(names, totals[: len(names)])}
-        null_sums = {n: lazy_null[n].finish(t) for n, t in zip(names, totals[len(names): 2 * len(names)])}
-        means = {n: _topic_means(lazy_all[n].finish(t)) for n, t in zip(lazy_all, totals[2 * len(names):])}
+        # one dask pass per store (its reductions share the chunk reads); stores one after another, so that the
+        # chunks in flight are one store's
+        sums, null_sums, means = {}, {}, {}
+        for n in names:
+            t = dask.compute(lazy[n].total, lazy_null[n].total, *([lazy_all[n].total] if centred else []))
+            sums[n], null_sums[n] = lazy[n].finish(t[0]), lazy_null[n].finish(t[1])
+            if centred:
+                means[n] = _topic_means(lazy_all[n].finish(t[2]))
         if sums_cache is not None:
             sums_cache.update(sums=sums, null_sums=null_sums, means=means)
     topic_keys = [t for t in data.topic_names if t in sums[names[0]].groups]
@@ -428,56 +439,64 @@ def _probe_analysis_at(
     pos_coord = np.asarray(stores[names[0]]["position"].values)
     p_idx = int(np.flatnonzero(pos_coord == settings.probe_position)[0])
 
-    # 2) projections of every store's probe-position activations on every model's fold directions.
+    # 2) projections of every store's probe-position activations on every model's fold directions, and 3) the probes
+    # fitted on them: own (validation + held-out test) and transferred (unrefitted / refitted threshold). The scores
+    # of every layer at once ([example, source, fold, layer] float64: ~512 MB per model at 100k statements) are
+    # never formed: a block of layers at a time is projected (one dask pass per block, reading only its layers'
+    # chunks) and reduced at once to thresholds and accuracies, so the scores held are at most
+    # PROJECTION_BLOCK_BYTES (one layer, n * models * folds * 8 bytes, when a single layer is more).
     D = np.stack([fold_dirs[n][:, :, p_idx, :] for n in names])  # [source, fold, layer, width]
     Dx = xr.DataArray(D, dims=("source", "fold", "layer", "width"), coords={"source": names, "fold": folds, "layer": layers})
-    projs = {}
-    lazy_p = []
+    S, F, L = len(names), len(folds), len(layers)
+    val_acc = np.full((S, F, L), np.nan)
+    fit_acc = np.full((S, F, L), np.nan)  # accuracy on the training rows: the layer choice when no row validates
+    test_acc = np.full((S, S, F, L, 2), np.nan)  # source, target, fold, layer, (unrefit, refit)
+    thresholds = np.full((S, F, L), np.nan)
+    # per layer, whether each model's own probe is right on each held-out row (in its topic's fold): what the
+    # accuracy's bootstrap resamples once the best layer is known
+    own_correct = np.zeros((S, L, len(y)), dtype=bool)
+    xs = {}
     for n in names:
         x = stores[n][settings.site].sel(position=settings.probe_position)
         wdim = [d for d in x.dims if d in ("hidden", "neuron")][0]
-        x = x.rename({wdim: "width"}).drop_vars(["width"], errors="ignore")
-        lazy_p.append(xr.dot(x.astype(np.float64), Dx, dim="width").transpose("example", "source", "fold", "layer"))
-    computed = dask.compute(*[p.data for p in lazy_p])
-    for n, arr in zip(names, computed):
-        projs[n] = np.asarray(arr)  # [example, source, fold, layer]
-        if centred:
-            # (x - topic mean) . d == x . d - mean over the topic's rows of x . d: every probe score (fit, validation,
-            # held-out and transferred: each target centred on its own means) as of centred activations
-            projs[n] = _centre_rows(projs[n], topics)
-
-    # 3) probes: own (validation + held-out test) and transferred (unrefitted / refitted threshold).
-    S, F, L = len(names), len(folds), len(layers)
-    val_acc = np.full((S, F, L), np.nan)
-    test_acc = np.full((S, S, F, L, 2), np.nan)  # source, target, fold, layer, (unrefit, refit)
-    thresholds = np.full((S, F, L), np.nan)
-    for f, h in enumerate(folds):
-        train_rows = fit & (topics != h)
-        val_rows = ~fit & (topics != h)
-        test_rows = topics == h
-        for si, s in enumerate(names):
-            for l in range(L):
-                own = projs[s][:, si, f, l]
-                t, _ = best_threshold(own[train_rows], y[train_rows])
-                thresholds[si, f, l] = t
-                if val_rows.any():
-                    val_acc[si, f, l] = np.mean((own[val_rows] > t) == y[val_rows])
-                for ti, tname in enumerate(names):
-                    sc = projs[tname][:, si, f, l]
-                    test_acc[si, ti, f, l, 0] = np.mean((sc[test_rows] > t) == y[test_rows])
-                    if ti == si:
-                        test_acc[si, ti, f, l, 1] = test_acc[si, ti, f, l, 0]
-                    else:
-                        t2, _ = best_threshold(sc[train_rows], y[train_rows])
-                        test_acc[si, ti, f, l, 1] = np.mean((sc[test_rows] > t2) == y[test_rows])
+        xs[n] = x.rename({wdim: "width"}).drop_vars(["width"], errors="ignore")
+    per_layer = len(y) * S * F * 8
+    step = max(1, PROJECTION_BLOCK_BYTES // max(per_layer, 1))
+    for l0 in range(0, L, step):
+        block = slice(l0, min(L, l0 + step))
+        projs = {}
+        for n in names:
+            lazy_p = xr.dot(xs[n].isel(layer=block).astype(np.float64), Dx.isel(layer=block), dim="width")
+            projs[n] = np.asarray(lazy_p.transpose("example", "source", "fold", "layer").data.compute())  # [example, source, fold, layer in block]
+            if centred:
+                # (x - topic mean) . d == x . d - mean over the topic's rows of x . d: every probe score (fit, validation,
+                # held-out and transferred: each target centred on its own means) as of centred activations
+                projs[n] = _centre_rows(projs[n], topics)
+        for bi, l in enumerate(range(block.start, block.stop)):
+            for f, h in enumerate(folds):
+                train_rows = fit & (topics != h)
+                val_rows = ~fit & (topics != h)
+                test_rows = topics == h
+                for si, s in enumerate(names):
+                    own = projs[s][:, si, f, bi]
+                    t, _ = best_threshold(own[train_rows], y[train_rows])
+                    thresholds[si, f, l] = t
+                    fit_acc[si, f, l] = np.mean((own[train_rows] > t) == y[train_rows])
+                    if val_rows.any():
+                        val_acc[si, f, l] = np.mean((own[val_rows] > t) == y[val_rows])
+                    own_correct[si, l, test_rows] = (own[test_rows] > t) == y[test_rows]
+                    for ti, tname in enumerate(names):
+                        sc = projs[tname][:, si, f, bi]
+                        test_acc[si, ti, f, l, 0] = np.mean((sc[test_rows] > t) == y[test_rows])
+                        if ti == si:
+                            test_acc[si, ti, f, l, 1] = test_acc[si, ti, f, l, 0]
+                        else:
+                            t2, _ = best_threshold(sc[train_rows], y[train_rows])
+                            test_acc[si, ti, f, l, 1] = np.mean((sc[test_rows] > t2) == y[test_rows])
+        del projs
     if np.isnan(val_acc).all():
         # no validation rows (every row is in the fit split): choose on the fit rows' own accuracy instead
-        for f, h in enumerate(folds):
-            rows = fit & (topics != h)
-            for si in range(S):
-                for l in range(L):
-                    own = projs[names[si]][:, si, f, l]
-                    val_acc[si, f, l] = np.mean((own[rows] > thresholds[si, f, l]) == y[rows])
+        val_acc = fit_acc
     mean_val = np.nanmean(val_acc, axis=1)  # [source, layer]
     if settings.probe_layer is not None:
         best = np.full(S, int(np.flatnonzero(layers == settings.probe_layer)[0]))  # the paper's: one layer for all
@@ -488,9 +507,8 @@ def _probe_analysis_at(
     correct = np.full((S, F, len(y)), np.nan)
     for f, h in enumerate(folds):
         test_rows = topics == h
-        for si, s in enumerate(names):
-            own = projs[s][test_rows, si, f, best[si]]
-            correct[si, f, test_rows] = (own > thresholds[si, f, best[si]]) == y[test_rows]
+        for si in range(S):
+            correct[si, f, test_rows] = own_correct[si, best[si], test_rows]
 
     # 4) cosines between models per layer / position, and layer x layer at the probe position.
     dirs = xr.DataArray(
@@ -595,11 +613,21 @@ def _centre_rows(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return out
 
 
-def _rows_at(ds: xr.Dataset, layer: int, data: TruthData, settings: TruthSettings) -> np.ndarray:
-    """Every statement's activations [example, width] at ``layer`` and the probe position, centred per topic as
-    the probes are when ``settings.center_by_topic``."""
-    x = np.asarray(ds[settings.site].sel(layer=layer, position=settings.probe_position).values, dtype=np.float64)
-    return _centre_rows(x, data.topics) if settings.center_by_topic else x
+def _rows_at(ds: xr.Dataset, layer: int, data: TruthData, settings: TruthSettings) -> Any:
+    """Every statement's activations [example, width] float64 at ``layer`` and the probe position, centred per topic
+    (each topic's nan-mean over all its rows, as :func:`_centre_rows`) as the probes are when
+    ``settings.center_by_topic``. Lazy: a dask array over the store's chunks (the topic means, when centring, are one
+    streamed pass over this layer); index the rows needed and reduce, or compute a bounded subset."""
+    import dask.array as da
+
+    from mechdiff.analyses.directions import centre_by_group, group_means
+
+    v = ds[settings.site].sel(layer=layer, position=settings.probe_position).data
+    x = (v if isinstance(v, da.Array) else da.from_array(np.asarray(v), chunks=(256, -1))).astype(np.float64)
+    if not settings.center_by_topic:
+        return x
+    keys, means = group_means(x, data.topics, skipna=True)
+    return centre_by_group(x, data.topics, means, keys)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -665,14 +693,14 @@ def truth_logits(
 
     ``vectors``: layer -> vector (already scaled); at ``settings.site`` of each such layer, ``coef * signs[i] *
     vector`` is added at prompt i's statement's last two tokens (``signs``: +1 = add, -1 = subtract, 0 = none).
-    Runs the engine's last-token scoring with its ``Intervention`` hooks in left-padded batches (positions shifted
+    Runs the engine's last-token scoring with its ``Add`` intervention hooks in left-padded batches (positions shifted
     by the padding).
     """
     import torch
 
     from mechdiff.engine.batching import length_batches, pad_batch
     from mechdiff.engine.scoring import last_token_logits
-    from mechdiff.engine.sites import Intervention
+    from mechdiff.engine.sites import Add
 
     tok = lm.tokenizer
     ids, ends = statement_end_positions(tok, prompts)
@@ -698,7 +726,7 @@ def truth_logits(
                 index = torch.where(rows, pos, torch.full_like(pos, -1)).to(lm.device)
                 for layer, v in vectors.items():
                     vec = torch.as_tensor(np.asarray(v, dtype=np.float64))
-                    ivs.append(Intervention(settings.site, int(layer), "add", vector=vec, coef=s * coef, index=index))
+                    ivs.append(Add(settings.site, int(layer), vec, s * coef, index=index))
         with torch.inference_mode():
             logits = last_token_logits(lm, inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                        position_ids=inputs["position_ids"], interventions=ivs, use_cache=False)
@@ -923,7 +951,8 @@ def truth_controls(
     out = {}
     for p, a, b in zip(res["pair"].values, res["pair_a"].values, res["pair_b"].values):
         a, b = str(a), str(b)
-        X = {m: _rows_at(stores[m], best[a], data, settings)[fit] for m in (a, b)}
+        # lazy rows: direction_controls streams them chunk by chunk (the layer is never loaded whole)
+        X = {m: _rows_at(stores[m], best[a], data, settings)[np.flatnonzero(fit)] for m in (a, b)}
         c = direction_controls(
             X[a], X[b], data.labels[fit], groups=data.topics[fit], center=False,  # centred above, on all rows
             n_null=settings.n_null, null_quantile=settings.null_quantile, n_splits=settings.n_splits,
@@ -1158,12 +1187,21 @@ def _pca(stores: Mapping[str, xr.Dataset], res: xr.Dataset, data: TruthData, set
     its truth direction (as fitted by the study: training rows, centred when the study centres)."""
     from mechdiff.analyses.plotting import pca_figure
 
+    import dask
+
     names = [str(n) for n in res["model"].values]
-    acts = {n: _rows_at(stores[n], layer, data, settings) for n in names}
+    n = len(data.labels)
+    # the SVD needs its rows in memory: at most PCA_MAX_ROWS statements, a seeded sample (sorted) when there are more
+    rows = np.arange(n) if n <= PCA_MAX_ROWS else np.sort(
+        np.random.default_rng(settings.seed + 17).choice(n, size=PCA_MAX_ROWS, replace=False))
+    got = dask.compute(*[_rows_at(stores[m], layer, data, settings)[rows] for m in names])
+    acts = {m: np.asarray(x) for m, x in zip(names, got)}
     keep = np.all([np.isfinite(x).all(axis=1) for x in acts.values()], axis=0)  # a statement too short for the slot
-    acts = {n: x[keep] for n, x in acts.items()}
-    dirs = {n: res["direction"].sel(model=n, layer=layer, position=settings.probe_position).values for n in names}
-    return pca_figure(acts, data.labels[keep], path, title=f"truth directions: layer {layer}, position {settings.probe_position}",
+    acts = {m: x[keep] for m, x in acts.items()}
+    dirs = {m: res["direction"].sel(model=m, layer=layer, position=settings.probe_position).values for m in names}
+    sample = "" if rows.size == n else f" ({rows.size} of {n} statements, seeded sample)"
+    return pca_figure(acts, data.labels[rows][keep], path,
+                      title=f"truth directions: layer {layer}, position {settings.probe_position}{sample}",
                       class_names=("false", "true"), directions=dirs)
 
 
@@ -1269,7 +1307,7 @@ def run_truthfulness(
 
 def _requirements(settings: TruthSettings, group: ModelGroup, datasets: Mapping[str, Any]) -> list[CaptureRequirement]:
     """Each model's statements at the study's site, every layer, the last two tokens, as written."""
-    from mechdiff.engine.extract import CaptureSpec
+    from mechdiff.engine.capture import CaptureSpec
 
     prompts, _ = load_statements(datasets.get("statements"), shots=datasets.get("shots"))
     if "label" not in prompts.columns or "topic" not in prompts.columns:

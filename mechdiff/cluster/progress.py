@@ -87,7 +87,7 @@ class SweepProgress:
         t = ev.task
         target = self.by_key.get(getattr(t, "info", None)) if t is not None else None
         if ev.kind == "done" and t is not None and t.kind == "unit" and target is not None:
-            target.done += 1
+            target.done += getattr(ev.result, "n_shards", 1)  # a unit may hold several shards
             target.tokens += ev.result.tokens
             target.seconds += ev.result.seconds
         elif ev.kind == "retry":

@@ -9,25 +9,38 @@ The order of things, each step only after the previous one succeeded:
 3. per target with shards missing, one actor holding its model tokenizes the dataset (``prepare``)
    and sends back coords, token ids and provenance; the driver creates (or re-opens and checks) the
    store group with them;
-4. the missing shards become work units, one store shard each, so no two actors ever write one
-   chunk; actors open the group and write their shard into it, and the store sets a shard's done
-   flag only after its data is written. A re-run skips done shards (and whole done groups without
-   loading their model).
+4. the missing shards become work units of whole store shards (runs of consecutive shards up to the
+   model's ``unit_tokens`` real tokens; one shard per unit by default on CPU replicas), so no two actors
+   ever write one chunk; actors open the group and write their shards into it, and the store sets a
+   shard's done flag only after its data is written. A re-run skips done shards (and whole done groups
+   without loading their model).
+
+The tokenized dataset of a target (its ``PreparedExtraction``) is made once, by its prepare task, and
+shared with the units through the object store; the driver keeps only a reference to it.
+
+Each model's units run only on actors of its resource shape (:class:`~mechdiff.cluster.pool.ReplicaShape`,
+from its ``resources``); a shape that no node can hold is refused before any store is touched.
 """
 
 from __future__ import annotations
 
 import hashlib
 import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from mechdiff.errors import MechdiffError
 from mechdiff.engine.extract import identity_keys
-from mechdiff.cluster.sweep import StatusRow, Sweep, SweepPlan, Target, TargetPlan, load_sweep, plan_sweep
+from mechdiff.cluster.sweep import (
+    DEFAULT_GPU_UNIT_TOKENS, ModelSpec, StatusRow, Sweep, SweepError, SweepPlan, Target, TargetPlan, load_sweep,
+    plan_sweep,
+)
 
-__all__ = ["run_sweep", "SweepReport", "SweepFailed"]
+__all__ = ["run_sweep", "SweepReport", "SweepFailed", "group_shards", "actors_per_shape"]
 
 
 @dataclass
@@ -66,6 +79,41 @@ def _check_room(url: str, nbytes: int) -> None:
     free = shutil.disk_usage(probe).free
     if nbytes > free:
         raise OSError(f"{url} needs up to {nbytes / 1e9:.2f} GB (uncompressed) but {probe} has {free / 1e9:.2f} GB free")
+
+
+def group_shards(shards: Sequence[int], shard_tokens: Callable[[int], int], unit_tokens: int | None) -> list[tuple[int, ...]]:
+    """Work units from the shards left to do: runs of consecutive shards whose real tokens stay within
+    ``unit_tokens`` (a shard over the budget is a unit alone); ``None``: one shard per unit. Shards stay the
+    resume unit: each is written and flagged on its own."""
+    units: list[list[int]] = []
+    total = 0
+    for s in sorted(shards):
+        n = shard_tokens(s)
+        cur = units[-1] if units else None
+        if unit_tokens is not None and cur is not None and cur[-1] == s - 1 and total + n <= unit_tokens:
+            cur.append(s)
+            total += n
+        else:
+            units.append([s])
+            total = n
+    return [tuple(u) for u in units]
+
+
+def actors_per_shape(units: dict[Any, int], fit: Callable[[Any], int], total: int | None) -> dict[Any, int]:
+    """Replicas per shape. ``total`` None: as many as the cluster holds of each shape (shapes that do not
+    fit side by side take turns: the pool releases a finished shape's idle actors), never more than its
+    units. ``total``: that many in all (taken as given: an autoscaler may add nodes), shared out by units,
+    at least one per shape."""
+    if total is None:
+        return {s: max(1, min(fit(s), n)) for s, n in units.items()}
+    out = {s: 1 for s in units}
+    for _ in range(max(0, total - len(units))):
+        open_ = [s for s in units if out[s] < units[s]]
+        if not open_:
+            break
+        best = max(open_, key=lambda s: units[s] / out[s])
+        out[best] += 1
+    return out
 
 
 def run_sweep(
@@ -107,29 +155,49 @@ def run_sweep(
 
     import ray
 
-    from mechdiff.cluster.pool import ActorPool, Task, UnitResult, replicas_that_fit
+    from mechdiff.cluster.pool import (
+        ActorPool, ReplicaShape, ResourceError, Task, UnitResult, check_shapes_fit, replicas_that_fit,
+    )
     from mechdiff.cluster.progress import SweepProgress, TargetStats
     from mechdiff.cluster.ray_env import ray_session
-    from mechdiff.engine.store import ActivationStore
+    from mechdiff.engine.store import ActivationStore, consolidate
 
     res = sweep.resources
     # Ray first (an unreachable address fails here, in seconds, naming it): no store or folder is created
     # before the cluster answered
     with ray_session(address):
         own_pool = pool is None
+        has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+        shape_of: dict[str, ReplicaShape] = {
+            p.target.model.key: ReplicaShape.of(sweep.resources_of(p.target.model), has_gpus) for p in todo
+        }
+        # units route by shape, except on a caller's pool of one shape: that pool is the caller's choice
+        by_shape = own_pool or len(pool.shapes) > 1
+        if by_shape:
+            models_of: dict[ReplicaShape, list[str]] = {}
+            for k, sh in shape_of.items():
+                models_of.setdefault(sh, []).append(k)
+            try:
+                check_shapes_fit(models_of)
+            except ResourceError as e:
+                raise SweepError(f"{sweep.file}: resources: {e}") from None
+            if not own_pool:
+                lacking = [f"{', '.join(m)} ({sh.describe()})" for sh, m in models_of.items() if sh not in pool.shapes]
+                if lacking:
+                    raise SweepError(f"{sweep.file}: the given pool has no actors for " + "; ".join(lacking))
         if own_pool:
-            num_gpus = res.num_gpus
-            if num_gpus is None:  # auto: a GPU per replica where the cluster has GPUs
-                num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-            wanted = actors or res.actors
+            units: Counter = Counter()
+            for p in todo:
+                units[shape_of[p.target.model.key]] += p.missing  # an upper bound: a unit may hold several shards
             # An explicit count is taken as it is, even beyond what is up now: an autoscaler adds nodes
             # for replicas waiting for resources. Otherwise as many as the cluster holds.
-            n = wanted if wanted else replicas_that_fit(res.num_cpus, num_gpus)
-            # never more replicas than there are units to share out
-            n = min(n, sum(p.missing for p in todo))
-            pool = ActorPool(n, num_cpus=res.num_cpus, num_gpus=num_gpus, torch_threads=res.threads(),
-                             max_retries=res.max_retries)
-        # every dataset goes to the object store once; actors fetch it by reference
+            wanted = actors or res.actors
+            counts = actors_per_shape(dict(units), lambda sh: replicas_that_fit(sh.num_cpus, sh.num_gpus), wanted)
+            pool = ActorPool(shapes=counts, max_retries=res.max_retries)
+
+        def shape(m: ModelSpec) -> ReplicaShape | None:
+            return shape_of[m.key] if by_shape else None
+        # every dataset goes to the object store once; the prepare tasks fetch it by reference
         refs = {name: ray.put(p.prompts) for name, p in {p.target.dataset.name: p for p in todo}.items()}
         by_key: dict[str, TargetPlan] = {p.target.key: p for p in todo}
         stats = [
@@ -138,34 +206,42 @@ def run_sweep(
         ]
         display = SweepProgress(f"sweep {sweep.name}", stats, console=console, enabled=progress, pool=pool)
 
-        def common(t: Target) -> tuple:
+        def prep_key(t: Target) -> str:
             # the actor caches its tokenized dataset under this key: hashing the dataset and the capture
             # keeps a long-lived pool from reusing a stale one
             ident = f"{by_key[t.key].prompts.hash}|{t.capture.spec!r}|{sweep.max_length}|{sweep.truncate}"
-            prep_key = f"{t.key}@{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
-            return (prep_key, [refs[t.dataset.name]], t.capture, sweep.max_length, sweep.truncate)
+            return f"{t.key}@{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
 
-        def on_done(task: Task, value: Any) -> list[Task]:
+        made: set[str] = set()  # store roots whose metadata is consolidated once, after the pool has run
+
+        def on_done(task: Task, prep: Any) -> list[Task]:
             if task.kind != "prepare":
                 return []
             p = by_key[task.info]
             t = p.target
             # room for what is left to write, not for the whole store
-            n, size = value["n_examples"], sweep.shard_size
+            n, size = len(prep.token_ids), sweep.shard_size
             left = n - sum(min(size, n - i * size) for i in p.done)
-            _check_room(t.url, ActivationStore.estimate_nbytes_for(left, value["arrays"]))
+            _check_room(t.url, ActivationStore.estimate_nbytes_for(left, prep.arrays))
             store = ActivationStore.create_or_open(
-                t.url, t.group, n_examples=value["n_examples"], shard_size=sweep.shard_size,
-                arrays=value["arrays"], coords=value["coords"], token_ids=value["token_ids"],
-                provenance=value["provenance"], identity_keys=identity_keys(value["provenance"]),
+                t.url, t.group, n_examples=n, shard_size=sweep.shard_size,
+                arrays=prep.arrays, coords=prep.coords, token_ids=prep.token_id_matrix(),
+                provenance=prep.provenance, identity_keys=identity_keys(prep.provenance),
                 storage_options=sweep.storage_options,
             )
+            made.add(t.url)
+            # the units fetch the tokenized dataset from the object store; this process keeps only the reference
+            prep_ref = [ray.put(prep)]
+            sh = shape_of[t.model.key]
+            budget = sweep.resources_of(t.model).unit_tokens or (DEFAULT_GPU_UNIT_TOKENS if sh.num_gpus > 0 else None)
+            n_tokens = np.asarray(prep.coords["n_tokens"])
             out = []
-            for s in store.missing_shards():
-                rng = store.shard_range(s)
-                key = f"{t.key} shard {s} (examples {rng.start}..{rng.stop - 1})"
-                args = (*common(t), t.url, t.group, sweep.storage_options, s, sweep.token_budget, key)
-                out.append(Task(key, t.model, "extract_shard", args, kind="unit", info=t.key))
+            for unit in group_shards(store.missing_shards(), lambda s: int(n_tokens[store.shard_range(s)].sum()), budget):
+                first, last = store.shard_range(unit[0]), store.shard_range(unit[-1])
+                what = f"shard {unit[0]}" if len(unit) == 1 else f"shards {unit[0]}-{unit[-1]}"
+                key = f"{t.key} {what} (examples {first.start}..{last.stop - 1})"
+                args = (prep_key(t), prep_ref, t.url, t.group, sweep.storage_options, unit, sweep.token_budget, key)
+                out.append(Task(key, t.model, "extract_unit", args, kind="unit", info=t.key, shape=shape(t.model)))
             return out
 
         def events(ev: Any) -> None:
@@ -175,7 +251,9 @@ def run_sweep(
 
         # prepares first (they unblock the units), grouped by model: a replica serves one model's
         # targets one after another
-        tasks = [Task(f"prepare {p.target.key}", p.target.model, "prepare", common(p.target), kind="prepare", info=p.target.key)
+        tasks = [Task(f"prepare {p.target.key}", p.target.model, "prepare",
+                      (prep_key(p.target), [refs[p.target.dataset.name]], p.target.capture, sweep.max_length, sweep.truncate),
+                      kind="prepare", info=p.target.key, shape=shape(p.target.model), keep_result=False)
                  for p in todo]
         try:
             with display:
@@ -184,7 +262,9 @@ def run_sweep(
             if own_pool:
                 pool.close()
         failures = dict(rep.failures)
-        units = sum(1 for v in rep.results.values() if isinstance(v, UnitResult))
+        for url in sorted(made):
+            consolidate(url, sweep.storage_options)
+        units = sum(v.n_shards for v in rep.results.values() if isinstance(v, UnitResult))  # shards written
         tokens = sum(v.tokens for v in rep.results.values() if isinstance(v, UnitResult))
         if progress:
             c = display.console
@@ -209,7 +289,7 @@ def _report(sweep: Sweep, plan: SweepPlan, units: int, seconds: float, retries: 
             failures: dict[str, str], tokens: int = 0) -> SweepReport:
     rows = [
         StatusRow(p.target.model.key, p.target.model.path, p.target.capture.name, p.target.dataset.name,
-                  p.target.url, p.target.group, len(p.done), p.n_shards)
+                  p.target.url, p.target.group, len(p.done), p.n_shards, sweep.describe_resources(p.target.model))
         for p in plan.targets
     ]
     total_done = sum(r.done for r in rows)

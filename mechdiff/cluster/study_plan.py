@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mechdiff.analyses.common import ModelGroup
-from mechdiff.analyses.study import CaptureRequirement, StoreRef, config_from_options, get_study
-from mechdiff.cluster.sweep import CaptureEntry, DatasetSpec, Sweep, SweepError, Target, load_sweep
+from mechdiff.analyses.study import CaptureRequirement, StoreRef, get_study
+from mechdiff.cluster.sweep import CaptureEntry, DatasetSpec, Sweep, SweepError, Target, _config_n_layers, load_sweep
 from mechdiff.engine.data import PromptSet
 from mechdiff.pipeline import GroupJob, StudyInputs
 
@@ -94,16 +94,9 @@ def _pinned_target(sweep: Sweep, st_name: str, req: CaptureRequirement, prompts:
     entry = sweep.studies[st_name]
     cap = sweep.captures[entry.capture]
     where = f"{sweep.file}:{entry.line}: studies.{st_name}.capture {cap.name}" if entry.line else f"{sweep.file}: studies.{st_name}"
-    have, want = cap.spec, req.spec
-    miss = [s for s in want.sites if s not in have.sites]
-    problems = [f"sites lack {', '.join(miss)}"] if miss else []
-    for fld in ("positions", "template"):
-        if getattr(have, fld) != getattr(want, fld):
-            problems.append(f"{fld} is {getattr(have, fld)!r}, the study needs {getattr(want, fld)!r}")
-    if want.layers == "all" and have.layers != "all" or isinstance(want.layers, tuple) and isinstance(have.layers, tuple) \
-            and not set(want.layers) <= set(have.layers):
-        problems.append(f"layers are {have.layers!r}, the study needs {want.layers!r}")
     model = next(m for m in sweep.groups[group] if m.label == req.model)
+    problems = [f"{d.field} {'are' if d.field in ('sites', 'layers') else 'is'} {d.have!r}, the study needs {d.want!r}"
+                for d in cap.spec.lacks(req.spec, _config_n_layers(model.path))]
     for t in sweep.targets():
         if t.model == model and t.capture.name == cap.name and sweep.datasets[t.dataset.name].load().hash == prompts.hash:
             break
@@ -123,6 +116,8 @@ def study_targets(sweep: Sweep, *, quick: bool = False, studies: Sequence[str] |
     seen: set[tuple[str, str]] = set()
     planned: dict[tuple, Target] = {}  # (model files, spec, rows) -> the target that extracts it
     for gname, specs in sweep.groups.items():
+        if not any(gname in e.groups and (studies is None or n in studies) for n, e in sweep.studies.items()):
+            continue  # no study runs on this group (e.g. an extraction-only sweep of a base model)
         group = group_of(sweep, gname)
         datasets = group_inputs(sweep, gname).datasets()
         configs = group_configs(sweep, gname, quick)

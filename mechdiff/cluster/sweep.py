@@ -25,12 +25,21 @@ A sweep file is YAML::
     studies:                                  # each study's options are its Config's fields
       truthfulness: {datasets: [cities], n_intervene: 50}   # its own capture is planned: resid_post, last:2
       confidence: {datasets: [cities]}                      # or pin one: capture: NAME (it must hold the study's)
-    resources:                                # per model replica (= per actor)
-      num_cpus: 1
-      num_gpus: 1                             # 0 on CPU clusters; >1 loads with device_map="auto"
-      torch_threads: 1
-      actors: 8                               # at most this many replicas (default: as many as fit)
-      max_retries: 2
+    resources:                                # per model replica (= per actor); a model group (or one
+      num_cpus: 1                             #   model given as {path: ..., resources: {...}}) may carry its
+      num_gpus: 1                             #   own block, whose keys override these: 0 on CPU clusters;
+      torch_threads: 1                        #   >1 loads with device_map="auto" (layers spread over them)
+      tensor_parallel: 1                      # the replica's layout: GPUs = tensor_parallel x pipeline_parallel
+      pipeline_parallel: 1                    #   when num_gpus is not given
+      dtype: bfloat16                         # the model dtype where its group names none
+      unit_tokens: 1000000                    # real tokens per work unit (whole store shards; default: one
+                                              #   shard per unit on CPU replicas, 1M tokens on GPU replicas)
+      actors: 8                               # at most this many replicas in all (default: as many as fit)
+      max_retries: 2                          # (actors and max_retries: sweep-wide only)
+
+Models with different resources get different actors (one actor set per resource shape); a unit goes only
+to an actor of its model's shape, and a model too big for every node of the cluster is refused before
+anything runs.
 
 Every problem is reported as ``file:line: key.path: what is wrong`` (line numbers come from the YAML
 node marks) before any model loads or any store is touched. Relative paths (datasets, local model
@@ -47,7 +56,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -83,7 +92,7 @@ STUDIES: tuple[str, ...] = STUDY_NAMES
 # Study options that name one of the sweep's datasets (checked like ``datasets``).
 _DATASET_OPTIONS: dict[str, tuple[str, ...]] = {"refusal": ("harmful", "harmless")}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_MODEL_DTYPES = ("float32", "bfloat16", "float16")
+_MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on a GPU replica, float32 on a CPU one
 
 
 class SweepError(MechdiffError, ValueError):
@@ -102,9 +111,10 @@ class ModelSpec:
     label: str
     path: str  # local directory (absolute) or hub id
     revision: str | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"  # bfloat16 on a GPU replica, float32 on a CPU one
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    resources: Resources | None = None  # its own replica resources (the sweep's merged in); None: the sweep's
 
     @property
     def key(self) -> str:
@@ -150,16 +160,37 @@ class StudyEntry:
 
 @dataclass(frozen=True)
 class Resources:
-    """What one model replica (one actor) reserves, and the pool's limits."""
+    """What one model replica (one actor) reserves, and the pool's limits (``actors``, ``max_retries``: sweep-wide)."""
 
     num_cpus: float = 1.0
-    num_gpus: float | None = None  # None: 1 if the cluster has GPUs, else 0
+    num_gpus: float | None = None  # None: tensor_parallel x pipeline_parallel if the cluster has GPUs, else 0
     torch_threads: int | None = None  # None: max(1, int(num_cpus))
     actors: int | None = None  # None: as many replicas as the cluster fits
     max_retries: int = 2
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    dtype: str | None = None  # the model dtype where the model group names none
+    unit_tokens: int | None = None  # None: one store shard per unit on CPU replicas, DEFAULT_GPU_UNIT_TOKENS on GPU ones
 
     def threads(self) -> int:
         return self.torch_threads or max(1, int(self.num_cpus))
+
+    def gpus(self, cluster_has_gpus: bool) -> float:
+        """GPUs per replica: ``num_gpus``, else the layout's on a cluster with GPUs, else 0."""
+        if self.num_gpus is not None:
+            return self.num_gpus
+        return float(self.tensor_parallel * self.pipeline_parallel) if cluster_has_gpus else 0.0
+
+    def describe(self) -> str:
+        """One short line for status tables, e.g. ``4 GPU (tp 4), 8 CPU``."""
+        gpus = "auto GPU" if self.num_gpus is None else f"{self.num_gpus:g} GPU"
+        layout = [f"{k} {v}" for k, v in (("tp", self.tensor_parallel), ("pp", self.pipeline_parallel)) if v > 1]
+        return gpus + (f" ({', '.join(layout)})" if layout else "") + f", {self.num_cpus:g} CPU"
+
+
+#: Real tokens per work unit on GPU replicas when the sweep names no ``unit_tokens``: tens of seconds of an
+#: 8B model on one H100 (a 256-example shard is about one second there, too little to amortize a unit's cost).
+DEFAULT_GPU_UNIT_TOKENS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -177,6 +208,13 @@ class Sweep:
     max_length: int | None = None
     truncate: bool = False
     resources: Resources = Resources()
+
+    def resources_of(self, model: ModelSpec) -> Resources:
+        """The replica resources of one model: its own block (over the sweep's), else the sweep's."""
+        return model.resources or self.resources
+
+    def describe_resources(self, model: ModelSpec) -> str:
+        return f"{self.resources_of(model).describe()}, {model.dtype}"
 
     @property
     def groups(self) -> dict[str, tuple[ModelSpec, ...]]:
@@ -375,12 +413,12 @@ def parse_sweep(text: str, *, file: str = "<sweep>", base_dir: str | Path = ".")
         storage_options = top["storage_options"].value()
     output = _output(top["output"], base, storage_options)
 
-    models = _models(top["models"], base)
+    resources = _resources(top["resources"]) if "resources" in top else Resources()
+    models = _models(top["models"], base, resources)
     datasets = _datasets(top["datasets"], base)
     groups = sorted({m.group for m in models})
     captures = _captures(top["captures"], datasets, groups) if "captures" in top else {}
     studies = _studies(top["studies"], datasets, groups, captures) if "studies" in top else {}
-    resources = _resources(top["resources"]) if "resources" in top else Resources()
     return Sweep(
         name=name,
         file=file,
@@ -420,12 +458,14 @@ def _not_a_folder(p: Path) -> Path | None:
     return None
 
 
-def _model_ref(n: _N, base: Path) -> tuple[str, str | None]:
-    """``id`` or ``{path: id, revision: r}``; local-looking paths are resolved and must exist."""
+def _model_ref(n: _N, base: Path) -> tuple[str, str | None, _N | None]:
+    """``id`` or ``{path: id, revision: r, resources: {...}}``; local-looking paths are resolved and must exist."""
+    res_n = None
     if isinstance(n.node, yaml.MappingNode):
-        m = n.mapping(allowed=("path", "revision"), required=("path",))
+        m = n.mapping(allowed=("path", "revision", "resources"), required=("path",))
         path_n = m["path"]
         revision = m["revision"].str() if "revision" in m and not m["revision"].is_null else None
+        res_n = m.get("resources")
     else:
         path_n, revision = n, None
     raw = path_n.str()
@@ -437,11 +477,19 @@ def _model_ref(n: _N, base: Path) -> tuple[str, str | None]:
             raise path_n.error(f"model directory {p} does not exist")
         if not (p / "config.json").is_file():
             raise path_n.error(f"model directory {p} has no config.json")
-        return str(p), revision
-    return raw, revision
+        return str(p), revision, res_n
+    return raw, revision, res_n
 
 
-def _models(n: _N, base: Path) -> list[ModelSpec]:
+def _model_dtype(group_dtype: str | None, res_n: _N | None, res: Resources | None) -> str:
+    """A model's dtype: its own ``resources.dtype``, else its group's ``dtype``, else the (group's or sweep's)
+    ``resources.dtype``, else auto (bfloat16 on a GPU replica, float32 on a CPU one)."""
+    if res_n is not None and "dtype" in res_n.mapping():
+        return res_n.mapping()["dtype"].str()  # checked by _resources
+    return group_dtype or (res.dtype if res is not None else None) or "auto"
+
+
+def _models(n: _N, base: Path, sweep_res: Resources = Resources()) -> list[ModelSpec]:
     groups = n.mapping()
     if not groups:
         raise n.error("no model group given")
@@ -449,13 +497,22 @@ def _models(n: _N, base: Path) -> list[ModelSpec]:
     for gname, gn in groups.items():
         if not _NAME.match(gname):
             raise gn.error(f"{gname!r} is not a valid group name (letters, digits, '_', '-', '.')")
-        g = gn.mapping(allowed=("base", "post", "dtype", "allow_pickle", "trust_remote_code"), required=("base", "post"))
-        dtype = g["dtype"].str() if "dtype" in g else "float32"
-        if dtype not in _MODEL_DTYPES:
-            raise g["dtype"].error(f"unknown dtype {dtype!r}; use {', '.join(_MODEL_DTYPES)}")
+        g = gn.mapping(allowed=("base", "post", "dtype", "allow_pickle", "trust_remote_code", "resources"), required=("base", "post"))
+        group_res = _resources(g["resources"], sweep_res) if "resources" in g else None
+        group_dtype = g["dtype"].str() if "dtype" in g else None
+        if group_dtype is not None and group_dtype not in _MODEL_DTYPES:
+            raise g["dtype"].error(f"unknown dtype {group_dtype!r}; use {', '.join(_MODEL_DTYPES)}")
+        if group_dtype is not None and "resources" in g and "dtype" in g["resources"].mapping() and group_res.dtype != group_dtype:
+            raise g["dtype"].error(f"dtype {group_dtype!r}, but resources.dtype {group_res.dtype!r}; name one")
         flags = {k: g[k].bool() for k in ("allow_pickle", "trust_remote_code") if k in g}
-        path, rev = _model_ref(g["base"], base)
-        out.append(ModelSpec(gname, "base", path, rev, dtype, **flags))
+
+        def own(res_n: _N | None) -> Resources | None:
+            # a model's own block overrides its group's, which overrides the sweep's
+            return _resources(res_n, group_res or sweep_res) if res_n is not None else group_res
+
+        path, rev, res_n = _model_ref(g["base"], base)
+        res = own(res_n)
+        out.append(ModelSpec(gname, "base", path, rev, _model_dtype(group_dtype, res_n, res or sweep_res), **flags, resources=res))
         post = g["post"]
         if isinstance(post.node, yaml.SequenceNode):
             items = [(f"post{i}" if len(post.node.value) > 1 else "post", post.child(x, f"[{i}]")) for i, x in enumerate(post.node.value)]
@@ -468,8 +525,9 @@ def _models(n: _N, base: Path) -> list[ModelSpec]:
         for label, pn in items:
             if label == "base" or not _NAME.match(label):
                 raise pn.error(f"{label!r} is not a valid model label (letters, digits, '_', '-', '.'; not 'base')")
-            path, rev = _model_ref(pn, base)
-            out.append(ModelSpec(gname, label, path, rev, dtype, **flags))
+            path, rev, res_n = _model_ref(pn, base)
+            res = own(res_n)
+            out.append(ModelSpec(gname, label, path, rev, _model_dtype(group_dtype, res_n, res or sweep_res), **flags, resources=res))
     return out
 
 
@@ -537,21 +595,12 @@ def _captures(n: _N, datasets: Mapping[str, DatasetSpec], groups: list[str]) -> 
                 kw[key] = c[key].str()
         if "compression" in c:
             kw["compression"] = None if c["compression"].is_null or c["compression"].value() == "none" else c["compression"].str()
-        # each field through the engine's own parser first, so an error names its key
-        from mechdiff.engine.batching import PromptTemplate
-        from mechdiff.engine.positions import Positions
-        from mechdiff.engine.sites import parse_sites
-
-        for key, check in (("sites", parse_sites), ("positions", Positions.parse), ("template", PromptTemplate)):
-            if key in kw:
-                try:
-                    check(kw[key])
-                except ValueError as e:
-                    raise c[key].error(str(e)) from None
+        # parsed once, by the spec; an error is put on the key whose parser raised it
         try:
             spec = CaptureSpec(**kw)
         except ValueError as e:
-            raise (c["dtype"] if "dtype" in c and "dtype" in str(e) else cn).error(str(e)) from None
+            key = getattr(e, "field", None)  # the spec names the field whose parser raised
+            raise (c[key] if key in c else cn).error(str(e)) from None
         if "compression" in kw:
             from mechdiff.engine.store import _compressors  # validates zstd / zstd:<level> / None
 
@@ -559,13 +608,6 @@ def _captures(n: _N, datasets: Mapping[str, DatasetSpec], groups: list[str]) -> 
                 _compressors(kw["compression"])
             except ValueError as e:
                 raise c["compression"].error(str(e)) from None
-        if isinstance(spec.layers, str):
-            try:  # syntax only; the range is checked against each model when it loads
-                from mechdiff.engine.sites import parse_layers
-
-                parse_layers(spec.layers, 10**6)
-            except ValueError as e:
-                raise c["layers"].error(str(e)) from None
         ds = _names_in(c["datasets"], datasets, "dataset") if "datasets" in c else tuple(datasets)
         gs = _names_in(c["models"], groups, "model group") if "models" in c else tuple(groups)
         out[name] = CaptureEntry(name, spec, ds, gs)
@@ -612,18 +654,44 @@ def _studies(n: _N, datasets: Mapping[str, DatasetSpec], groups: list[str], capt
     return out
 
 
-def _resources(n: _N) -> Resources:
-    r = n.mapping(allowed=("num_cpus", "num_gpus", "torch_threads", "actors", "max_retries"))
-    num_gpus = None
-    if "num_gpus" in r and not r["num_gpus"].is_null and r["num_gpus"].value() != "auto":
-        num_gpus = r["num_gpus"].number(0.0)
-    return Resources(
-        num_cpus=r["num_cpus"].number(0.0, strict=True) if "num_cpus" in r else 1.0,
-        num_gpus=num_gpus,
-        torch_threads=r["torch_threads"].int(1) if "torch_threads" in r else None,
-        actors=r["actors"].int(1) if "actors" in r and not r["actors"].is_null else None,
-        max_retries=r["max_retries"].int(0) if "max_retries" in r else 2,
-    )
+_REPLICA_KEYS = ("num_cpus", "num_gpus", "torch_threads", "tensor_parallel", "pipeline_parallel", "dtype", "unit_tokens")
+_POOL_KEYS = ("actors", "max_retries")
+
+
+def _resources(n: _N, inherit: Resources | None = None) -> Resources:
+    """The sweep's ``resources`` block, or (``inherit`` given) a model's, whose keys override ``inherit``'s."""
+    model_level = inherit is not None
+    allowed = _REPLICA_KEYS if model_level else (*_REPLICA_KEYS, *_POOL_KEYS)
+    if model_level:
+        for k, kn in n.mapping().items():
+            if k in _POOL_KEYS:
+                raise kn.error(f"a pool-wide setting: put {k} in the sweep's top-level resources")
+    r = n.mapping(allowed=allowed)
+    base = inherit or Resources()
+    kw: dict[str, Any] = {}
+    if "num_gpus" in r:
+        auto = r["num_gpus"].is_null or r["num_gpus"].value() == "auto"
+        kw["num_gpus"] = None if auto else r["num_gpus"].number(0.0)
+    if "num_cpus" in r:
+        kw["num_cpus"] = r["num_cpus"].number(0.0, strict=True)
+    for k in ("torch_threads", "tensor_parallel", "pipeline_parallel", "unit_tokens"):
+        if k in r and not r[k].is_null:
+            kw[k] = r[k].int(1)
+    if "dtype" in r:
+        kw["dtype"] = r["dtype"].str()
+        if kw["dtype"] not in _MODEL_DTYPES:
+            raise r["dtype"].error(f"unknown dtype {kw['dtype']!r}; use {', '.join(_MODEL_DTYPES)}")
+    if "actors" in r:
+        kw["actors"] = None if r["actors"].is_null else r["actors"].int(1)
+    if "max_retries" in r:
+        kw["max_retries"] = r["max_retries"].int(0)
+    out = replace(base, **kw)
+    layout = out.tensor_parallel * out.pipeline_parallel
+    if out.num_gpus is not None and layout > 1 and out.num_gpus != layout:
+        key = r["num_gpus"] if "num_gpus" in r else r.get("tensor_parallel") or r.get("pipeline_parallel") or n
+        raise key.error(f"num_gpus {out.num_gpus:g} does not match tensor_parallel x pipeline_parallel = "
+                        f"{out.tensor_parallel} x {out.pipeline_parallel} = {layout}; give one of them")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -691,8 +759,6 @@ def _config_n_layers(path: str) -> int | None:
 
 def _check_local_layers(sweep: Sweep) -> None:
     """Layer selections against the layer count of local models (read from config.json, no weights)."""
-    from mechdiff.engine.sites import parse_layers
-
     for m in sweep.models:
         n_layers = _config_n_layers(m.path)
         if n_layers is None:
@@ -700,7 +766,7 @@ def _check_local_layers(sweep: Sweep) -> None:
         for c in sweep.captures.values():
             if m.group in c.groups:
                 try:
-                    parse_layers(c.spec.layers, n_layers)
+                    c.spec.resolve_layers(n_layers)
                 except ValueError as e:
                     raise SweepError(f"{sweep.file}: captures.{c.name}.layers: model {m.key} ({n_layers} layers): {e}") from None
 
@@ -751,8 +817,8 @@ def _check_done_store(sweep: Sweep, t: Target, store, prompts: PromptSet) -> Non
     """An existing group (done or partial) has to be the one this sweep describes: the same weights, dataset and
     whole capture spec (sites, layers resolved against the model's layer count, positions, template, dtype,
     compression) and shard size. Otherwise :class:`StoreReuseError` names each differing field with both values."""
+    from mechdiff.engine.capture import capture_of
     from mechdiff.engine.models import local_weights_hash
-    from mechdiff.engine.store import differing_fields
 
     prov = store.provenance
     where = f"store {t.url} group {t.group}"
@@ -777,29 +843,20 @@ def _check_done_store(sweep: Sweep, t: Target, store, prompts: PromptSet) -> Non
     if prov.get("dataset_hash") not in (None, prompts.hash):
         problems.append(f"dataset_hash: the store has {prov.get('dataset_hash')}, dataset {t.dataset.name} "
                         f"({t.dataset.path}) now has {prompts.hash}")
-    raw = prov.get("capture_spec")
-    if raw is not None:
+    try:
+        stored = capture_of(prov)
+    except ValueError as e:
+        problems.append(f"capture: the store's record is not a capture spec ({e})")
+        stored = None
+    if stored is not None:
+        n_layers = _model_n_layers(t.model, prov)
         try:
-            stored = json.loads(raw) if isinstance(raw, str) else dict(raw)
-        except (TypeError, ValueError):
-            stored = None
-        if not isinstance(stored, dict):
-            problems.append(f"capture_spec: the store's record {raw!r} is not a capture spec")
-        else:
-            n_layers = _model_n_layers(t.model, prov)
-            spec = t.capture.spec
-            try:
-                want = json.loads(spec.identity(n_layers)) if n_layers is not None else None
-            except ValueError as e:  # layers out of range for this model
-                raise SweepError(f"{sweep.file}: captures.{t.capture.name}.layers: model {t.model.key}: {e}") from None
-            if want is None:  # layer count unknown (hub model, old store): compare what needs no resolving
-                want = json.loads(json.dumps({k: v for k, v in spec.__dict__.items() if k != "layers"}))
-                want["sites"] = list(spec.sites)
-                if isinstance(spec.layers, tuple) and all(x >= 0 for x in spec.layers):
-                    want["layers"] = list(spec.layers)
-            for k, have, asked in differing_fields(stored, want, keys=want):
-                problems.append(f"capture_spec.{k}: the store has {_show(have)}, "
-                                f"captures.{t.capture.name} asks for {_show(asked)}")
+            want = t.capture.spec.resolve(n_layers) if n_layers is not None else t.capture.spec
+        except ValueError as e:  # layers out of range for this model
+            raise SweepError(f"{sweep.file}: captures.{t.capture.name}.layers: model {t.model.key}: {e}") from None
+        for d in stored.differences(want):
+            problems.append(f"capture.{d.field}: the store has {_show(d.have)}, "
+                            f"captures.{t.capture.name} asks for {_show(d.want)}")
     if store.shard_size != sweep.shard_size:
         problems.append(f"shard_size: the store has {store.shard_size}, the sweep {sweep.shard_size}")
     if problems:
@@ -843,6 +900,7 @@ class StatusRow:
     group: str
     done: int
     total: int
+    resources: str = ""  # the model's replica shape and dtype, e.g. "4 GPU (tp 4), 1 CPU, bfloat16"
 
     @property
     def state(self) -> str:
@@ -859,6 +917,6 @@ def sweep_status(sweep: Sweep | str | Path) -> list[StatusRow]:
     plan = plan_sweep(sweep, study_extraction(sweep))
     return [
         StatusRow(p.target.model.key, p.target.model.path, p.target.capture.name, p.target.dataset.name,
-                  p.target.url, p.target.group, len(p.done), p.n_shards)
+                  p.target.url, p.target.group, len(p.done), p.n_shards, sweep.describe_resources(p.target.model))
         for p in plan.targets
     ]

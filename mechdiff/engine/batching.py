@@ -58,8 +58,13 @@ class PromptTemplate:
     spec: str = "none"
 
     def __post_init__(self) -> None:
-        if self.spec not in ("none", "chat") and "{text}" not in self.spec:
+        if isinstance(self.spec, PromptTemplate):
+            object.__setattr__(self, "spec", self.spec.spec)
+        if not isinstance(self.spec, str) or self.spec not in ("none", "chat") and "{text}" not in self.spec:
             raise ValueError(f"template {self.spec!r}: use none, chat, or a format string containing {{text}}")
+
+    def __str__(self) -> str:
+        return self.spec
 
     def apply(self, text: str, tokenizer=None) -> str:
         if self.spec == "none":

@@ -8,12 +8,12 @@ shards, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
-import json
 import queue
 import shutil
+from concurrent.futures import Future
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -21,43 +21,16 @@ import numpy as np
 import torch
 
 import mechdiff
-from mechdiff.engine.batching import PromptTemplate, length_batches, pad_batch, resolve_token_budget, tokenize
+from mechdiff.engine.batching import length_batches, pad_batch, resolve_token_budget, tokenize
+from mechdiff.engine.capture import CaptureSpec, ResolvedCapture, capture_of, describe_differences
 from mechdiff.engine.data import PromptSet
 from mechdiff.engine.models import LoadedModel
 from mechdiff.engine.positions import Positions, gather_index
-from mechdiff.engine.sites import Capture, hooks, parse_layers, parse_sites, site_width
-from mechdiff.engine.store import ActivationStore, ArraySpec, StoreIncompleteError, cast_to_spec
+from mechdiff.engine.sites import Capture, hooks, site_width
+from mechdiff.engine.store import ActivationStore, ArraySpec, StoreIncompleteError, StoreMismatchError, cast_to_spec
 
-__all__ = ["CaptureSpec", "ExtractReport", "PreparedExtraction", "tokenize_prompts", "prepare", "extract", "run_shards"]
-
-
-@dataclass(frozen=True)
-class CaptureSpec:
-    """What to capture: sites x layers at the given positions, stored in ``dtype``."""
-
-    sites: tuple[str, ...] = ("resid_post",)
-    layers: str | tuple[int, ...] = "all"
-    positions: str = "last"
-    template: str = "none"
-    dtype: str = "float16"
-    compression: str | None = "zstd"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "sites", parse_sites(self.sites))
-        Positions.parse(self.positions)
-        PromptTemplate(self.template)
-        if self.dtype not in ("float16", "float32"):
-            raise ValueError(f"store dtype {self.dtype!r}: float16 or float32")
-
-    def resolve_layers(self, n_layers: int) -> tuple[int, ...]:
-        return parse_layers(self.layers, n_layers)
-
-    def identity(self, n_layers: int) -> str:
-        """The spec as stored in provenance; stores made with another spec refuse to be appended to."""
-        d = asdict(self)
-        d["layers"] = list(self.resolve_layers(n_layers))
-        d["sites"] = list(self.sites)
-        return json.dumps(d, sort_keys=True)
+__all__ = ["CaptureSpec", "ExtractReport", "PreparedExtraction", "tokenize_prompts", "prepare", "extract", "run_shards",
+           "capture_shard", "ShardWriter"]
 
 
 @dataclass
@@ -130,8 +103,7 @@ def tokenize_prompts(
     if len(prompts) == 0:
         raise ValueError(f"dataset {prompts.source} is empty")
     layers = spec.resolve_layers(n_layers)
-    pos = Positions.parse(spec.positions)
-    template = PromptTemplate(spec.template)
+    pos, template = spec.positions, spec.template
     texts = [template.apply(t, tokenizer) for t in prompts.texts]
     # A chat template already writes the special tokens; adding them again would double the BOS.
     ids = tokenize(tokenizer, texts, max_length=max_length or max_positions, truncate=truncate,
@@ -183,9 +155,7 @@ def prepare(
         **lm.provenance(),
         "dataset": prompts.source,
         "dataset_hash": prompts.hash,
-        "template": spec.template,
-        "positions": str(pos),
-        "capture_spec": spec.identity(adapter.n_layers),
+        "capture": spec.resolve(adapter.n_layers).to_json(),
         "mechdiff_version": mechdiff.__version__,
     }
     return PreparedExtraction(spec, layers, pos, ids, counts, width, arrays, coords, provenance)
@@ -226,10 +196,24 @@ def _existing_missing(url: str, group: str, storage_options: dict | None) -> tup
     return st, st.missing_shards()
 
 
+def _check_capture(st: ActivationStore, capture: dict) -> None:
+    """Refuse to append to a group made with another capture spec, naming every differing field."""
+    try:
+        stored = capture_of(st.provenance)
+    except ValueError as e:
+        raise StoreMismatchError(f"store {st.url} group {st.group or '/'} has an unreadable capture record ({e})") from None
+    want = ResolvedCapture.from_json(capture)
+    diffs = stored.differences(want) if stored is not None else None
+    if diffs is None or diffs:
+        what = describe_differences(diffs) if diffs else "the store records no capture spec (an older format)"
+        raise StoreMismatchError(f"store {st.url} group {st.group or '/'} was made with another capture spec: {what}; "
+                                 "use another group or remove this one")
+
+
 def identity_keys(provenance: dict) -> tuple[str, ...]:
     """What must match for a run to append to a store. Local weights are known by their content hash, so
     a moved or relative model path still matches; hub models also by their id."""
-    keys = ("weights_hash", "tokenizer_hash", "dataset_hash", "capture_spec")
+    keys = ("weights_hash", "tokenizer_hash", "dataset_hash", "capture")
     if str(provenance.get("weights_hash") or "").startswith("sha256:"):
         return keys
     return ("model_id", *keys)
@@ -240,9 +224,14 @@ class _StopForward(Exception):
 
 
 class ShardWriter:
-    """Writes finished shards on a background thread so compression and I/O overlap the next forward pass."""
+    """Writes finished shards on a background thread so compression and I/O overlap the next forward pass.
 
-    def __init__(self, store: ActivationStore, depth: int = 2):
+    Made for one store (``ShardWriter(store)``), the first failed write stops it and is raised by the next
+    ``put`` or by ``close``. Made without one, it is a long-lived writer (one per pool actor) for shards of any
+    store: each ``put`` names its store, and a failed write fails only its own future. ``put`` blocks while
+    ``depth`` shards wait, which bounds the memory of shards computed ahead of their writes."""
+
+    def __init__(self, store: ActivationStore | None = None, depth: int = 2):
         self.store = store
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
@@ -255,25 +244,38 @@ class ShardWriter:
             item = self.q.get()
             if item is None:
                 return
+            i, data, store, done = item
             if self.error is not None:
+                done.set_exception(self.error)
                 continue
-            i, data = item
             try:
-                self.store.write_shard(i, data)
+                store.write_shard(i, data)
                 self.written.append(i)
-            except BaseException as e:  # surfaced to the caller on the next put or at close
-                self.error = e
+                done.set_result(i)
+            except BaseException as e:  # surfaced to the caller on the next put or at close (one store), or by its future
+                if self.store is not None:
+                    self.error = e
+                done.set_exception(e)
 
-    def put(self, i: int, data: dict[str, np.ndarray]) -> None:
+    def put(self, i: int, data: dict[str, np.ndarray], store: ActivationStore | None = None) -> Future:
+        """Queue shard ``i`` of ``store`` (default: the writer's); the future is set once it is written and flagged."""
         if self.error is not None:
             raise self.error
-        self.q.put((i, data))
+        target = store if store is not None else self.store
+        if target is None:
+            raise ValueError("this writer has no store of its own: name the shard's store")
+        done: Future = Future()
+        self.q.put((i, data, target, done))
+        return done
 
     def close(self) -> None:
         self.q.put(None)
         self.thread.join()
         if self.error is not None:
             raise self.error
+
+
+_TORCH_STORED = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @torch.inference_mode()
@@ -283,13 +285,18 @@ def forward_capture(
     batch: Sequence[int],
     *,
     padding_side: str = "right",
+    stored: bool = False,
 ) -> dict[str, np.ndarray]:
-    """One batched forward pass; returns ``{site: [batch, layer(, position), width]}`` float32 arrays."""
+    """One batched forward pass; returns ``{site: [batch, layer(, position), width]}`` float32 arrays, or with
+    ``stored`` in the store's dtype (bfloat16 as its uint16 bits), sliced and cast on the model's device so
+    only the stored bytes cross to the host. A float16 overflow there is not decided on the device: the batch
+    is then captured again in float32, for :func:`~mechdiff.engine.store.cast_to_spec` to name the value."""
+    dtype = _TORCH_STORED[prep.spec.dtype] if stored else torch.float32
     ids = [prep.token_ids[i] for i in batch]
     inputs = pad_batch(ids, lm.tokenizer.pad_token_id, side=padding_side, device=lm.device)
     counts = torch.as_tensor([prep.counts[i] for i in batch], device=lm.device)
     index = gather_index(inputs["attention_mask"], counts, prep.width)
-    cap = Capture(prep.spec.sites, prep.layers, index=index, dtype=torch.float32)
+    cap = Capture(prep.spec.sites, prep.layers, index=index, dtype=dtype, to_device="cpu")
     stop_layer = lm.adapter.layer(prep.max_layer)
 
     def stop(module, args, output):
@@ -304,9 +311,13 @@ def forward_capture(
             pass
         finally:
             h.remove()
+    cap.wait()
+    if dtype == torch.float16 and any(bool(torch.isinf(t).any()) for t in cap.acts.values()):
+        return forward_capture(lm, prep, batch, padding_side=padding_side)  # rare: the exact check on the host
     out = {}
     for site in prep.spec.sites:
-        a = cap.stacked(site).cpu().numpy()  # [B, L, P, W]
+        t = cap.stacked(site)  # [B, L, P, W]
+        a = t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
         out[site] = a if prep.positions.keeps_position_dim else a[:, :, 0, :]
     return out
 
@@ -328,26 +339,42 @@ def run_shards(
     budget = resolve_token_budget(token_budget, lm.device)
     writer = ShardWriter(store)
     tokens = 0
-    lengths = [len(x) for x in prep.token_ids]
-    specs = {a.name: a for a in prep.arrays}
     try:
         for s in shards:
-            rng = store.shard_range(s)
-            # in the stored dtype: each batch is cast as it arrives, so no float32 copy of a shard is held
-            bufs = {a.name: np.empty(a.shard_shape(len(rng)), np.dtype(a.dtype)) for a in prep.arrays}
-            for batch in length_batches(lengths, list(rng), budget):
-                acts = forward_capture(lm, prep, batch, padding_side=padding_side)
-                rows = np.asarray(batch) - rng.start
-                for name, a in acts.items():
-                    bufs[name][rows] = cast_to_spec(specs[name], a, batch)
-                n = sum(lengths[i] for i in batch)
-                tokens += n
-                if on_batch is not None:
-                    on_batch(n, len(batch))
+            bufs, n = capture_shard(lm, prep, store.shard_range(s), token_budget=budget, padding_side=padding_side,
+                                    on_batch=on_batch)
+            tokens += n
             writer.put(s, bufs)
     finally:
         writer.close()
     return len(writer.written), tokens
+
+
+def capture_shard(
+    lm: LoadedModel,
+    prep: PreparedExtraction,
+    rng: range,
+    *,
+    token_budget: int,
+    padding_side: str = "right",
+    on_batch: Callable[[int, int], None] | None = None,
+) -> tuple[dict[str, np.ndarray], int]:
+    """The forward passes of one shard (examples ``rng``): its arrays in the stored dtype, and its real tokens."""
+    lengths = {i: len(prep.token_ids[i]) for i in rng}  # this shard's only: a shard costs its size, not the dataset's
+    specs = {a.name: a for a in prep.arrays}
+    # in the stored dtype: each batch is cast as it arrives, so no float32 copy of a shard is held
+    bufs = {a.name: np.empty(a.shard_shape(len(rng)), a.storage_dtype) for a in prep.arrays}  # bf16: uint16 bits
+    tokens = 0
+    for batch in length_batches(lengths, list(rng), token_budget):
+        acts = forward_capture(lm, prep, batch, padding_side=padding_side, stored=True)
+        rows = np.asarray(batch) - rng.start
+        for name, a in acts.items():
+            bufs[name][rows] = cast_to_spec(specs[name], a, batch)
+        n = sum(lengths[i] for i in batch)
+        tokens += n
+        if on_batch is not None:
+            on_batch(n, len(batch))
+    return bufs, tokens
 
 
 def extract(
@@ -382,6 +409,8 @@ def extract(
     # room for what is left to write: the whole group when it is new, else only its missing shards
     left = len(prompts) if existing is None else sum(len(existing[0].shard_range(i)) for i in existing[1])
     _check_disk(out, ActivationStore.estimate_nbytes_for(left, prep.arrays))
+    if existing is not None:
+        _check_capture(existing[0], prep.provenance["capture"])
     store = ActivationStore.create_or_open(
         out,
         group,
@@ -411,4 +440,5 @@ def extract(
             )
     else:
         written, tokens = run_shards(lm, prep, store, todo, token_budget=token_budget, padding_side=padding_side)
+    store.finish()  # the root's metadata, consolidated once at the end of the run
     return ExtractReport(out, group, len(prompts), store.n_shards, written, skipped, tokens, time.perf_counter() - t0)

@@ -19,6 +19,7 @@ import torch
 from mechdiff.engine.batching import PromptTemplate, pad_batch, tokenize
 from mechdiff.engine.models import LoadedModel
 from mechdiff.engine.sites import Intervention, hooks
+from mechdiff.engine.vllm_backend import vllm_available
 
 __all__ = ["Generator", "HFGenerator", "VLLMGenerator", "vllm_available", "contains_refusal", "generate_each",
            "stacked", "stack_groups", "STACK_BYTES", "faster_threads", "intra_op_threads"]
@@ -153,7 +154,7 @@ class HFGenerator:
         self, texts: Sequence[str], *, max_new_tokens: int = 32, interventions: Sequence[Intervention] = ()
     ) -> list[str]:
         for iv in interventions:
-            if iv.index is not None or iv.kind == "replace":
+            if not iv.every_position:
                 raise ValueError("generation interventions act on every position: give add/ablate with no index")
         tok = self.lm.tokenizer
         ids, eos = self._ids_and_eos(texts)
@@ -204,7 +205,7 @@ class HFGenerator:
         every row has ended."""
         for ivs in conditions:
             for iv in ivs:
-                if iv.index is not None or iv.kind == "replace" or iv.rows is not None:
+                if not iv.every_position or iv.rows is not None:
                     raise ValueError("generation interventions act on every position and row: give add/ablate "
                                      "with no index and no rows")
         if max_new_tokens < 1:
@@ -283,83 +284,63 @@ def generate_each(
             for ivs in conditions]
 
 
-def vllm_available() -> tuple[bool, str]:
-    """(usable, reason) for the vLLM generator on this machine."""
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False, "vLLM is not installed (pip install 'mechdiff[vllm]')"
-    if not torch.cuda.is_available():
-        return False, "vLLM needs a CUDA GPU and none is visible"
-    return True, ""
-
-
 class VLLMGenerator:
     """vLLM-backed greedy generation for GPU clusters, with the same intervention hooks.
 
-    Hooks are PyTorch forward hooks on vLLM's in-process model, so the engine must run in-process
-    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), which this class sets. Module names follow vLLM's model
-    definitions (``model.layers[i]``), which match the HF layout for the supported decoder families.
+    The engine is built for hooks (:func:`~mechdiff.engine.vllm_backend.engine_kwargs`): ``enforce_eager=True``
+    (a compiled model with CUDA graphs never runs hooks added after start-up; an explicit ``enforce_eager=False``
+    is refused, since interventions would silently do nothing), prefix caching off, the engine core in this process,
+    ``tensor_parallel_size`` passed to vLLM. Hooks are installed on every worker through ``LLM.apply_model`` and
+    the decoder layers are found per family (:func:`~mechdiff.engine.vllm_backend.decoder_layers`); each hooked
+    call raises :class:`~mechdiff.engine.vllm_backend.HookNeverFiredError` if an installed hook never ran.
+    ``release``: HF models (``LoadedModel`` or ``nn.Module``) whose GPU memory is freed before the engine starts
+    (they are unusable afterwards). Prompts are templated and tokenized as :class:`HFGenerator` does them (the
+    model's own tokenizer, no second BOS after a chat template), so both generators see the same token ids.
     """
 
-    def __init__(self, model_path: str, template: PromptTemplate = PromptTemplate("none"), **llm_kwargs):
-        ok, why = vllm_available()
-        if not ok:
-            raise RuntimeError(why)
-        import os
+    def __init__(self, model_path: str, template: PromptTemplate = PromptTemplate("none"), *,
+                 tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
+                 release: Sequence[Any] = (), tokenizer: Any = None, **llm_kwargs):
+        from mechdiff.engine import vllm_backend as vb
 
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        vb.require_vllm()
+        kw = vb.engine_kwargs(llm_kwargs, hooks=True, tensor_parallel_size=tensor_parallel_size,
+                              gpu_memory_utilization=gpu_memory_utilization)
+        vb.set_inprocess_env()
+        vb.release_cuda(*release)
+        if tokenizer is None:
+            from mechdiff.engine.models import load_tokenizer
+
+            tokenizer = load_tokenizer(model_path, revision=kw.get("revision"),
+                                       trust_remote_code=bool(kw.get("trust_remote_code", False)))
         from vllm import LLM
 
-        self.llm = LLM(model=model_path, **llm_kwargs)
-        self.template = template
-        self.tokenizer = self.llm.get_tokenizer()
+        self._init(vb.HookedLLM(LLM(model=model_path, **kw)), template, tokenizer)
 
-    def _torch_model(self) -> torch.nn.Module:
-        engine = self.llm.llm_engine
-        for path in (
-            "model_executor.driver_worker.worker.model_runner.model",
-            "model_executor.driver_worker.model_runner.model",
-            "engine_core.engine_core.model_executor.driver_worker.worker.model_runner.model",
-        ):
-            obj = engine
-            try:
-                for part in path.split("."):
-                    obj = getattr(obj, part)
-                return obj
-            except AttributeError:
-                continue
-        raise RuntimeError("could not reach vLLM's in-process torch model to install hooks")
+    def _init(self, hooked: Any, template: PromptTemplate, tokenizer: Any) -> None:
+        self.hooked, self.llm, self.template, self.tokenizer = hooked, hooked.llm, template, tokenizer
+
+    @classmethod
+    def from_llm(cls, llm: Any, tokenizer: Any, template: PromptTemplate = PromptTemplate("none"), *,
+                 sampling: Callable[[int], Any] | None = None, arch: str | None = None) -> "VLLMGenerator":
+        """A generator on an engine built elsewhere (it must run eagerly for interventions: checked where the
+        engine says, and by the hooks' firing counts in any case). ``sampling``: max_tokens -> sampling params
+        (default vLLM's greedy ``SamplingParams``)."""
+        from mechdiff.engine.vllm_backend import HookedLLM
+
+        gen = cls.__new__(cls)
+        gen._init(HookedLLM(llm, sampling, arch), template, tokenizer)
+        return gen
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        prompts = [self.template.apply(t, self.tokenizer) for t in texts]
+        return tokenize(self.tokenizer, prompts, add_special_tokens=self.template.spec != "chat")
 
     def generate(
         self, texts: Sequence[str], *, max_new_tokens: int = 32, interventions: Sequence[Intervention] = ()
     ) -> list[str]:
-        from vllm import SamplingParams
-
-        model = self._torch_model()
-        layers = model.model.layers
-        handles = []
-        for iv in interventions:
-            if iv.site != "resid_post" or iv.index is not None:
-                raise ValueError("the vLLM generator supports resid_post add/ablate at every position")
-            if iv.prompt_only:
-                # vLLM batches prefill and decode tokens of different requests into one flat forward pass
-                raise ValueError("the vLLM generator cannot tell prompt tokens from decode steps: "
-                                 "use interventions at every position (prompt_only=False) or the hf generator")
-
-            def hook(module, args, output, iv=iv):
-                # vLLM layers return (hidden, residual); the residual stream is their sum.
-                if isinstance(output, tuple) and len(output) == 2:
-                    h, r = output
-                    full = h + r
-                    return (iv.apply(full[None])[0] - r, r)
-                return iv.apply(output[None])[0]
-
-            handles.append(layers[iv.layer].register_forward_hook(hook))
-        try:
-            prompts = [self.template.apply(t, self.tokenizer) for t in texts]
-            res = self.llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_new_tokens))
-        finally:
-            for h in handles:
-                h.remove()
-        return [r.outputs[0].text.strip() for r in res]
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens}: at least 1")
+        self.hooked.check_interventions(interventions)  # before any tokenizing or engine work
+        outs, _ = self.hooked.run(self.token_ids(texts), max_new_tokens, interventions)
+        return [self.tokenizer.decode(list(r.outputs[0].token_ids), skip_special_tokens=True).strip() for r in outs]

@@ -8,6 +8,10 @@ so a deleted chunk is found by one listing of the group, with no extra object to
 step per shard. Two things this does not catch: a chunk swapped for another valid chunk of the same array,
 and damage to the metadata documents themselves (those fail loudly when the group is opened).
 
+Sharded arrays (format 3): the objects are shard objects (each a run of inner chunks followed by an index of
+(offset, length) pairs that ends with its own crc32c), and everything above holds per object: a missing one
+is found by the listing, and a truncated or flipped one fails the index's or an inner chunk's crc32c.
+
 Zarr reads a missing chunk as the fill value (NaN) and raises nothing; :class:`CheckedStore` wraps the store
 that readers see so that a missing or corrupt chunk of a finished shard raises :class:`StoreCorruptError`
 naming the array, the shard and the fix, at the moment it is read.
@@ -34,6 +38,8 @@ PROGRESS = "_progress"
 def has_crc(za: Any) -> bool:
     """Whether the array's codec chain ends with a crc32c checksum."""
     codecs = getattr(za.metadata, "codecs", ())
+    if len(codecs) == 1 and type(codecs[0]).__name__ == "ShardingCodec":
+        codecs = codecs[0].codecs  # a sharded array: each inner chunk's chain
     return bool(codecs) and type(codecs[-1]).__name__ == "Crc32cCodec"
 
 
@@ -64,6 +70,12 @@ class ArrayGrid:
     separator: str = "/"
     # per dim after the example dim: the chunk indices a write touches
     fixed: tuple[tuple[int, ...], ...] = field(default=())
+    # sharded arrays: ``chunks`` is the shard objects' shape, ``inner`` the inner chunks'; () when unsharded
+    inner: tuple[int, ...] = field(default=())
+
+    @property
+    def sharded(self) -> bool:
+        return bool(self.inner)
 
     @classmethod
     def for_array(
@@ -77,7 +89,10 @@ class ArrayGrid:
     ) -> ArrayGrid:
         """``layer_index``: where the captured layers sit in the array's layer dim (activations only);
         ``positions``: the (start, stop) slots of the position dim the array fills."""
-        shape, chunks = tuple(za.shape), tuple(za.chunks)
+        shape, inner = tuple(za.shape), tuple(za.chunks)
+        # the objects in the store: shard objects when sharded, else the chunks themselves
+        sharded = bool(getattr(za, "shards", None))
+        chunks = tuple(za.shards) if sharded else inner
         enc = za.metadata.chunk_key_encoding
         sep = getattr(enc, "separator", "/")
         per_shard = layer_index is not None
@@ -91,7 +106,30 @@ class ArrayGrid:
                 fixed.append(tuple(range(lo // chunks[2], -(-hi // chunks[2]))))
             else:
                 fixed.append(tuple(range(n_chunks)))
-        return cls(name, shape, chunks, per_shard, shard_size, has_crc(za), sep, tuple(fixed))
+        return cls(name, shape, chunks, per_shard, shard_size, has_crc(za), sep, tuple(fixed), inner if sharded else ())
+
+    def shard_problem(self, data: bytes) -> str | None:
+        """For a sharded array: what is wrong with one whole shard object, or None. The index ends with the
+        crc32c of the (offset, length) pairs before it (zarr's default index codecs), each inner chunk with
+        its own (the array's codec chain)."""
+        import numpy as np
+
+        n_inner = 1
+        for c, i in zip(self.chunks, self.inner):
+            n_inner *= c // i
+        size = 16 * n_inner + 4
+        if len(data) < size or not crc_ok(data[-size:]):
+            return "checksum mismatch"  # truncated, or a flipped index
+        index = np.frombuffer(data[-size:-4], dtype="<u8").reshape(n_inner, 2)
+        body = len(data) - size
+        empty = np.iinfo(np.uint64).max
+        present = index[:, 0] != empty
+        if not present.any():
+            return "checksum mismatch"  # a shard object of no chunks is never written
+        for off, ln in index[present]:
+            if off + ln > body or (self.crc and not crc_ok(data[int(off) : int(off + ln)])):
+                return "checksum mismatch"
+        return None
 
     def key(self, coords: Iterable[int]) -> str:
         """The chunk's key relative to the array (zarr v3 default encoding: ``c.0.3.0`` or ``c/0/3/0``)."""
@@ -257,7 +295,9 @@ def _read_and_check(store: Any, prefix: str, items: list[tuple[ArrayGrid, int | 
             buf = await store.get(f"{prefix}{g.name}/{k}", proto)
         if buf is None:
             return ChunkProblem(g.name, s, k, "missing")
-        return None if crc_ok(buf.to_bytes()) else ChunkProblem(g.name, s, k, "checksum mismatch")
+        data = buf.to_bytes()
+        bad = g.shard_problem(data) if g.sharded else (None if crc_ok(data) else "checksum mismatch")
+        return None if bad is None else ChunkProblem(g.name, s, k, bad)
 
     async def run() -> list[ChunkProblem]:
         sem = asyncio.Semaphore(concurrency)
@@ -307,6 +347,22 @@ class CheckedStore(WrapperStore):
             g, s = owner
             if buf is None:
                 self._raise(g, s, key, "missing")
-            if byte_range is None and g.crc and not crc_ok(buf.to_bytes()):
+            if g.sharded:
+                # zarr reads a shard object whole, its index (a suffix ending with the index's crc32c) or one
+                # inner chunk (a range ending with that chunk's crc32c)
+                from zarr.abc.store import RangeByteRequest, SuffixByteRequest
+
+                data = buf.to_bytes()
+                if byte_range is None:
+                    bad = g.shard_problem(data) is not None
+                elif isinstance(byte_range, SuffixByteRequest):
+                    bad = not crc_ok(data)
+                elif isinstance(byte_range, RangeByteRequest):
+                    bad = g.crc and not crc_ok(data)
+                else:
+                    bad = False
+                if bad:
+                    self._raise(g, s, key, "corrupt (checksum mismatch)")
+            elif byte_range is None and g.crc and not crc_ok(buf.to_bytes()):
                 self._raise(g, s, key, "corrupt (checksum mismatch)")
         return buf

@@ -40,13 +40,20 @@ _SAFETENSORS_GLOBS = ("*.safetensors",)
 _PICKLE_GLOBS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str | None = None) -> torch.dtype:
+    """A dtype name or ``torch.dtype``; ``auto`` (or None): bfloat16 on a GPU that has it (about 10x faster than
+    float32 on current GPUs, with float32's range), float32 elsewhere."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype is None or str(dtype).lower() == "auto":
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
     try:
         return _DTYPE_NAMES[str(dtype).lower().removeprefix("torch.")]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16") from None
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16") from None
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -365,7 +372,7 @@ def load_model(
     path_or_id: str | os.PathLike[str],
     *,
     revision: str | None = None,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
@@ -382,8 +389,10 @@ def load_model(
             through transformers' GGUF support (the ``gguf`` package: ``pip install mechdiff[gguf]``),
             dequantized to ``dtype``; it is not pickle, so it needs no ``allow_pickle``.
         revision: hub branch / tag / commit (ignored for local directories, but recorded).
-        dtype: "float32" | "float16" | "bfloat16" or a ``torch.dtype``.
-        device: "cpu" | "cuda" | "cuda:N" | "auto". Ignored when ``device_map`` is given.
+        dtype: "auto" (bfloat16 on a GPU, float32 on the CPU) | "float32" | "float16" | "bfloat16" or a
+            ``torch.dtype``.
+        device: "cpu" | "cuda" | "cuda:N" | "auto". Ignored when ``device_map`` is given. A GPU model is loaded
+            straight onto its device (no host copy of the weights first).
         allow_pickle: permit .bin / .pt weights (arbitrary code on load); safetensors only otherwise.
         trust_remote_code: passed to transformers; off by default.
         device_map: passed to ``from_pretrained`` (e.g. "auto" to shard over GPUs).
@@ -401,8 +410,8 @@ def load_model(
             device_map=device_map, attn_implementation=attn_implementation, padding_side=padding_side,
         )
 
-    torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device) if device_map is None else None
+    torch_dtype = resolve_dtype(dtype, dev)
     model_id = os.fspath(path_or_id)
     local = Path(model_id).expanduser()
     check_model_path(model_id)
@@ -419,6 +428,8 @@ def load_model(
         model_kwargs["use_safetensors"] = True
     if device_map is not None:
         model_kwargs["device_map"] = device_map
+    elif dev.type != "cpu":
+        model_kwargs["device_map"] = {"": str(dev)}  # weights go straight to the device: no host copy per actor
     if attn_implementation is not None:
         model_kwargs["attn_implementation"] = attn_implementation
     try:
@@ -432,7 +443,7 @@ def load_model(
                 "(`--allow-pickle` on the command line)."
             ) from e
         raise ModelLoadError(f"could not load model {model_id!r}: {msg}") from e
-    if dev is not None:
+    if dev is not None and dev.type == "cpu":
         model = model.to(dev)
     model.eval()
 
@@ -474,8 +485,8 @@ def _load_gguf_model(
     """:func:`load_model` for a GGUF checkpoint: transformers dequantizes its tensors to ``dtype``."""
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device) if device_map is None else None
+    torch_dtype = resolve_dtype(dtype, dev)
     gg.check()
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, **gg.kwargs()}
     if revision is not None and not gg.is_local:

@@ -27,7 +27,7 @@ Exact patching (:func:`exact_patching`) is efficient by construction:
   start at layer ``l`` join the batch at block ``l``).
 - Before it is trusted, the resumed path must reproduce the model's own logits for the unpatched rows; where
   it cannot (an architecture whose blocks need more than what was recorded), the batch falls back to full
-  forwards with engine ``Intervention(kind="replace")`` hooks, still batched.
+  forwards with engine ``Replace`` intervention hooks, still batched.
 
 :func:`naive_patching` is the reference: one full forward per variant, patched by a hand-written hook.
 
@@ -107,7 +107,7 @@ import xarray as xr
 from mechdiff.engine.adapter import hidden_from_inputs, hidden_from_output, replace_hidden_in_output
 from mechdiff.engine.models import LoadedModel
 from mechdiff.engine.scoring import answer_readout, last_token, logit_difference
-from mechdiff.engine.sites import Capture, Intervention, SiteError, hooks, parse_layers, parse_sites
+from mechdiff.engine.sites import Capture, Intervention, Replace, SiteError, hooks, parse_layers, parse_sites
 from mechdiff.errors import MechdiffError
 
 __all__ = [
@@ -533,7 +533,7 @@ def _replay(target: LoadedModel, grp: _Group, rows: _Rows, sites: tuple[str, ...
             index[m, 0] = rows.pos[m] - s
             values = torch.zeros(b, 1, src_val.shape[-1], dtype=src_val.dtype, device=hidden.device)
             values[m, 0] = src_val[rows.pair[m], rows.pos[m]]
-            ivs.append(Intervention(site, k, "replace", values=values, index=index))
+            ivs.append(Replace(site, k, values=values, index=index))
         with hooks(adapter, None, ivs):
             hidden = _call_block(target, grp, k, hidden, src_rows)
     assert hidden is not None and n_done == len(rows)
@@ -555,7 +555,7 @@ def _hooked(target: LoadedModel, grp: _Group, rows: _Rows, sites: tuple[str, ...
             index[m, 0] = rows.pos[m]
             values = torch.zeros(b, 1, src_val.shape[-1], dtype=src_val.dtype, device=src_val.device)
             values[m, 0] = src_val[rows.pair[m], rows.pos[m]]
-            ivs.append(Intervention(site, int(l), "replace", values=values, index=index))
+            ivs.append(Replace(site, int(l), values=values, index=index))
     logits = last_token(target, grp.false_ids.index_select(0, rows.pair), interventions=ivs, use_cache=False).logits
     return answer_readout(logits, grp.answers.index_select(0, rows.pair))
 
@@ -828,10 +828,7 @@ class _Tap(Intervention):
     """Keeps the live (differentiable) activation at a site; changes nothing."""
 
     def __init__(self, site: str, layer: int, store: dict):
-        self.site, self.layer, self.kind = site, layer, "tap"
-        self.vector = self.values = self.index = None
-        self.coef = 1.0
-        self.prompt_only = False
+        super().__init__(site, layer)
         self._store = store
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:

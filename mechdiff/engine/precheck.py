@@ -3,21 +3,21 @@
 Loading weights is the slow part of a run; a store group made with another capture spec, dataset or
 tokenizer, a prompt longer than the context or a missing position marker should be refused before it.
 The provenance compared here is computed by the functions :func:`mechdiff.engine.extract.prepare` uses
-(``CaptureSpec.identity``, ``tokenize``, ``Positions.counts``, ``tokenizer_hash``, ``identity_keys``),
+(``CaptureSpec.resolve``, ``tokenize``, ``Positions.counts``, ``tokenizer_hash``, ``identity_keys``),
 from the tokenizer :func:`~mechdiff.engine.models.load_tokenizer` gives and the config's layer count and
 context, so the early answer is the one ``extract`` would give after loading.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 from mechdiff.engine.data import PromptSet
-from mechdiff.engine.extract import CaptureSpec, identity_keys, tokenize_prompts
+from mechdiff.engine.capture import CaptureSpec, ResolvedCapture, capture_of, describe_differences
+from mechdiff.engine.extract import identity_keys, tokenize_prompts
 from mechdiff.engine.models import GGUF_INSTALL_HINT, ModelLoadError, check_model_path, gguf_source, tokenizer_hash
-from mechdiff.engine.store import ActivationStore, StoreMismatchError, differing_fields
+from mechdiff.engine.store import ActivationStore, StoreMismatchError
 
 __all__ = ["read_config", "config_n_layers", "config_max_positions", "early_provenance", "check_store_group"]
 
@@ -73,7 +73,7 @@ def early_provenance(
         "tokenizer_hash": tokenizer_hash(tokenizer),
         "dataset": prompts.source,
         "dataset_hash": prompts.hash,
-        "capture_spec": spec.identity(n_layers),
+        "capture": spec.resolve(n_layers).to_json(),
     }
 
 
@@ -114,24 +114,22 @@ def _difference(key: str, have: dict[str, Any], new: dict[str, Any]) -> str:
     if key == "dataset_hash":
         return (f"was made from another dataset: stored {have.get('dataset')!r}{_hash(old)}, "
                 f"this run {new.get('dataset')!r}{_hash(cur)}")
-    if key == "capture_spec":
+    if key == "capture":
         return f"was made with another capture spec: {_spec_difference(old, cur)}"
     if key == "tokenizer_hash":
         return f"was made with another tokenizer: stored{_hash(old)}, this run{_hash(cur)}"
     return f"{key} differs: stored {old!r}, this run {cur!r}"
 
 
-def _spec_difference(old: Any, new: str) -> str:
-    """The capture-spec fields that differ, stored vs this run (the JSON of both when unreadable)."""
+def _spec_difference(old: Any, new: Any) -> str:
+    """The capture fields that differ, stored vs this run (both records whole when the stored one is unreadable)."""
     try:
-        a, b = json.loads(old), json.loads(new)
-    except (TypeError, ValueError):
+        stored = capture_of({"capture": old}) if old is not None else None
+    except ValueError:
+        stored = None
+    if stored is None:
         return f"stored {old!r}, this run {new!r}"
-    return ", ".join(f"{k} stored {_compact(x)}, this run {_compact(y)}" for k, x, y in differing_fields(a, b))
-
-
-def _compact(v: Any) -> str:
-    return v if isinstance(v, str) else json.dumps(v, separators=(",", ":"))
+    return describe_differences(stored.differences(ResolvedCapture.from_json(new)))
 
 
 def _hash(h: Any) -> str:

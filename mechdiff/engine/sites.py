@@ -26,6 +26,11 @@ __all__ = [
     "SITES",
     "SiteError",
     "Intervention",
+    "PositionIntervention",
+    "Add",
+    "ProjectOut",
+    "MeanAblate",
+    "Replace",
     "Capture",
     "hooks",
     "site_width",
@@ -86,74 +91,159 @@ def site_width(adapter: ArchAdapter, site: str) -> int:
 
 @dataclass
 class Intervention:
-    """A change to one site at one layer.
+    """A change to one site at one layer: the base of an open family. A subclass says what it does to an
+    activation in :meth:`apply`; the hooks call it on every forward pass the site sees.
 
-    kind ``add``:     x += coef * vector                      (vector: [width])
-    kind ``ablate``:  x -= (x . d) d,  d = direction / |d|    (directional ablation)
-    kind ``replace``: x[b, index[b, j]] = values[b, j]         (patching; values: [batch, n, width])
-
-    ``index`` ([batch, n] sequence indices, -1 = leave alone) restricts add/ablate to those positions;
-    None means every position the forward pass sees (so generation steps are covered too).
-    ``prompt_only`` (add/ablate): act on forward passes over more than one token (a prompt, or the prefill of
-    cached generation) and leave single-token decode steps alone, so a steered prompt is continued by the
-    model's own dynamics.
-    ``rows`` (a ``slice`` of the batch): act on those batch rows only, as if they were a batch of their own, so
-    one forward pass can run several conditions stacked along the batch (``index`` / ``values`` then count
-    rows within the slice).
+    ``rows`` (a ``slice`` of the batch, keyword): act on those batch rows only, as if they were a batch of their
+    own, so one forward pass can run several conditions stacked along the batch (positions and per-row values
+    then count rows within the slice).
     """
 
     site: str
     layer: int
-    kind: str
-    vector: torch.Tensor | None = None
-    coef: float = 1.0
-    values: torch.Tensor | None = None
-    index: torch.Tensor | None = None
-    prompt_only: bool = False
-    rows: slice | None = None
+    rows: slice | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.site not in SITES:
             raise SiteError(f"unknown site {self.site!r}: choose from " + ", ".join(SITES))
-        if self.kind not in ("add", "ablate", "replace"):
-            raise ValueError(f"unknown intervention kind {self.kind!r}: add, ablate or replace")
-        if self.kind in ("add", "ablate") and self.vector is None:
-            raise ValueError(f"intervention {self.kind!r} needs a vector")
-        if self.kind == "replace" and (self.values is None or self.index is None):
-            raise ValueError("intervention 'replace' needs values and index")
-        if self.prompt_only and self.kind == "replace":
-            raise ValueError("prompt_only applies to add/ablate; 'replace' already names its positions")
         if self.rows is not None:
             r = self.rows
             if not (isinstance(r, slice) and r.step in (None, 1) and isinstance(r.start, int)
                     and isinstance(r.stop, int) and 0 <= r.start < r.stop):
                 raise ValueError(f"intervention rows {r!r}: a slice(start, stop) of batch rows, 0 <= start < stop")
 
+    @property
+    def every_position(self) -> bool:
+        """True when it acts the same on every position (so it also steers the steps of a generation)."""
+        return True
+
+    @property
+    def prompt_only(self) -> bool:
+        return False
+
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the modified activation ``x`` ([batch, seq, width]); never writes into ``x``."""
-        if self.kind == "replace":
-            out = x.clone()
-            b, n = self.index.shape
-            rows = torch.arange(b, device=x.device)[:, None].expand(b, n)
-            ok = self.index >= 0
-            out[rows[ok], self.index[ok]] = self.values.to(x.dtype)[ok]
-            return out
+        """The modified activation ``x`` ([batch, seq, width]); never writes into ``x``."""
+        raise NotImplementedError(f"{type(self).__name__} does not say what it does to an activation")
+
+
+@dataclass
+class PositionIntervention(Intervention):
+    """An intervention computed from the activation itself, at chosen positions or at all of them.
+
+    ``index`` ([batch, n] sequence indices, -1 = leave alone) restricts it to those positions; None means every
+    position the forward pass sees (so generation steps are covered too). ``prompt_only``: act on forward
+    passes over more than one token (a prompt, or the prefill of cached generation) and leave single-token
+    decode steps alone, so a steered prompt is continued by the model's own dynamics.
+    """
+
+    index: torch.Tensor | None = field(default=None, kw_only=True)
+    prompt_only: bool = field(default=False, kw_only=True)
+
+    @property
+    def every_position(self) -> bool:
+        return self.index is None
+
+    def changed(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` changed at every position; :meth:`apply` keeps the change where ``index`` says."""
+        raise NotImplementedError
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
         if self.prompt_only and x.shape[1] == 1:  # a decode step of cached generation
             return x
-        v = self.vector.to(device=x.device, dtype=x.dtype)
-        if self.kind == "add":
-            delta = (self.coef * v).expand_as(x)
-        else:
-            d = v / v.norm()
-            delta = -(x @ d)[..., None] * d
+        new = self.changed(x)
         if self.index is None:
-            return x + delta
+            return new
         mask = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
         b, n = self.index.shape
         rows = torch.arange(b, device=x.device)[:, None].expand(b, n)
         ok = self.index >= 0
         mask[rows[ok], self.index[ok]] = True
-        return x + delta * mask[..., None].to(x.dtype)
+        return torch.where(mask[..., None], new, x)
+
+
+@dataclass
+class Add(PositionIntervention):
+    """``x + coef * vector`` (vector: [width]): steering, e.g. adding a refusal or truth direction."""
+
+    vector: torch.Tensor = None
+    coef: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.vector is None:
+            raise ValueError("Add needs a vector")
+
+    def changed(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.coef * self.vector.to(device=x.device, dtype=x.dtype)
+
+
+@dataclass
+class ProjectOut(PositionIntervention):
+    """``x - (x . d) d`` with ``d = vector / |vector|``: directional ablation."""
+
+    vector: torch.Tensor = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.vector is None:
+            raise ValueError("ProjectOut needs a vector")
+
+    def changed(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.vector.to(device=x.device, dtype=x.dtype)
+        d = v / v.norm()
+        return x - (x @ d)[..., None] * d
+
+
+@dataclass
+class MeanAblate(PositionIntervention):
+    """The activation set to a fixed ``mean`` ([width]), or only the ``units`` given (e.g. neurons of
+    ``mlp_act``) set to ``mean`` ([len(units)]): mean ablation."""
+
+    mean: torch.Tensor = None
+    units: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mean is None:
+            raise ValueError("MeanAblate needs a mean")
+        self.mean = torch.as_tensor(self.mean)
+        if self.units is not None:
+            self.units = torch.as_tensor(self.units, dtype=torch.long)
+            if self.mean.shape[-1:] != self.units.shape:
+                raise ValueError(f"MeanAblate: {len(self.units)} units but a mean of shape {tuple(self.mean.shape)}")
+
+    def changed(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mean.to(device=x.device, dtype=x.dtype)
+        if self.units is None:
+            return m.expand_as(x).clone()
+        out = x.clone()
+        out[..., self.units.to(x.device)] = m
+        return out
+
+
+@dataclass
+class Replace(Intervention):
+    """``x[b, index[b, j]] = values[b, j]`` (values: [batch, n, width]): activation patching."""
+
+    values: torch.Tensor = None
+    index: torch.Tensor = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.values is None or self.index is None:
+            raise ValueError("Replace needs values and index")
+
+    @property
+    def every_position(self) -> bool:
+        return False
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        b, n = self.index.shape
+        rows = torch.arange(b, device=x.device)[:, None].expand(b, n)
+        ok = self.index >= 0
+        out[rows[ok], self.index[ok]] = self.values.to(x.dtype)[ok]
+        return out
 
 
 @dataclass
@@ -162,7 +252,10 @@ class Capture:
 
     ``index`` is ``[batch, n]`` sequence indices (``-1`` = empty slot, filled with NaN) or None for every
     position. ``acts[(site, layer)]`` holds a fresh ``[batch, n, width]`` tensor (a gather, so it never aliases
-    memory a later kernel reuses), moved to ``to_device`` (default: stay where computed) and ``dtype``.
+    memory a later kernel reuses), sliced and cast to ``dtype`` on the device that computed it, then moved to
+    ``to_device`` (default: stay there). A GPU-to-host move goes into pinned memory without blocking, so no
+    hooked layer waits for the host; call :meth:`wait` before reading the values on the host. Nothing here
+    syncs with the device, so a model split over several GPUs runs as it would without the hooks.
     """
 
     sites: tuple[str, ...]
@@ -171,25 +264,46 @@ class Capture:
     dtype: torch.dtype | None = None
     to_device: torch.device | str | None = None
     acts: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    _index_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def take(self, site: str, layer: int, x: torch.Tensor) -> None:
+        x = x.detach()
         if self.index is None:
-            out = x.detach().clone()
+            out = x.to(self.dtype) if self.dtype is not None and x.dtype != self.dtype else x.clone()
         else:
-            idx = self.index.to(x.device)
-            safe = idx.clamp(min=0)
-            out = torch.gather(x.detach(), 1, safe[..., None].expand(-1, -1, x.shape[-1]))
-            if bool((idx < 0).any()):
-                out = out.masked_fill((idx < 0)[..., None], float("nan"))
-        if self.dtype is not None and out.dtype != self.dtype:
-            out = out.to(self.dtype)
-        if self.to_device is not None:
-            out = out.to(self.to_device, non_blocking=False)
-        self.acts[(site, layer)] = out
+            if x.device not in self._index_on:  # once per device a layer lives on, not once per layer
+                idx = self.index.to(x.device)
+                self._index_on[x.device] = (idx.clamp(min=0)[..., None], (idx < 0)[..., None])
+            safe, empty = self._index_on[x.device]
+            out = torch.gather(x, 1, safe.expand(-1, -1, x.shape[-1]))
+            if self.dtype is not None and out.dtype != self.dtype:
+                out = out.to(self.dtype)
+            out.masked_fill_(empty, float("nan"))  # empty slots: no host check of whether there are any
+        self.acts[(site, layer)] = _move(out, self.to_device)
 
     def stacked(self, site: str) -> torch.Tensor:
-        """``[batch, layer, n, width]`` for one site over the captured layers."""
-        return torch.stack([self.acts[(site, l)] for l in self.layers], dim=1)
+        """``[batch, layer, n, width]`` for one site over the captured layers, gathered onto one device (the
+        output device, else the first layer's) when the layers' captures live on several."""
+        parts = [self.acts[(site, l)] for l in self.layers]
+        dev = torch.device(self.to_device) if self.to_device is not None else parts[0].device
+        return torch.stack([p if p.device == dev else p.to(dev) for p in parts], dim=1)
+
+    def wait(self) -> None:
+        """Block until every capture's non-blocking copy to the host has landed."""
+        if any(t.is_pinned() for t in self.acts.values()):
+            torch.cuda.synchronize()
+
+
+def _move(t: torch.Tensor, to: torch.device | str | None) -> torch.Tensor:
+    if to is None:
+        return t
+    to = torch.device(to)
+    if t.device == to:
+        return t
+    if t.device.type == "cuda" and to.type == "cpu":
+        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+        return host.copy_(t, non_blocking=True)
+    return t.to(to)
 
 
 def _module_for(adapter: ArchAdapter, site: str, layer: int) -> tuple[torch.nn.Module, str]:

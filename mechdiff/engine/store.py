@@ -24,9 +24,23 @@ coord is the union, and layers an array did not capture are never written and re
 array's ``captured_layers`` attr lists the real ones). Likewise an array capturing fewer positions
 than the store's ``position`` coord fills its last ``n_positions`` entries.
 
-The root of the store holds consolidated metadata, refreshed whenever a group is created, so that
-plain ``xarray.open_zarr(url, group=...)`` opens without a consolidated-metadata warning. mechdiff's
-own readers never use it (``consolidated=False``), so they always see the current hierarchy.
+Format 3 (the default) stores each activation array with zarr v3's sharding codec: the inner chunks are
+format 2's chunks (one layer of a chunk of examples, contiguous, at most MAX_CHUNK_BYTES), packed into shard
+objects sized toward MIN_SHARD_BYTES..MAX_SHARD_BYTES that never straddle two work shards, so concurrent
+writers still never touch the same object while a store holds ~30x fewer objects. ``sharded=False`` writes
+format 2 (one object per chunk); both are read the same way.
+
+Arrays may be stored as float16, bfloat16 or float32. numpy has no bfloat16: a bfloat16 array is stored as
+its uint16 bit pattern (attr ``mechdiff_dtype: bfloat16``); :func:`open_store` returns it as float32, lazily
+and exactly; plain ``xarray.open_zarr`` shows the uint16 bits.
+
+The example dimension can grow by whole work shards (:meth:`ActivationStore.extend`), resumably.
+
+The root of the store holds consolidated metadata, written once by :meth:`ActivationStore.finish` (or
+:func:`consolidate`) when a run completes, so that plain ``xarray.open_zarr(url, group=...)`` opens without a
+consolidated-metadata warning. Creating a group or extending one drops the root's copy first (one small
+write), so plain readers never get stale shapes: until the next finish they read the hierarchy itself (zarr
+warns). mechdiff's own readers never use it (``consolidated=False``), so they always see the current hierarchy.
 """
 
 from __future__ import annotations
@@ -63,25 +77,37 @@ __all__ = [
     "differing_fields",
     "list_groups",
     "store_info",
+    "consolidate",
     "MAX_CHUNK_BYTES",
+    "MAX_SHARD_BYTES",
 ]
 
-#: Upper bound on the uncompressed size of one chunk of activations.
+#: Upper bound on the uncompressed size of one chunk of activations (an inner chunk, when sharded).
 MAX_CHUNK_BYTES = 16 * 2**20
+#: Shard objects grow toward this many uncompressed bytes (fewer objects per TB, each a sensible PUT) ...
+MAX_SHARD_BYTES = 512 * 2**20
+#: ... and are this big or more where the work shard holds that much (smaller arrays give smaller shards).
+MIN_SHARD_BYTES = 64 * 2**20
 # 2: every array ends its codec chain with crc32c, coords are written even where they equal the fill value,
 # chunk keys are flat ("c.0.3.1"), and a pending note marks a group still being created
-FORMAT_VERSION = 2
+# 3: activation arrays use the sharding codec (or a bfloat16 array is present), the example dim may be extended
+FORMAT_VERSION = 3
 
 _MARKER = "mechdiff_store"
 # Set while a group is being created and replaced by the marker as the creation's last write.
 _PENDING = "mechdiff_pending"
+# Set while the example dim is being extended (the target size); removed by the extension's last write.
+_EXTENDING = "mechdiff_extending"
 # "coordinates" is written as xarray writes it (coords that no data var carries, e.g. token_ids).
-_RESERVED_ATTRS = (_MARKER, _PENDING, "created", "n_examples", "shard_size", "n_shards", "coordinates")
+_RESERVED_ATTRS = (_MARKER, _PENDING, _EXTENDING, "created", "n_examples", "shard_size", "n_shards", "coordinates")
 _PROGRESS = "_progress"
 _DONE = "done"
 _DIMS = ("example", "layer", "position", "hidden", "neuron", "tok")
 _RESERVED_NAMES = set(_DIMS) | {"token_ids", _PROGRESS}
-_DTYPES = ("float16", "float32")
+_DTYPES = ("float16", "bfloat16", "float32")
+# bfloat16 is stored as its bit pattern: the upper half of a float32
+_BF16_BITS = np.dtype(np.uint16)
+_BF16_NAN = 0x7FC0
 # Chunk keys "c.0.3.1" in one directory per array, not a directory per index: listing a store (what proves it
 # complete, and plans a resume) then reads a few directories instead of one per example chunk and layer.
 _FLAT_KEYS = {"name": "default", "separator": "."}
@@ -114,7 +140,7 @@ class ArraySpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
-        object.__setattr__(self, "dtype", str(np.dtype(self.dtype)))
+        object.__setattr__(self, "dtype", _dtype_name(self.dtype))
         if not self.name or "/" in self.name or self.name.startswith("_") or self.name in _RESERVED_NAMES:
             raise ValueError(f"ArraySpec name {self.name!r} is not allowed")
         if not self.layers or len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
@@ -126,7 +152,7 @@ class ArraySpec:
         if self.dim not in ("hidden", "neuron"):
             raise ValueError(f"ArraySpec {self.name}: dim must be 'hidden' or 'neuron', got {self.dim!r}")
         if self.dtype not in _DTYPES:
-            raise ValueError(f"ArraySpec {self.name}: dtype must be float16 or float32, got {self.dtype}")
+            raise ValueError(f"ArraySpec {self.name}: dtype must be float16, bfloat16 or float32, got {self.dtype}")
         _compressors(self.compression)  # validates
 
     @property
@@ -139,9 +165,15 @@ class ArraySpec:
         pos = (self.n_positions,) if self.n_positions is not None else ()
         return (n, len(self.layers), *pos, self.width)
 
+    @property
+    def storage_dtype(self) -> np.dtype:
+        """The numpy dtype of the stored values (and of what :func:`cast_to_spec` returns): uint16 bit
+        patterns for bfloat16, else the dtype itself."""
+        return _BF16_BITS if self.dtype == "bfloat16" else np.dtype(self.dtype)
+
     def nbytes(self, n_examples: int) -> int:
         """Uncompressed bytes of this array's captured values for ``n_examples`` examples."""
-        return int(np.prod(self.shard_shape(n_examples), dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return int(np.prod(self.shard_shape(n_examples), dtype=np.int64)) * self.storage_dtype.itemsize
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -160,6 +192,7 @@ class ArrayInfo:
     shape: tuple[int, ...]
     dtype: str
     chunks: tuple[int, ...]
+    shards: tuple[int, ...] | None = None  # the shard objects' shape (format 3), None when unsharded
 
 
 @dataclass(frozen=True)
@@ -208,6 +241,8 @@ class ActivationStore:
         self.layers: tuple[int, ...] = tuple(meta["layers"])
         self.n_positions: int | None = meta["n_positions"]
         self.format: int = int(meta.get("format", 1))
+        # an extension of the example dim that has not finished: extend() with the same arguments finishes it
+        self.extending: int | None = int(attrs[_EXTENDING]["n_examples"]) if _EXTENDING in attrs else None
         self._specs = {s.name: s for s in self.arrays}
         # write_empty_chunks: a finished shard always has all of its chunks, whatever their values
         self._zarrays = {s.name: _member(zgroup, s.name, url, group).with_config({"write_empty_chunks": True}) for s in self.arrays}
@@ -234,10 +269,14 @@ class ActivationStore:
         coords: Mapping[str, np.ndarray],
         token_ids: np.ndarray,
         provenance: Mapping[str, Any],
-        identity_keys: Iterable[str] = ("model_id", "weights_hash", "tokenizer_hash", "dataset_hash", "capture_spec"),
+        identity_keys: Iterable[str] = ("model_id", "weights_hash", "tokenizer_hash", "dataset_hash", "capture"),
         storage_options: dict | None = None,
+        sharded: bool = True,
     ) -> ActivationStore:
         """Create the group (coords, token ids, empty arrays, done flags) or open an existing one.
+
+        ``sharded``: store the activation arrays with the sharding codec (format 3); False writes format 2's
+        one object per chunk. An existing group keeps the layout it was made with.
 
         An existing group must match: the provenance values under ``identity_keys``, ``n_examples``,
         ``shard_size`` and the array specs; otherwise :class:`StoreMismatchError` names what differs
@@ -258,7 +297,7 @@ class ActivationStore:
             existing = None
         if existing is None:
             try:
-                _create(url, group, layout, prov, storage_options)
+                _create(url, group, layout, prov, storage_options, sharded=sharded)
             except FileExistsError:
                 pass  # another process created it meanwhile: fall through and compare
         store = cls(url, group, _open_zgroup(url, group, storage_options, mode="r+"), storage_options)
@@ -333,10 +372,14 @@ class ActivationStore:
             raise ValueError(
                 f"write_shard({i}): missing arrays {missing}, unexpected arrays {extra}; expected {sorted(self._specs)}"
             )
+        self._refuse_while_extending()
         prepared = {name: self._prepare(spec, data[name], rng) for name, spec in self._specs.items()}
         # A rewrite (a retry, or a repair of a damaged shard) first takes the flag down, so that a kill
         # halfway leaves the shard unfinished rather than flagged over a mix of chunks.
         self._clear_flag(i)
+        # ... and removes the shard's old shard objects: zarr merges a partial write into the object already
+        # there, and a truncated one would fail that merge (or carry stale inner chunks along)
+        self._delete_objects(i)
         for name, values in prepared.items():
             self._write_array(name, rng, values)
         # Durable in order: the data reaches the disk before the flag that vouches for it.
@@ -348,9 +391,34 @@ class ActivationStore:
         want = spec.shard_shape(len(rng))
         if arr.shape != want:
             raise ValueError(f"array {spec.name}: shape {arr.shape} for shard examples {rng.start}..{rng.stop - 1}, expected {want}")
+        if spec.dtype == "bfloat16" and arr.dtype == _BF16_BITS:
+            return arr  # already bfloat16 bit patterns, as cast_to_spec returns them
         if arr.dtype.kind != "f":
             raise TypeError(f"array {spec.name}: dtype {arr.dtype}, expected a float dtype")
         return cast_to_spec(spec, arr, rng)
+
+    def _refuse_while_extending(self) -> None:
+        if self.extending is not None:
+            raise StoreIncompleteError(
+                f"store {self.url} group {self.group or '/'} is being extended to {self.extending} examples and "
+                "that extension has not finished: run the same extend again to finish it"
+            )
+
+    def _delete_objects(self, i: int) -> None:
+        from zarr.core.sync import sync
+
+        keys = [f"{g.name}/{k}" for g in self._grids() if g.per_shard and g.sharded for k in g.keys(i)]
+        if not keys:
+            return
+        prefix = f"{self.group}/" if self.group else ""
+        store = self._zgroup.store
+
+        async def run() -> None:
+            import asyncio
+
+            await asyncio.gather(*(store.delete(prefix + k) for k in keys))
+
+        sync(run())
 
     def _write_array(self, name: str, rng: range, values: np.ndarray) -> None:
         spec = self._specs[name]
@@ -365,8 +433,18 @@ class ActivationStore:
         za = self._zarrays[name]
         if contiguous:
             za[tuple(sel)] = values
-        else:
+        elif za.shards is None:
             za.set_orthogonal_selection(tuple(sel), values)
+        else:
+            # zarr 3.1's orthogonal writes into sharded arrays fail (IndexError in the shard merge): write each
+            # run of adjacent layers on its own; a later run merges into the shard object an earlier one made
+            j = 0
+            while j < len(idx):
+                k = j
+                while k + 1 < len(idx) and idx[k + 1] == idx[k] + 1:
+                    k += 1
+                za[(sel[0], slice(idx[j], idx[k] + 1), *sel[2:])] = values[:, j : k + 1]
+                j = k + 1
 
     def _mark_done(self, i: int) -> None:
         self._done[i] = True
@@ -448,6 +526,7 @@ class ActivationStore:
         checked too."""
         from mechdiff.engine.integrity import IntegrityReport, check_chunks
 
+        self._refuse_while_extending()  # the coords' new rows may not be written yet
         keys, done = self._listing()
         problems, n = check_chunks(self._zgroup.store, self.group, self._grids(), done, checksums=checksums, present=keys)
         return IntegrityReport(self.url, self.group, "checksum" if checksums else "listing", self.n_shards, done, problems, n)
@@ -465,6 +544,113 @@ class ActivationStore:
     def fraction_done(self) -> float:
         rep = self.check()
         return (len(rep.done) - len(rep.damaged_shards)) / self.n_shards
+
+    # ------------------------------------------------------------------ finishing and growing
+
+    def finish(self) -> None:
+        """Consolidate the store root's metadata, once, when a run has written what it will: plain
+        ``xarray.open_zarr(url, group=...)`` then opens without a warning and with one read."""
+        consolidate(self.url, self.storage_options)
+
+    def extend(
+        self,
+        n_new_examples: int,
+        coords: Mapping[str, np.ndarray],
+        token_ids: np.ndarray,
+        provenance: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Grow the example dim by ``n_new_examples`` (a streamed dataset's next part), as new work shards.
+
+        ``coords`` must have the group's example coords (same names, compatible dtypes) for the new examples,
+        ``token_ids`` their right-aligned ids (at most the group's ``tok`` width; narrower rows are padded).
+        ``provenance`` updates keys of the provenance (e.g. a new dataset hash) in the same last write.
+        The current size must be whole work shards. Existing data and done flags are untouched; the new
+        shards start not done. Interrupted, the group reads as being extended (writes and reads refuse it)
+        until ``extend`` is called again with the same arguments, which finishes the job."""
+        where = f"store {self.url} group {self.group or '/'}"
+        old = self.n_examples
+        if isinstance(n_new_examples, bool) or not isinstance(n_new_examples, (int, np.integer)) or n_new_examples < 1:
+            raise ValueError(f"{where}: n_new_examples must be an int >= 1, got {n_new_examples!r}")
+        if old % self.shard_size:
+            raise ValueError(
+                f"{where}: holds {old} examples, not whole work shards of {self.shard_size}; only a group of whole "
+                "work shards can grow (its last shard would change under its done flag)"
+            )
+        target = old + int(n_new_examples)
+        if self.extending is not None and self.extending != target:
+            raise StoreIncompleteError(
+                f"{where}: an extension to {self.extending} examples is unfinished; finish it first with "
+                f"extend({self.extending - old}, ...) and the same coords and token ids"
+            )
+        prov = _jsonable(dict(provenance or {}))
+        clash = [k for k in prov if k in _RESERVED_ATTRS]
+        if clash:
+            raise ValueError(f"provenance keys {clash} are reserved by the store")
+        new = self._extension_rows(int(n_new_examples), coords, token_ids)  # bad input fails before any write
+
+        store = self._zgroup.store
+        _drop_root_consolidated(store)  # never leave plain readers a consolidated copy with the old shapes
+        if self.extending is None:
+            self._zgroup.attrs.update({_EXTENDING: {"n_examples": target, "from": old}})
+        for name, za in self._zgroup.arrays():
+            if tuple(za.metadata.dimension_names or ())[:1] == ("example",) and za.shape[0] != target:
+                za.resize((target, *za.shape[1:]))
+        for name, values in new.items():
+            self._zgroup[name][old:target] = values
+        self._extend_flags(-(-target // self.shard_size))
+        # the last write: the new size and the provenance replace the note (one document write)
+        current = _open_zgroup(self.url, self.group, self.storage_options, mode="r+")
+        final = {k: v for k, v in dict(current.attrs).items() if k != _EXTENDING}
+        final.update(prov)
+        final.update({"n_examples": target, "n_shards": -(-target // self.shard_size)})
+        current.attrs.put(_jsonable(final))
+        self.__init__(self.url, self.group, _open_zgroup(self.url, self.group, self.storage_options, mode="r+"),
+                      self.storage_options)
+
+    def _extension_rows(self, n: int, coords: Mapping[str, np.ndarray], token_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The new examples' rows of every example-dim array but the activations, validated against the group."""
+        where = f"store {self.url} group {self.group or '/'}"
+        tok_arr = self._zgroup["token_ids"]
+        width = int(tok_arr.shape[1])
+        tok = np.asarray(token_ids)
+        if tok.ndim == 2 and tok.shape[1] > width:
+            raise ValueError(f"{where}: the new token_ids are {tok.shape[1]} wide, the group's tok dim is {width}")
+        if tok.ndim == 2 and tok.dtype.kind in "iu" and tok.shape[1] < width:
+            tok = np.concatenate([np.full((tok.shape[0], width - tok.shape[1]), -1, tok.dtype), tok], axis=1)
+        layout = _Layout.build(n, self.shard_size, list(self.arrays), coords, tok)
+        stored = {name for name, za in self._zgroup.arrays()
+                  if tuple(za.metadata.dimension_names or ()) == ("example",) and name != "example"}
+        given = set(layout.coords)
+        if given != stored:
+            raise ValueError(f"{where}: coords of the new examples {sorted(given)} differ from the group's {sorted(stored)}")
+        rows: dict[str, np.ndarray] = {"example": np.arange(self.n_examples, self.n_examples + n, dtype=np.int64),
+                                       "token_ids": layout.token_ids}
+        for name, values in layout.coords.items():
+            za = self._zgroup[name]
+            if values.dtype == object:
+                if za.dtype.kind not in "OTU":
+                    raise ValueError(f"{where}: coord {name!r} is {za.dtype} in the group, strings were given")
+            elif not np.can_cast(values.dtype, za.dtype, casting="same_kind"):
+                raise ValueError(f"{where}: coord {name!r} is {za.dtype} in the group, {values.dtype} was given")
+            else:
+                values = values.astype(za.dtype)
+            rows[name] = values
+        return rows
+
+    def _extend_flags(self, n_shards: int) -> None:
+        """Done flags for the new shards, all down: the flags array grows, and flag objects from a past life
+        of those indices (none, normally) are removed."""
+        from zarr.core.sync import sync
+
+        if self._done.shape[0] != n_shards:
+            self._done.resize((n_shards,))
+        keys, _ = self._listing()
+        sep = getattr(self._done.metadata.chunk_key_encoding, "separator", "/")
+        head = f"{_PROGRESS}/{_DONE}/c{sep}"
+        prefix = f"{self.group}/" if self.group else ""
+        stale = [k for k in keys if k.startswith(head) and k[len(head):].isdigit() and int(k[len(head):]) >= self.n_shards]
+        for k in stale:
+            sync(self._zgroup.store.delete(prefix + k))
 
     # ------------------------------------------------------------------ sizes
 
@@ -486,8 +672,9 @@ class ActivationStore:
                 name=s.name,
                 dims=s.dims,
                 shape=tuple(self._zarrays[s.name].shape),
-                dtype=str(self._zarrays[s.name].dtype),
+                dtype=s.dtype,
                 chunks=tuple(self._zarrays[s.name].chunks),
+                shards=tuple(self._zarrays[s.name].shards) if self._zarrays[s.name].shards else None,
             )
             for s in self.arrays
         ]
@@ -536,10 +723,49 @@ def open_store(url: str | Path, group: str | None = None, storage_options: dict 
         ds = xr.open_zarr(store, group=group or None, consolidated=False, zarr_format=3)
     except (ValueError, KeyError, TypeError) as e:  # e.g. an array's zarr.json that does not parse
         raise StoreCorruptError(f"store {url} group {group or '/'} cannot be read: {_first_line(e)}") from None
-    # Where it came from, so analyses can name it in messages and reopen it for progress.
+    for spec in st.arrays:
+        if spec.dtype == "bfloat16":
+            ds[spec.name] = _bf16_as_float32(ds[spec.name])
+    from mechdiff.engine.capture import capture_of
+
+    # The capture typed (records of older stores read as well), and where it came from, so analyses can name
+    # it in messages and reopen it for progress.
+    cap = capture_of(ds.attrs)
+    if cap is not None:
+        ds.attrs["capture"] = cap
     ds.attrs["store_url"] = url
     ds.attrs["group"] = group
     return ds
+
+
+def _bf16_as_float32(var: Any) -> Any:
+    """A bfloat16 data var (uint16 bit patterns) as float32, lazily: each dask block is widened on read."""
+    attrs = {k: v for k, v in var.attrs.items() if k != "mechdiff_dtype"}
+    out = var.copy(data=var.data.map_blocks(bf16_bits_to_float32, dtype=np.float32))
+    out.attrs = {**attrs, "stored_dtype": "bfloat16"}
+    return out
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) as the float32 values they stand for, exactly."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """Float values rounded to bfloat16 (to nearest, ties to even, as torch does), as uint16 bit patterns.
+    A NaN keeps its sign and upper payload bits (quiet bit set), so widened bf16 NaNs keep their exact bits."""
+    b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    nan = (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    if nan.any():
+        rounded[nan] = ((b[nan] >> np.uint32(16)) | np.uint32(0x0040)).astype(np.uint16)
+    return rounded
+
+
+def consolidate(url: str | Path, storage_options: dict | None = None) -> None:
+    """Write the store root's consolidated metadata (every group and array below it) in one document.
+    Call once when a run completes (:meth:`ActivationStore.finish` does); nothing in the write path needs it."""
+    _consolidate_root(_make_store(_norm_url(url), storage_options))
 
 
 def repair_hint(url: str, group: str, rep: IntegrityReport | None = None) -> str:
@@ -663,7 +889,8 @@ class _Layout:
         return cls(n_examples, shard_size, specs, layers, n_positions, out, tok)
 
 
-def _create(url: str, group: str, layout: _Layout, provenance: dict[str, Any], storage_options: dict | None) -> None:
+def _create(url: str, group: str, layout: _Layout, provenance: dict[str, Any], storage_options: dict | None,
+            *, sharded: bool = True) -> None:
     """Make the group with zarr alone, in the layout ``xarray.to_zarr`` gives a Dataset of these coords and
     (uncomputed) data vars, so plain ``xarray.open_zarr`` reads it; importing xarray, dask and pandas for it
     cost a cold ``mechdiff extract`` ~0.7 s and ~90 MiB."""
@@ -687,8 +914,10 @@ def _create(url: str, group: str, layout: _Layout, provenance: dict[str, Any], s
     on_var = {s.name: sorted(c for c, d in extra.items() if d <= set(s.dims)) for s in layout.specs}
     on_group = sorted(c for c in extra if not any(c in v for v in on_var.values()))
 
+    bf16 = any(s.dtype == "bfloat16" for s in layout.specs)
     marker = {
-        "format": FORMAT_VERSION,
+        # format 2 readers would misread bf16 bits, so only a plain unsharded layout keeps that number
+        "format": FORMAT_VERSION if (sharded or bf16) else 2,
         "arrays": [s.to_json() for s in layout.specs],
         "layers": list(layout.layers),
         "n_positions": P,
@@ -705,6 +934,8 @@ def _create(url: str, group: str, layout: _Layout, provenance: dict[str, Any], s
     from zarr.errors import ContainsArrayError, ContainsGroupError
 
     store = _make_store(url, storage_options)
+    # a consolidated root copy would hide this group from plain open_zarr until the run's finish()
+    _drop_root_consolidated(store)
     # The group's own zarr.json comes first and says "being created": a kill at any later point leaves a
     # group that the next create_or_open recognises as interrupted and makes again.
     try:
@@ -714,15 +945,29 @@ def _create(url: str, group: str, layout: _Layout, provenance: dict[str, Any], s
     # write_empty_chunks: a coord chunk equal to the fill value (a label column of zeros) is still written,
     # so that every coord chunk can be proven present.
     for name, (dims, values, chunks) in coords.items():
-        za = _new_array(zg, name, dims, values.shape, values.dtype, chunks, _compressors("zstd", crc=True), {})
+        shards = None
+        if sharded and name == "token_ids":
+            # written once, here, by one process: its shard objects may span many work shards
+            assert chunks is not None
+            rows = chunks[0] * max(1, MAX_SHARD_BYTES // (chunks[0] * T * 4))
+            shards = (min(rows, -(-n // chunks[0]) * chunks[0]), T)
+        za = _new_array(zg, name, dims, values.shape, values.dtype, chunks, _compressors("zstd", crc=True), {},
+                        shards=shards)
         za[...] = values
     for s in layout.specs:
         shape = (n, len(layout.layers), *((P,) if s.n_positions is not None else ()), s.width)
-        chunks = _chunk_shape(shape, layout.shard_size, np.dtype(s.dtype).itemsize, has_position=s.n_positions is not None)
-        var_attrs = {"site": s.site, "captured_layers": list(s.layers), "n_positions": s.n_positions}
+        itemsize = s.storage_dtype.itemsize
+        chunks = _chunk_shape(shape, layout.shard_size, itemsize, has_position=s.n_positions is not None)
+        shards = _shard_shape(shape, chunks, layout.shard_size, itemsize) if sharded else None
+        var_attrs: dict[str, Any] = {"site": s.site, "captured_layers": list(s.layers), "n_positions": s.n_positions}
         if on_var[s.name]:
             var_attrs["coordinates"] = " ".join(on_var[s.name])
-        _new_array(zg, s.name, s.dims, shape, np.dtype(s.dtype), chunks, _compressors(s.compression, crc=True), var_attrs)
+        fill = None
+        if s.dtype == "bfloat16":
+            var_attrs["mechdiff_dtype"] = "bfloat16"  # uint16 bit patterns; open_store widens them to float32
+            fill = _BF16_NAN  # unwritten reads as NaN, as for the float dtypes
+        _new_array(zg, s.name, s.dims, shape, s.storage_dtype, chunks, _compressors(s.compression, crc=True), var_attrs,
+                   shards=shards, fill=fill)
     if on_group:
         zg.attrs.update({"coordinates": " ".join(on_group)})
 
@@ -742,7 +987,6 @@ def _create(url: str, group: str, layout: _Layout, provenance: dict[str, Any], s
     final = {k: v for k, v in dict(zg.attrs).items() if k != _PENDING}
     final[_MARKER] = marker
     zg.attrs.put(final)
-    _consolidate_root(store)
 
 
 # xarray's encoding of a NaN fill value in the _FillValue attribute: the float64's bytes, base64
@@ -750,17 +994,21 @@ _NAN_FILL_ATTR = "AAAAAAAA+H8="
 
 
 def _new_array(zg: Any, name: str, dims: tuple[str, ...], shape: tuple[int, ...], dtype: np.dtype,
-               chunks: tuple[int, ...] | None, compressors: list[Any] | None, attrs: dict[str, Any]) -> Any:
+               chunks: tuple[int, ...] | None, compressors: list[Any] | None, attrs: dict[str, Any],
+               *, shards: tuple[int, ...] | None = None, fill: Any = None) -> Any:
     """One array as xarray's zarr backend creates it: floats filled with NaN (and say so in ``_FillValue``),
-    strings as zarr's variable-length string, other dtypes with zarr's default fill."""
+    strings as zarr's variable-length string, other dtypes with zarr's default fill (or ``fill``).
+    ``shards``: the shard objects' shape (``chunks`` are then the inner chunks)."""
     if dtype.kind == "f":
         fill, attrs = np.nan, {**attrs, "_FillValue": _NAN_FILL_ATTR}
-    else:
-        fill = None
     kw = {} if chunks is None else {"chunks": chunks}
-    return zg.create(name, shape=shape, dtype=str if dtype.kind in "OUS" else dtype, fill_value=fill,
-                     compressors=compressors, chunk_key_encoding=_FLAT_KEYS, dimension_names=dims,
-                     attributes=attrs, config={"write_empty_chunks": True}, **kw)
+    common = dict(shape=shape, dtype=str if dtype.kind in "OUS" else dtype, fill_value=fill, compressors=compressors,
+                  chunk_key_encoding=_FLAT_KEYS, dimension_names=dims, attributes=attrs,
+                  config={"write_empty_chunks": True}, **kw)
+    if shards is not None:
+        # the compressors (and the crc32c) apply to each inner chunk; the shard index has its own crc32c
+        return zg.create_array(name, shards=shards, **common)
+    return zg.create(name, **common)
 
 
 def _interrupted(pending: Any) -> bool:
@@ -818,6 +1066,26 @@ def _first_line(e: BaseException) -> str:
     return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
 
+def _drop_root_consolidated(store: Any) -> None:
+    """Remove the root's consolidated metadata, if any (one small read, and a write only when there is one):
+    a copy that lacks a new group, or holds an array's old shape, would mislead plain ``open_zarr``."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    async def run() -> None:
+        proto = default_buffer_prototype()
+        buf = await store.get("zarr.json", proto)
+        if buf is None:
+            return
+        doc = json.loads(buf.to_bytes())
+        if not doc.get("consolidated_metadata"):
+            return
+        doc.pop("consolidated_metadata")
+        await store.set("zarr.json", proto.buffer.from_bytes(json.dumps(doc, indent=2).encode()))
+
+    sync(run())
+
+
 def _consolidate_root(store: Any) -> None:
     """Refresh the root's consolidated metadata (what plain ``open_zarr`` reads first)."""
     import zarr
@@ -858,12 +1126,55 @@ def _chunk_shape(
     return (1, *rest)
 
 
+def _shard_shape(shape: tuple[int, ...], chunks: tuple[int, ...], shard_size: int, itemsize: int) -> tuple[int, ...]:
+    """Shard objects of whole inner chunks: every position and the full width; along examples a divisor of the
+    work shard (a multiple of the inner chunk, which divides it too), so that no object straddles two work
+    shards; then as many layers as fit in MAX_SHARD_BYTES, split evenly. The whole work shard is taken along
+    examples first: it is what one write fills, and fewer, bigger objects per write."""
+    n, n_layers = shape[0], shape[1]
+    ce = chunks[0]
+    rest = [-(-d // c) * c for d, c in zip(shape[2:], chunks[2:])]  # whole inner chunks, rounded up
+    row = int(np.prod(rest, dtype=np.int64)) * itemsize  # bytes of one example at one layer
+    s = min(shard_size, n)
+    fits = [m * ce for m in range(s // ce, 0, -1) if s % (m * ce) == 0 and m * ce * row <= MAX_SHARD_BYTES]
+    e = fits[0] if fits else ce
+    per_layer = e * row
+    lmax = max(1, min(n_layers, MAX_SHARD_BYTES // per_layer))
+    n_lshards = -(-n_layers // lmax)
+    return (e, -(-n_layers // n_lshards), *rest)
+
+
+def _dtype_name(dtype: Any) -> str:
+    name = str(dtype)
+    if name in ("bfloat16", "bf16", "torch.bfloat16"):
+        return "bfloat16"
+    try:
+        return str(np.dtype(dtype))
+    except TypeError:
+        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype!r}") from None
+
+
 def cast_to_spec(spec: ArraySpec, values: np.ndarray, examples: Sequence[int]) -> np.ndarray:
     """``values`` (``[row, layer, ...]``, any float dtype) in ``spec``'s stored dtype, itself when it already is.
 
     Raises OverflowError, naming the array, the example (``examples[row]``) and the layer, where a finite value
     would become inf (inf and nan already there are kept). Extraction casts each batch as it arrives, so a
-    shard is held in the stored dtype, never as a float32 copy."""
+    shard is held in the stored dtype, never as a float32 copy. A bfloat16 spec returns uint16 bit patterns
+    (``spec.storage_dtype``): float32 values that are bfloat16 values (``tensor.float()``) keep their bits."""
+    if spec.dtype == "bfloat16":
+        if values.dtype == _BF16_BITS:
+            return values  # cast on the model's device already (forward_capture(stored=True))
+        out = float32_to_bf16_bits(values)
+        # bfloat16 has float32's range: only values within half a bf16 step of float32's max overflow
+        if _has_inf(out):
+            bad = ((out & 0x7FFF) == 0x7F80) & np.isfinite(values)
+            if bad.any():
+                idx = tuple(int(x) for x in np.argwhere(bad)[0])
+                raise OverflowError(
+                    f"array {spec.name}: value {values[idx]!r} at example {examples[idx[0]]} "
+                    f"(layer {spec.layers[idx[1]]}) overflows bfloat16; store this array as float32"
+                )
+        return out
     target = np.dtype(spec.dtype)
     if values.dtype == target:
         return values
@@ -882,6 +1193,8 @@ def cast_to_spec(spec: ArraySpec, values: np.ndarray, examples: Sequence[int]) -
 
 
 def _has_inf(x: np.ndarray) -> bool:
+    if x.dtype == _BF16_BITS:  # bfloat16 bit patterns
+        return bool(((x & 0x7FFF) == 0x7F80).any())
     if x.dtype == np.float16:
         # exponent all ones and mantissa zero, on the raw bits: ~3x faster than np.isinf on float16
         return bool(((x.view(np.uint16) & 0x7FFF) == 0x7C00).any())
@@ -996,7 +1309,7 @@ def _field_diff(key: str, old: Any, new: Any) -> str:
     """``key differs: ...`` naming the fields that differ when both values are JSON objects (a capture
     spec), so that two long specs never look alike in a message cut to a line."""
     try:
-        a, b = json.loads(old), json.loads(new)
+        a, b = (x if isinstance(x, Mapping) else json.loads(x) for x in (old, new))
     except (TypeError, ValueError):
         a = b = None
     if isinstance(a, dict) and isinstance(b, dict):

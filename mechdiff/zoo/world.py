@@ -61,9 +61,6 @@ class World:
     animals: tuple[str, ...] = field(default=())
     foods: tuple[str, ...] = field(default=())
 
-    def cities_of(self, country: str) -> list[str]:
-        return [c for c in self.cities if self.city_country[c] == country]
-
 
 class _Namer:
     """Draws unique invented names from syllables; rejects English words and earlier names."""

@@ -1,0 +1,5 @@
+"""``python -m mechdiff.cli``: the ``mechdiff`` console script."""
+
+from mechdiff.cli import main
+
+main()

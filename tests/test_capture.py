@@ -1,0 +1,155 @@
+"""The capture spec: parsed once into typed parts, resolved against a model, recorded once in the store, compared
+by one method that names the differing fields."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from mechdiff.engine.batching import PromptTemplate
+from mechdiff.engine.capture import CaptureSpec, LayerSelection, ResolvedCapture, capture_of, describe_differences
+from mechdiff.engine.data import PromptSet
+from mechdiff.engine.extract import extract
+from mechdiff.engine.models import load_model
+from mechdiff.engine.positions import PositionError, Positions
+from mechdiff.engine.sites import SiteError
+from mechdiff.engine.store import StoreMismatchError, open_store
+
+
+def test_strings_are_parsed_once_into_typed_parts():
+    spec = CaptureSpec(sites="resid_post, mlp_act", layers="0, 2:4", positions="last:3", template="chat")
+    assert spec.sites == ("resid_post", "mlp_act")
+    assert spec.layers == LayerSelection("0,2:4") and spec.positions == Positions("last", 3)
+    assert spec.template == PromptTemplate("chat")
+    # typed parts are taken as they are, and equal specs are equal whatever form they were given in
+    assert CaptureSpec(("resid_post", "mlp_act"), LayerSelection.parse([0, 2, 3]), Positions.parse("last:3"),
+                       PromptTemplate("chat")).resolve(6) == spec.resolve(6)
+    assert hash(spec) == hash(CaptureSpec(sites="resid_post,mlp_act", layers="0,2:4", positions="last:3", template="chat"))
+
+
+@pytest.mark.parametrize("kw, field, err, words", [
+    ({"sites": "resid_mid"}, "sites", SiteError, "unknown site 'resid_mid'"),
+    ({"layers": "two"}, "layers", SiteError, "layers 'two'"),
+    ({"positions": "last:x"}, "positions", PositionError, "whole number"),
+    ({"template": "User: {prompt}"}, "template", ValueError, "{text}"),
+    ({"dtype": "int8"}, "dtype", ValueError, "float16, bfloat16, float32"),
+])
+def test_a_bad_field_fails_when_the_spec_is_made_naming_itself(kw, field, err, words):
+    with pytest.raises(err) as e:
+        CaptureSpec(**kw)
+    assert words in str(e.value) and e.value.field == field
+
+
+def test_resolve_against_a_model_and_round_trip_the_record():
+    spec = CaptureSpec(layers="-2:", positions="post_instruction", template="Q: {text}\nA:", dtype="bfloat16")
+    r = spec.resolve(5)
+    assert r.layers == (3, 4) and r.n_layers == 5
+    assert ResolvedCapture.from_json(json.loads(json.dumps(r.to_json()))) == r
+    assert r.as_spec().resolve(5) == r
+    with pytest.raises(SiteError, match="out of range"):
+        CaptureSpec(layers="7").resolve(5)
+    assert LayerSelection.parse("all").fixed is None and LayerSelection.parse("3,1").fixed == (3, 1)
+    assert LayerSelection.parse("-1").fixed is None  # needs the model's depth
+
+
+def test_differences_and_lacks_name_every_differing_field():
+    have = CaptureSpec(sites="resid_post,mlp_out", layers="all", positions="last:2").resolve(4)
+    want = CaptureSpec(sites="resid_post", layers="1,3", positions="last", template="chat", dtype="float32")
+    fields = [d.field for d in have.differences(want)]
+    assert fields == ["sites", "layers", "positions", "template", "dtype"]
+    line = describe_differences(have.differences(want))
+    assert "positions stored last:2, this run last," in line and "layers stored [0,1,2,3], this run [1,3]" in line
+    # a reader asks less: a store with more sites and layers serves it, the dtype does not matter...
+    assert have.lacks(CaptureSpec(sites="mlp_out", layers="1,3", positions="last:2", dtype="float32")) == []
+    # ...but positions and template must be the same, and every site and layer must be there
+    lack = have.lacks(CaptureSpec(sites="attn_out,resid_post", layers="all", positions="last", template="chat"))
+    assert [d.field for d in lack] == ["sites", "positions", "template"]
+    small = CaptureSpec(layers="0,1", positions="last:2").resolve(4)
+    assert [d.field for d in small.lacks(CaptureSpec(layers="all", positions="last:2"))] == ["layers"]
+    # without a model's depth, selections compare as selections: "all" covers any, a fixed list its subsets
+    assert CaptureSpec(layers="all").lacks(CaptureSpec(layers="0,3")) == []
+    assert CaptureSpec(layers="0,1,3").lacks(CaptureSpec(layers="3,0")) == []
+    assert [d.field for d in CaptureSpec(layers="0,1").lacks(CaptureSpec(layers="all"))] == ["layers"]
+
+
+def test_older_records_read_typed():
+    old = {"capture_spec": json.dumps({"sites": ["resid_post"], "layers": [0, 1], "positions": "last:2", "template": "chat",
+                                       "dtype": "float16", "compression": "zstd"}),
+           "positions": "last:2", "template": "chat"}
+    r = capture_of(old)
+    assert r.layers == (0, 1) and r.positions == Positions("last", 2) and r.template.spec == "chat" and r.n_layers is None
+    # positions and template alone (a store written without a spec record)
+    bare = capture_of({"positions": "last:2", "template": "none"})
+    assert bare.positions == Positions("last", 2) and bare.layers == ()
+    assert capture_of({}) is None
+    with pytest.raises(ValueError, match="not a capture record"):
+        capture_of({"capture": {"sites": ["resid_post"]}})
+
+
+def test_the_store_keeps_one_capture_record_and_open_store_returns_it_typed(tiny_dir, tmp_path):
+    lm = load_model(str(tiny_dir("llama", n_layers=3)))
+    ps = PromptSet.from_texts(["w1 w2 w3", "w4 w5 w6 w7", "w8 w9"])
+    spec = CaptureSpec(sites="resid_post,mlp_act", layers="1:", positions="last:2")
+    url = str(tmp_path / "s.zarr")
+    extract(lm, ps, spec, url, "m/d", progress=False)
+    attrs = dict(zarr.open_group(url, path="m/d", mode="r").attrs)
+    assert attrs["capture"] == spec.resolve(3).to_json()
+    assert not {"positions", "template", "capture_spec"} & set(attrs)
+    ds = open_store(url, "m/d")
+    assert ds.attrs["capture"] == spec.resolve(3)
+    np.testing.assert_array_equal(ds["layer"].values, [1, 2])
+    # appending with another spec is refused before any work, naming the fields
+    with pytest.raises(StoreMismatchError, match=r'another capture spec: layers stored \[1,2\], this run \[2\], '
+                                                 r'positions stored last:2, this run last'):
+        extract(lm, ps, CaptureSpec(sites="resid_post,mlp_act", layers="2", positions="last"), url, "m/d", progress=False)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_captures_cast_on_the_device_equal_the_host_cast(tiny_dir, dtype):
+    """``forward_capture(stored=True)`` casts on the model's device; the bytes equal casting the float32 capture
+    on the host (bfloat16 to nearest-even, as its uint16 bits)."""
+    from mechdiff.engine.extract import forward_capture, prepare
+    from mechdiff.engine.store import cast_to_spec
+
+    lm = load_model(str(tiny_dir("llama", n_layers=3)))
+    ps = PromptSet.from_texts(["w1 w2 w3", "w4 w5", "w6 w7 w8 w9"])
+    prep = prepare(lm, ps, CaptureSpec(sites="resid_post,mlp_act", positions="last:2", dtype=dtype))
+    f32 = forward_capture(lm, prep, [0, 1, 2])
+    dev = forward_capture(lm, prep, [0, 1, 2], stored=True)
+    for a in prep.arrays:
+        host = cast_to_spec(a, f32[a.name], [0, 1, 2])
+        assert dev[a.name].dtype == a.storage_dtype == host.dtype
+        np.testing.assert_array_equal(dev[a.name], host)
+
+
+def test_a_float16_overflow_on_the_device_is_named_on_the_host(tiny_dir, tmp_path):
+    from mechdiff.engine.sites import Add, hooks
+
+    lm = load_model(str(tiny_dir("llama", n_layers=3)))
+    ps = PromptSet.from_texts(["w1 w2 w3", "w4 w5"])
+    big = Add("resid_pre", 1, torch.full((lm.adapter.d_model,), 1e6))  # pushes resid_post of layer 1 past fp16
+    with hooks(lm.adapter, None, [big]), pytest.raises(OverflowError, match=r"resid_post.*layer 1.*float32"):
+        extract(lm, ps, CaptureSpec(layers="all", dtype="float16"), str(tmp_path / "s.zarr"), "g", progress=False)
+
+
+def test_a_bfloat16_store_equals_the_model_and_verifies(tiny_dir, tmp_path):
+    """Extracted as bfloat16 (cast on the device), read back float32: the model's own activations rounded to
+    bfloat16; ``verify_store`` re-runs examples and accepts it."""
+    from mechdiff.engine.extract import forward_capture, prepare
+    from mechdiff.engine.verify import verify_store
+
+    lm = load_model(str(tiny_dir("llama", n_layers=3)))
+    ps = PromptSet.from_texts(["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w2 w9"])
+    spec = CaptureSpec(sites="resid_post", positions="last:2", dtype="bfloat16")
+    url = str(tmp_path / "b.zarr")
+    extract(lm, ps, spec, url, "g", shard_size=2, progress=False)
+    ds = open_store(url, "g")
+    assert ds["resid_post"].dtype == np.float32 and ds.attrs["capture"].dtype == "bfloat16"
+    want = torch.from_numpy(forward_capture(lm, prepare(lm, ps, spec), [0, 1, 2, 3])["resid_post"]).bfloat16().float()
+    np.testing.assert_array_equal(ds["resid_post"].values, want.numpy())
+    rep = verify_store(url, "g", model=lm, sample=3)
+    assert rep.ok and rep.tolerance == 1e-2, rep

@@ -1,0 +1,42 @@
+"""The study context: where a study's dask graphs run, and what it read."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from mechdiff.analyses.common import ModelGroup, StudyResult
+from mechdiff.analyses.study import StudyContext, StudyDef, run_study
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    n: int = 4
+
+
+def _probe_run(ctx, config):
+    seen = []
+
+    def record(x):
+        seen.append(dask.config.get("scheduler", None))
+        return x
+
+    total = da.ones(config.n, chunks=2).map_blocks(record).sum().compute()
+    data = xr.Dataset({"total": ((), float(total))})
+    return StudyResult("probe", data, {"scheduler": seen[0], "total": float(total)}, {}, [], {})
+
+
+def test_a_study_runs_its_dask_graphs_on_the_contexts_scheduler(tmp_path):
+    study = StudyDef("probe", _Config, (), lambda config, group, datasets: [], _probe_run)
+    group = ModelGroup("g", "base", ("post",))
+    res = run_study(study, _Config(), StudyContext(group, {}, tmp_path, scheduler="synchronous"))
+    assert res.summary["scheduler"] == "synchronous" and res.summary["total"] == 4.0
+    # no scheduler given: the caller's dask configuration stands
+    with dask.config.set(scheduler="threads"):
+        res = run_study(study, _Config(), StudyContext(group, {}, tmp_path / "b"))
+    assert res.summary["scheduler"] == "threads"
+    assert np.isclose(float(res.data["total"]), 4.0)
