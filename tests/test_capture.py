@@ -153,3 +153,60 @@ def test_a_bfloat16_store_equals_the_model_and_verifies(tiny_dir, tmp_path):
     np.testing.assert_array_equal(ds["resid_post"].values, want.numpy())
     rep = verify_store(url, "g", model=lm, sample=3)
     assert rep.ok and rep.tolerance == 1e-2, rep
+
+
+def test_a_grown_dataset_is_appended_and_an_interrupted_growth_resumes(tiny_dir, tmp_path, monkeypatch):
+    """A streamed dataset: the group made from its first 4 rows grows by the next 4 (two more work shards), only
+    they are extracted, and the result equals extracting all 8 at once. An append killed halfway is finished
+    by the same call; a store whose rows are not the dataset's first rows is refused before any write."""
+    from mechdiff.engine.store import ActivationStore, StoreIncompleteError
+
+    lm = load_model(str(tiny_dir("llama", n_layers=3)))
+    texts = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w2 w9", "w3 w3 w1", "w5", "w8 w1", "w7 w6 w5"]
+    spec = CaptureSpec(sites="resid_post", positions="last:2", dtype="float32")
+    first, whole = PromptSet.from_texts(texts[:4]), PromptSet.from_texts(texts)
+    url, ref = str(tmp_path / "s.zarr"), str(tmp_path / "ref.zarr")
+    extract(lm, whole, spec, ref, "g", shard_size=2, progress=False)
+    extract(lm, first, spec, url, "g", shard_size=2, progress=False)
+    with pytest.raises(StoreMismatchError, match=r"holds 4 examples of another dataset.*extract with append \(--append\)"):
+        extract(lm, whole, spec, url, "g", shard_size=2, progress=False)  # growing needs append
+    # killed after the resize, before the growth is recorded
+    real = ActivationStore._extend_flags
+
+    def killed(self, n):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ActivationStore, "_extend_flags", killed)
+    with pytest.raises(KeyboardInterrupt):
+        extract(lm, whole, spec, url, "g", shard_size=2, progress=False, append=True)
+    monkeypatch.setattr(ActivationStore, "_extend_flags", real)
+    with pytest.raises(StoreIncompleteError, match="--append"):
+        extract(lm, whole, spec, url, "g", shard_size=2, progress=False)
+    rep = extract(lm, whole, spec, url, "g", shard_size=2, progress=False, append=True)
+    assert (rep.shards_written, rep.shards_skipped, rep.n_examples) == (2, 2, 8)
+    a, b = open_store(url, "g"), open_store(ref, "g")
+    np.testing.assert_array_equal(a["resid_post"].values, b["resid_post"].values)
+    np.testing.assert_array_equal(a["token_ids"].values, b["token_ids"].values)
+    assert list(a["text"].values) == texts and a.attrs["dataset_hash"] == whole.hash
+    # the stored rows must be the dataset's first rows
+    shuffled = PromptSet.from_texts([texts[1], texts[0], *texts[2:], "w9 w9"])
+    with pytest.raises(StoreMismatchError, match="example 0 of the dataset"):
+        extract(lm, shuffled, spec, url, "g", shard_size=2, progress=False, append=True)
+
+
+def test_extract_append_on_the_command_line(tiny_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from mechdiff.cli import app
+
+    model = str(tiny_dir("llama", n_layers=3))
+    rows = ["w1 w2", "w3 w4 w5", "w6", "w7 w8", "w9 w1", "w2 w2 w3"]
+    (tmp_path / "a.csv").write_text("text\n" + "\n".join(rows[:2]) + "\n")
+    (tmp_path / "b.csv").write_text("text\n" + "\n".join(rows) + "\n")
+    base = ["extract", "--model", model, "--out", str(tmp_path / "s.zarr"), "--group", "g", "--shard-size", "2"]
+    r = CliRunner().invoke(app, [*base, "--data", str(tmp_path / "a.csv")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, [*base, "--data", str(tmp_path / "b.csv")])
+    assert r.exit_code == 2 and "--append" in r.output, r.output  # refused before the model loads, with the way out
+    r = CliRunner().invoke(app, [*base, "--data", str(tmp_path / "b.csv"), "--append"])
+    assert r.exit_code == 0 and "6 examples, 2 shards written, 1 already done" in r.output, r.output

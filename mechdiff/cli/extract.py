@@ -33,6 +33,7 @@ def extract(
     token_budget: Optional[int] = typer.Option(None, help="Padded tokens per batch (rows x longest prompt) \\[default: by device type: smaller batches on CPU, where they run faster per token]."),
     shard_size: int = typer.Option(256, help="Examples per shard: the unit of resumption and of chunking."),
     truncate: bool = typer.Option(False, help="Keep the last tokens of prompts longer than the context instead of refusing."),
+    append: bool = typer.Option(False, "--append", help="DATA grew at its end since --group was made (a streamed dataset): grow the group by the new examples and extract only them; the stored examples must be DATA's first rows."),
     compression: str = typer.Option("zstd", help="zstd or none."),
     allow_pickle: bool = typer.Option(False, help="Allow pickle weights (.bin/.pt: runs pickled code); safetensors and GGUF need no opt-in."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the model's repository."),
@@ -58,7 +59,9 @@ def extract(
             resolve_token_budget(token_budget, device)  # a budget below one token is refused before any loading
         check_output_dir(out_store)
         precheck(model, prompts, spec, out_store, group, shard_size=shard_size, truncate=truncate,
-                 allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+                 allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, gguf_file=gguf_file, append=append)
+        if append and backend == "vllm":
+            raise ValueError("--append: with --backend hf only")
         if backend not in ("hf", "vllm"):
             raise ValueError(f"--backend {backend!r}: hf or vllm")
         if backend == "vllm" and (gguf_file is not None or gg is not None or allow_pickle):
@@ -81,7 +84,7 @@ def extract(
         lm = models.load_model(model, dtype=model_dtype, device=device, allow_pickle=allow_pickle,
                                trust_remote_code=trust_remote_code, gguf_file=gguf_file)
         rep = run_extract(lm, prompts, spec, out_store, group, token_budget=token_budget, shard_size=shard_size,
-                          truncate=truncate, progress=progress)
+                          truncate=truncate, progress=progress, append=append)
     except EXPECTED as e:
         fail(e)
     _report(rep)
@@ -136,7 +139,7 @@ def config_layers(model: str, trust_remote_code: bool = False) -> int:
 
 def precheck(
     model: str, prompts, spec, url: str, group: str, *, shard_size: int, truncate: bool, allow_pickle: bool,
-    trust_remote_code: bool, gguf_file: str | None = None,
+    trust_remote_code: bool, gguf_file: str | None = None, append: bool = False,
 ) -> None:
     """What ``extract`` would refuse after loading the weights, refused before: layers out of range, prompts
     longer than the context, and an existing group made by another model, tokenizer, dataset or spec."""
@@ -154,4 +157,4 @@ def precheck(
     weights = local_weights_hash(model, allow_pickle=allow_pickle, gguf_file=gguf_file)  # None for a hub id; cached for load_model
     if weights is not None:
         early["weights_hash"] = weights
-    check_store_group(url, group, early, shard_size=shard_size)
+    check_store_group(url, group, early, shard_size=shard_size, append=append)

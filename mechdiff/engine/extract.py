@@ -188,12 +188,13 @@ def _check_disk(url: str, nbytes: int) -> None:
 
 def _existing_missing(url: str, group: str, storage_options: dict | None) -> tuple[ActivationStore, list[int]] | None:
     """An existing group and its shards left to write (one listing), or None for a group still to be made
-    (absent, or a creation that was interrupted: ``create_or_open`` makes it again)."""
+    (absent, or a creation that was interrupted: ``create_or_open`` makes it again). A group whose growth was
+    interrupted lists no shards: only finishing the growth (``append``) can tell."""
     try:
         st = ActivationStore.open(url, group, storage_options, read_only=True)
     except (FileNotFoundError, StoreIncompleteError):
         return None
-    return st, st.missing_shards()
+    return st, ([] if st.extending is not None else st.missing_shards())
 
 
 def _check_capture(st: ActivationStore, capture: dict) -> None:
@@ -208,6 +209,34 @@ def _check_capture(st: ActivationStore, capture: dict) -> None:
         what = describe_differences(diffs) if diffs else "the store records no capture spec (an older format)"
         raise StoreMismatchError(f"store {st.url} group {st.group or '/'} was made with another capture spec: {what}; "
                                  "use another group or remove this one")
+
+
+def _append(st: ActivationStore, prep: PreparedExtraction, prompts: PromptSet, shard_size: int) -> None:
+    """Grow ``st`` to every prompt of ``prep``: the same model, tokenizer, capture and arrays, and its stored
+    examples the first rows of the dataset (by their token ids); refused, naming why, before anything is written."""
+    where = f"store {st.url} group {st.group or '/'}"
+    old, n = st.n_examples, len(prompts)
+    if n < old:
+        raise StoreMismatchError(f"{where} holds {old} examples and the dataset {prompts.source} has {n}: an append "
+                                 "only adds examples at the end")
+    keys = [k for k in identity_keys(prep.provenance) if k != "dataset_hash"]
+    st.check_same(prep.provenance, keys, old, shard_size, prep.arrays)  # model, tokenizer, capture, array shapes
+    stored = np.asarray(st.token_ids(range(old)))
+    for i, row in enumerate(stored):
+        if [int(t) for t in row if t >= 0] != prep.token_ids[i]:
+            raise StoreMismatchError(f"{where}: example {i} of the dataset {prompts.source} is not the stored example "
+                                     f"{i}: an append needs the stored examples to be the dataset's first rows")
+    width = stored.shape[1]
+    new_ids = prep.token_ids[old:]
+    if new_ids and max(len(x) for x in new_ids) > width:
+        raise StoreMismatchError(f"{where} keeps token ids {width} wide and a new example has "
+                                 f"{max(len(x) for x in new_ids)} tokens: extract the grown dataset into a new group")
+    tok = np.full((n - old, width), -1, dtype=np.int32)
+    for j, ids in enumerate(new_ids):
+        if ids:
+            tok[j, width - len(ids):] = ids
+    coords = {k: v[old:] for k, v in prep.coords.items()}
+    st.extend(n - old, coords, tok, provenance={"dataset": prompts.source, "dataset_hash": prompts.hash})
 
 
 def identity_keys(provenance: dict) -> tuple[str, ...]:
@@ -392,8 +421,13 @@ def extract(
     padding_side: str = "right",
     progress: bool = True,
     storage_options: dict | None = None,
+    append: bool = False,
 ) -> ExtractReport:
     """Capture ``spec`` for every prompt into the store at ``out`` (group ``group``), resuming if it exists.
+
+    ``append``: the dataset has grown at its end since the group was made (a streamed dataset): the group grows
+    by the new examples (whole work shards; its stored examples must be the dataset's first rows), and only
+    they are extracted. Interrupted, the same call finishes the growth and resumes.
 
     ``token_budget``: padded tokens per batch (rows x longest prompt); None takes the device's default
     (:func:`~mechdiff.engine.batching.default_token_budget`: smaller batches on CPU, where they are faster).
@@ -408,9 +442,23 @@ def extract(
     existing = _existing_missing(out, group, storage_options)
     # room for what is left to write: the whole group when it is new, else only its missing shards
     left = len(prompts) if existing is None else sum(len(existing[0].shard_range(i)) for i in existing[1])
+    if existing is not None and append:
+        left += max(0, len(prompts) - existing[0].n_examples)  # the examples it grows by
     _check_disk(out, ActivationStore.estimate_nbytes_for(left, prep.arrays))
     if existing is not None:
         _check_capture(existing[0], prep.provenance["capture"])
+        if existing[0].extending is not None and not append:
+            raise StoreIncompleteError(f"store {out} group {group} was being grown to {existing[0].extending} examples "
+                                       "when it was interrupted: run the same extraction with append (--append)")
+        st0 = existing[0]
+        if not append and st0.n_examples < len(prompts) and st0.provenance.get("dataset_hash") != prompts.hash:
+            raise StoreMismatchError(
+                f"store {out} group {group} holds {st0.n_examples} examples of another dataset and {prompts.source} "
+                f"has {len(prompts)}: if the dataset grew at its end, extract with append (--append) to add the new "
+                "examples; else use another group")
+        if append and (existing[0].n_examples < len(prompts) or existing[0].extending is not None):
+            _append(ActivationStore.open(out, group, storage_options), prep, prompts, shard_size)  # writable
+            existing = _existing_missing(out, group, storage_options)
     store = ActivationStore.create_or_open(
         out,
         group,

@@ -84,6 +84,7 @@ def check_store_group(
     *,
     shard_size: int,
     storage_options: dict | None = None,
+    append: bool = False,
 ) -> None:
     """Refuse to append to an existing group that ``extract`` would refuse: another model (``model_id`` /
     ``weights_hash`` in ``early`` where known), tokenizer, dataset, capture spec or shard size.
@@ -96,7 +97,7 @@ def check_store_group(
     except FileNotFoundError:
         return  # a new group: nothing to compare
     have = st.provenance
-    keys = [k for k in identity_keys(early) if k in early]
+    keys = [k for k in identity_keys(early) if k in early and not (append and k == "dataset_hash")]  # append: grows
     if "model_id" in keys and "weights_hash" in keys:
         keys.remove("model_id")  # local weights are known by their hash; the path may have moved
     parts = [_difference(k, have, early) for k in keys if have.get(k) != early.get(k)]
@@ -113,7 +114,8 @@ def _difference(key: str, have: dict[str, Any], new: dict[str, Any]) -> str:
                 f"this run uses model {new.get('model_id')!r}{_hash(new.get('weights_hash'))}")
     if key == "dataset_hash":
         return (f"was made from another dataset: stored {have.get('dataset')!r}{_hash(old)}, "
-                f"this run {new.get('dataset')!r}{_hash(cur)}")
+                f"this run {new.get('dataset')!r}{_hash(cur)} (if the dataset grew at its end, --append adds the "
+                "new examples)")
     if key == "capture":
         return f"was made with another capture spec: {_spec_difference(old, cur)}"
     if key == "tokenizer_hash":

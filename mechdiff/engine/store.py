@@ -312,6 +312,18 @@ class ActivationStore:
         url, group = _norm_url(url), _norm_group(group)
         return cls(url, group, _open_zgroup(url, group, storage_options, mode="r" if read_only else "r+"), storage_options)
 
+    def token_ids(self, rows: range) -> np.ndarray:
+        """The stored token ids ``[example, tok]`` (right-aligned, -1 padded) of examples ``rows``."""
+        return np.asarray(self._zgroup["token_ids"][rows.start:rows.stop])
+
+    def check_same(
+        self, provenance: Mapping[str, Any], keys: Iterable[str], n_examples: int, shard_size: int,
+        arrays: Sequence[ArraySpec],
+    ) -> None:
+        """Raise :class:`StoreMismatchError` unless this group is the one ``create_or_open`` with these arguments
+        would open: the same provenance under ``keys``, size, shard size and array specs."""
+        self._check_same(_jsonable(dict(provenance)), tuple(keys), n_examples, shard_size, list(arrays))
+
     def _check_same(
         self, prov: dict[str, Any], keys: tuple[str, ...], n_examples: int, shard_size: int, specs: list[ArraySpec]
     ) -> None:
