@@ -24,13 +24,13 @@ import mechdiff
 from mechdiff.engine.batching import length_batches, pad_batch, resolve_token_budget, tokenize
 from mechdiff.engine.capture import CaptureSpec, ResolvedCapture, capture_of, describe_differences
 from mechdiff.engine.data import PromptSet
-from mechdiff.engine.models import LoadedModel
+from mechdiff.engine.models import LoadedModel, resolve_dtype
 from mechdiff.engine.positions import Positions, gather_index
 from mechdiff.engine.sites import Capture, hooks, site_width
 from mechdiff.engine.store import ActivationStore, ArraySpec, StoreIncompleteError, StoreMismatchError, cast_to_spec
 
 __all__ = ["CaptureSpec", "ExtractReport", "PreparedExtraction", "tokenize_prompts", "prepare", "extract", "run_shards",
-           "capture_shard", "ShardWriter"]
+           "capture_shard", "fill_shard", "ShardWriter"]
 
 
 @dataclass
@@ -304,9 +304,6 @@ class ShardWriter:
             raise self.error
 
 
-_TORCH_STORED = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
 @torch.inference_mode()
 def forward_capture(
     lm: LoadedModel,
@@ -320,7 +317,7 @@ def forward_capture(
     ``stored`` in the store's dtype (bfloat16 as its uint16 bits), sliced and cast on the model's device so
     only the stored bytes cross to the host. A float16 overflow there is not decided on the device: the batch
     is then captured again in float32, for :func:`~mechdiff.engine.store.cast_to_spec` to name the value."""
-    dtype = _TORCH_STORED[prep.spec.dtype] if stored else torch.float32
+    dtype = resolve_dtype(prep.spec.dtype) if stored else torch.float32
     ids = [prep.token_ids[i] for i in batch]
     inputs = pad_batch(ids, lm.tokenizer.pad_token_id, side=padding_side, device=lm.device)
     counts = torch.as_tensor([prep.counts[i] for i in batch], device=lm.device)
@@ -390,16 +387,27 @@ def capture_shard(
 ) -> tuple[dict[str, np.ndarray], int]:
     """The forward passes of one shard (examples ``rng``): its arrays in the stored dtype, and its real tokens."""
     lengths = {i: len(prep.token_ids[i]) for i in rng}  # this shard's only: a shard costs its size, not the dataset's
+    return fill_shard(prep, rng, length_batches(lengths, list(rng), token_budget),
+                      lambda batch: forward_capture(lm, prep, batch, padding_side=padding_side, stored=True), on_batch)
+
+
+def fill_shard(
+    prep: PreparedExtraction,
+    rng: range,
+    batches: Sequence[Sequence[int]],
+    capture: Callable[[Sequence[int]], dict[str, np.ndarray]],
+    on_batch: Callable[[int, int], None] | None = None,
+) -> tuple[dict[str, np.ndarray], int]:
+    """One shard's buffers filled batch by batch from ``capture(batch) -> {array: values}`` (any backend), and
+    its real tokens. Each batch is cast to the stored dtype as it arrives, so no float32 copy of a shard is held."""
     specs = {a.name: a for a in prep.arrays}
-    # in the stored dtype: each batch is cast as it arrives, so no float32 copy of a shard is held
     bufs = {a.name: np.empty(a.shard_shape(len(rng)), a.storage_dtype) for a in prep.arrays}  # bf16: uint16 bits
     tokens = 0
-    for batch in length_batches(lengths, list(rng), token_budget):
-        acts = forward_capture(lm, prep, batch, padding_side=padding_side, stored=True)
+    for batch in batches:
         rows = np.asarray(batch) - rng.start
-        for name, a in acts.items():
+        for name, a in capture(batch).items():
             bufs[name][rows] = cast_to_spec(specs[name], a, batch)
-        n = sum(lengths[i] for i in batch)
+        n = sum(len(prep.token_ids[i]) for i in batch)
         tokens += n
         if on_batch is not None:
             on_batch(n, len(batch))

@@ -269,7 +269,11 @@ class Capture:
     def take(self, site: str, layer: int, x: torch.Tensor) -> None:
         x = x.detach()
         if self.index is None:
-            out = x.to(self.dtype) if self.dtype is not None and x.dtype != self.dtype else x.clone()
+            moving = self.to_device is not None and torch.device(self.to_device) != x.device
+            if self.dtype is not None and x.dtype != self.dtype:
+                out = x.to(self.dtype)
+            else:
+                out = x if moving else x.clone()  # a move copies already; never keep a view of x
         else:
             if x.device not in self._index_on:  # once per device a layer lives on, not once per layer
                 idx = self.index.to(x.device)

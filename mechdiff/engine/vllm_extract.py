@@ -24,9 +24,9 @@ from mechdiff.engine.adapter import ArchAdapter
 from mechdiff.engine.capture import CaptureSpec
 from mechdiff.engine.data import PromptSet
 from mechdiff.engine.extract import (ExtractReport, PreparedExtraction, ShardWriter, _check_capture, _check_disk,
-                                     _existing_missing, default_group, identity_keys, prepare)
+                                     _existing_missing, default_group, fill_shard, identity_keys, prepare)
 from mechdiff.engine.models import LoadedModel, ModelLoadError, gguf_source, load_tokenizer, local_weights_hash, resolve_dtype, tokenizer_hash
-from mechdiff.engine.store import ActivationStore, cast_to_spec
+from mechdiff.engine.store import ActivationStore
 from mechdiff.engine.vllm_backend import (HookedLLM, engine_kwargs, require_vllm, set_inprocess_env, vllm_version)
 
 __all__ = ["VLLM_SITES", "VLLMPlan", "plan_vllm_extraction", "extract_vllm", "build_engine", "token_batches"]
@@ -183,25 +183,21 @@ def run_vllm_shards(engine: HookedLLM, plan: VLLMPlan, on_batch: Callable[[int, 
     """The plan's shards through ``engine`` into its store, writes overlapping the next shard's prefill.
     Returns (shards written, tokens)."""
     prep, store = plan.prep, plan.store
-    specs = {a.name: a for a in prep.arrays}
     keep_pos = prep.positions.keeps_position_dim
+    (name,) = [a.name for a in prep.arrays]  # resid_post only
+
+    def capture(batch: Sequence[int]) -> dict[str, np.ndarray]:
+        acts = capture_batch(engine, prep, batch)
+        return {name: acts if keep_pos else acts[:, :, 0, :]}
+
     writer = ShardWriter(store)
     tokens = 0
     try:
         for s in plan.todo:
             rng = store.shard_range(s)
-            bufs = {a.name: np.empty(a.shard_shape(len(rng)), a.storage_dtype) for a in prep.arrays}
             lengths = {i: len(prep.token_ids[i]) for i in rng}
-            for batch in token_batches(lengths, list(rng), plan.token_budget):
-                acts = capture_batch(engine, prep, batch)
-                a = acts if keep_pos else acts[:, :, 0, :]
-                rows = np.asarray(batch) - rng.start
-                for name in bufs:  # resid_post only
-                    bufs[name][rows] = cast_to_spec(specs[name], a, batch)
-                n = sum(lengths[i] for i in batch)
-                tokens += n
-                if on_batch is not None:
-                    on_batch(n, len(batch))
+            bufs, n = fill_shard(prep, rng, token_batches(lengths, list(rng), plan.token_budget), capture, on_batch)
+            tokens += n
             writer.put(s, bufs)
     finally:
         writer.close()
