@@ -75,6 +75,27 @@ def test_store_equals_hidden_states_in_dataset_order(tiny_llama, tmp_path):
     np.testing.assert_array_equal(ds16["resid_post"].values, got.astype(np.float16))
 
 
+@pytest.mark.parametrize("sites, cut", [(("resid_post",), True), (("resid_post", "mlp_out"), False)])
+def test_deepest_block_runs_its_mlp_at_the_captured_positions_only(tiny_llama, tmp_path, sites, cut):
+    """A last-token capture needs the deepest captured block's output at the last token alone: its MLP runs
+    there only (the values are the full forward's: the test above). Capturing the MLP itself keeps it whole."""
+    lm = tiny_llama
+    ps = _prompts(12, seed=4, lo=6)
+    deepest = lm.adapter.n_layers - 2
+    seen = []
+    h = lm.adapter.mlp_module(deepest).register_forward_hook(lambda m, a, o: seen.append(a[0].shape[1]))
+    try:
+        spec = CaptureSpec(sites=sites, layers=(0, deepest), positions="last", dtype="float32")
+        extract(lm, ps, spec, str(tmp_path / "s.zarr"), "m/d", token_budget=64, progress=False)
+    finally:
+        h.remove()
+    assert seen and all(t == 1 for t in seen) == cut and all(t > 1 for t in seen) != cut
+    ref = _reference(lm, ps.texts)
+    got = open_store(str(tmp_path / "s.zarr"), "m/d")["resid_post"].values
+    for i, r in enumerate(ref):
+        np.testing.assert_allclose(got[i], r[[1, deepest + 1], -1].numpy(), atol=1e-5, rtol=1e-5)
+
+
 def test_last_layer_and_all_positions(tiny_llama, tmp_path):
     lm = tiny_llama
     ps = _prompts(12, seed=2)

@@ -11,7 +11,7 @@ from mechdiff.engine.batching import pad_batch, tokenize
 from mechdiff.engine.models import load_model
 from mechdiff.engine.positions import Positions, PositionError, gather_index
 from mechdiff.engine.sites import (SITES, Add, Capture, Intervention, MeanAblate, ProjectOut, Replace, SiteError, hooks,
-                                   parse_layers)
+                                   mlp_only_at, parse_layers)
 from mechdiff.engine.tiny import TINY_ARCHS, random_prompts
 
 PROMPTS = random_prompts(5, 4, 12, vocab_size=512, seed=3)
@@ -78,6 +78,35 @@ def test_mlp_act_is_down_projection_input(arch_lm):
     for l in range(lm.adapter.n_layers):
         assert cap.acts[("mlp_act", l)].shape[-1] == lm.adapter.d_mlp
         torch.testing.assert_close(cap.acts[("mlp_act", l)], seen[l], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_mlp_only_at_the_captured_positions_keeps_them_exact(arch_lm, side):
+    """The deepest block's MLP run at the captured positions alone: the block's output there is the full
+    forward's, on every architecture (sequential, parallel and post-normed residuals), including examples
+    shorter than the positions kept (empty slots, -1); the MLP really sees only those positions."""
+    lm = arch_lm
+    _, inputs = _batch(lm, side)
+    last = lm.adapter.n_layers - 1
+    counts = torch.full((inputs["input_ids"].shape[0],), 5)
+    counts[0] = 2  # an example keeping fewer positions than the others: three empty slots
+    index = gather_index(inputs["attention_mask"], counts, 5)
+    assert (index < 0).any()
+    full, _ = _capture_all(lm, inputs, sites=("resid_post",), index=index)
+    seen = []
+    with mlp_only_at(lm.adapter, last, index):
+        h = lm.adapter.mlp_module(last).register_forward_pre_hook(  # after the cut: sees what the MLP gets
+            lambda m, a, k: seen.append(tuple((a[0] if a else k["hidden_states"]).shape)), with_kwargs=True)
+        try:
+            cut, _ = _capture_all(lm, inputs, sites=("resid_post",), index=index)
+        finally:
+            h.remove()
+    assert seen == [(len(PROMPTS), 5, lm.adapter.d_model)]
+    for l in range(last + 1):
+        a, b = cut.acts[("resid_post", l)], full.acts[("resid_post", l)]
+        assert torch.equal(a.isnan(), b.isnan())
+        torch.testing.assert_close(a.nan_to_num(), b.nan_to_num(), atol=1e-5, rtol=1e-5)
+    assert not lm.adapter.mlp_module(last)._forward_hooks and not lm.adapter.mlp_module(last)._forward_pre_hooks
 
 
 def test_left_and_right_padding_agree(arch_lm):

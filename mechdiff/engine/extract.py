@@ -8,6 +8,7 @@ shards, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import shutil
 from concurrent.futures import Future
@@ -24,9 +25,10 @@ import mechdiff
 from mechdiff.engine.batching import length_batches, pad_batch, resolve_token_budget, tokenize
 from mechdiff.engine.capture import CaptureSpec, ResolvedCapture, capture_of, describe_differences
 from mechdiff.engine.data import PromptSet
+from mechdiff.engine.host_memory import retain_freed_memory
 from mechdiff.engine.models import LoadedModel, resolve_dtype
 from mechdiff.engine.positions import Positions, gather_index
-from mechdiff.engine.sites import Capture, hooks, site_width
+from mechdiff.engine.sites import Capture, hooks, mlp_only_at, site_width
 from mechdiff.engine.store import ActivationStore, ArraySpec, StoreIncompleteError, StoreMismatchError, cast_to_spec
 
 __all__ = ["CaptureSpec", "ExtractReport", "PreparedExtraction", "tokenize_prompts", "prepare", "extract", "run_shards",
@@ -328,7 +330,10 @@ def forward_capture(
     def stop(module, args, output):
         raise _StopForward
 
-    with hooks(lm.adapter, cap):
+    # The deepest block is read at the captured positions only: its MLP need not run anywhere else (unless
+    # the MLP itself is captured). Worth it when they are few of the sequence's positions.
+    few = index.shape[1] * 2 <= inputs["input_ids"].shape[1] and not {"mlp_out", "mlp_act"} & set(prep.spec.sites)
+    with hooks(lm.adapter, cap), (mlp_only_at(lm.adapter, prep.max_layer, index) if few else contextlib.nullcontext()):
         # Registered after the capture hooks, so it fires after they have taken the deepest layer.
         h = stop_layer.register_forward_hook(stop)
         try:
@@ -386,6 +391,8 @@ def capture_shard(
     on_batch: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, np.ndarray], int]:
     """The forward passes of one shard (examples ``rng``): its arrays in the stored dtype, and its real tokens."""
+    if lm.device.type == "cpu":
+        retain_freed_memory()  # CPU activations reuse freed pages instead of faulting in fresh ones (host_memory)
     lengths = {i: len(prep.token_ids[i]) for i in rng}  # this shard's only: a shard costs its size, not the dataset's
     return fill_shard(prep, rng, length_batches(lengths, list(rng), token_budget),
                       lambda batch: forward_capture(lm, prep, batch, padding_side=padding_side, stored=True), on_batch)

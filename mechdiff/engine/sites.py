@@ -33,6 +33,7 @@ __all__ = [
     "Replace",
     "Capture",
     "hooks",
+    "mlp_only_at",
     "site_width",
     "parse_sites",
     "parse_layers",
@@ -377,6 +378,39 @@ def hooks(
                     )
                 )
         yield capture
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def mlp_only_at(adapter: ArchAdapter, layer: int, index: torch.Tensor) -> Iterator[None]:
+    """Run block ``layer``'s MLP only at the positions of ``index`` (``[batch, n]`` sequence indices, ``-1`` =
+    none) for the duration of the block; elsewhere the MLP adds zero to the residual.
+
+    For the deepest block a forward pass needs, when all that is read of it is its output at those positions
+    (a last-token capture): the MLP is position-wise, so those positions come out as they would without this,
+    and the MLP, about two thirds of a block's work, runs on n positions instead of the whole sequence. Every
+    other position of that block's output is then wrong: nothing may read it.
+    """
+    mlp = adapter.mlp_module(layer)
+    slots: dict[str, torch.Tensor] = {}
+
+    def gather(module, args, kwargs):
+        x = _input_hidden(args, kwargs)
+        safe = index.to(x.device).clamp(min=0)[..., None].expand(-1, -1, x.shape[-1])  # an empty slot reads 0
+        slots["safe"], slots["seq"] = safe, x.shape[1]
+        return _with_input_hidden(args, kwargs, torch.gather(x, 1, safe))
+
+    def scatter(module, args, output):
+        y = hidden_from_output(output)  # [batch, n, width]
+        full = y.new_zeros(y.shape[0], slots["seq"], y.shape[-1])
+        # duplicate targets (an empty slot and position 0) carry the same value, so the scatter is exact
+        return replace_hidden_in_output(output, full.scatter_(1, slots["safe"].to(y.device), y))
+
+    handles = [mlp.register_forward_pre_hook(gather, with_kwargs=True), mlp.register_forward_hook(scatter)]
+    try:
+        yield
     finally:
         for h in handles:
             h.remove()
