@@ -143,6 +143,26 @@ def test_python_dash_m_mechdiff(tmp_path):
         assert r.returncode == 2 and "expected one of" in r.stderr, r.stderr
 
 
+def test_console_script_ends_after_exit_handlers_and_flushed_output():
+    """The console script skips the interpreter's teardown, not what exit must do: exit handlers run, piped
+    (block-buffered) output arrives, the status is the command's; with a non-daemon thread still running, or
+    MECHDIFF_FAST_EXIT=0, it exits the ordinary way (the thread is waited for)."""
+    probe = ("import atexit, sys, threading, time; atexit.register(lambda: print('handler ran'));"
+             "sys.argv = ['mechdiff', 'zoo', 'path', {what!r}];"
+             "{extra}"
+             "from mechdiff.cli import main; main()")
+    for what, status in (("base", 0), ("nope", 2)):
+        r = subprocess.run([sys.executable, "-c", probe.format(what=what, extra="")], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == status, r.stderr
+        assert r.stdout.rstrip().endswith("handler ran")
+        assert (status == 0) == bool(re.search(r"^/.*base", r.stdout, re.M))
+    late = "threading.Thread(target=lambda: (time.sleep(1), print('thread done'))).start();"
+    r = subprocess.run([sys.executable, "-c", probe.format(what="base", extra=late)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "thread done" in r.stdout and "handler ran" in r.stdout
+
+
 # ------------------------------------------------------------------------------------ mechdiff run --out
 
 
