@@ -146,21 +146,27 @@ def test_python_dash_m_mechdiff(tmp_path):
 def test_console_script_ends_after_exit_handlers_and_flushed_output():
     """The console script skips the interpreter's teardown, not what exit must do: exit handlers run, piped
     (block-buffered) output arrives, the status is the command's; with a non-daemon thread still running, or
-    MECHDIFF_FAST_EXIT=0, it exits the ordinary way (the thread is waited for)."""
+    MECHDIFF_FAST_EXIT=0, it exits the ordinary way (the thread is waited for, the teardown happens). The
+    teardown shows as a module-level object's finalizer, which only the interpreter's teardown calls."""
     probe = ("import atexit, sys, threading, time; atexit.register(lambda: print('handler ran'));"
+             "Torn = type('Torn', (), {{'__del__': lambda self: print('torn down')}}); marker = Torn();"
              "sys.argv = ['mechdiff', 'zoo', 'path', {what!r}];"
              "{extra}"
              "from mechdiff.cli import main; main()")
+
+    def run(what="base", extra="", **env):
+        return subprocess.run([sys.executable, "-c", probe.format(what=what, extra=extra)], capture_output=True,
+                              text=True, timeout=300, env={**os.environ, **env})
+
     for what, status in (("base", 0), ("nope", 2)):
-        r = subprocess.run([sys.executable, "-c", probe.format(what=what, extra="")], capture_output=True, text=True,
-                           timeout=300)
+        r = run(what)
         assert r.returncode == status, r.stderr
-        assert r.stdout.rstrip().endswith("handler ran")
+        assert r.stdout.rstrip().endswith("handler ran") and "torn down" not in r.stdout
         assert (status == 0) == bool(re.search(r"^/.*base", r.stdout, re.M))
-    late = "threading.Thread(target=lambda: (time.sleep(1), print('thread done'))).start();"
-    r = subprocess.run([sys.executable, "-c", probe.format(what="base", extra=late)], capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0 and "thread done" in r.stdout and "handler ran" in r.stdout
+    r = run(extra="threading.Thread(target=lambda: (time.sleep(1), print('thread done'))).start();")
+    assert r.returncode == 0 and "thread done" in r.stdout and "handler ran" in r.stdout and "torn down" in r.stdout
+    r = run(MECHDIFF_FAST_EXIT="0")
+    assert r.returncode == 0 and "handler ran" in r.stdout and "torn down" in r.stdout
 
 
 # ------------------------------------------------------------------------------------ mechdiff run --out
