@@ -186,6 +186,23 @@ def test_sweep_on_two_nodes_equals_single_process(world, reference, clean_run, c
     assert again.units_run == 0 and again.units_skipped == 16 and rec2.events == []
 
 
+def test_models_with_one_tokenizer_tokenize_a_dataset_once(world, reference, cluster):
+    """On one replica the post-trained model's prepare comes after the base model's units: it takes the base
+    model's token ids (same tokenizer), and its store equals the one extracted on its own."""
+    from mechdiff.cluster.pool import ActorPool
+    from mechdiff.cluster.runner import run_sweep
+
+    path = _write(world, "shared-tokens.yaml", _sweep_yaml("out-shared", datasets=("cities",)))
+    rec = _Recorder()
+    with ActorPool(1, num_cpus=1, torch_threads=1) as pool:
+        rep = run_sweep(path, address=cluster.address, pool=pool, progress=False, on_event=rec)
+    prepares = [e[1] for e in rec.kinds("dispatch") if e[1].startswith("prepare")]
+    assert prepares == ["prepare tiny/base cities resid", "prepare tiny/sft cities resid"], prepares
+    assert rep.tokenizations_reused == 1 and rep.units_run == 10 and not rep.failures
+    _assert_stores_equal({g: r for g, r in reference.items() if g.endswith("/cities")},
+                         str(world / "out-shared/resid.zarr"))
+
+
 def _kill_mid_unit(state):
     """on_event hook: SIGKILL the actor running the 4th unit once it is inside that unit."""
     import ray

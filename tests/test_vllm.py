@@ -145,6 +145,19 @@ def test_release_cuda_empties_the_module():
     assert m.weight.device.type == "meta"
 
 
+def test_engine_share_beside_a_resident_model():
+    gib = 2**30
+    assert vb.share_beside([80 * gib], [80 * gib]) == 0.9  # an empty GPU: vLLM's usual share
+    # an 8B bf16 copy (16 GiB) stays on an 80 GiB GPU: 56 of the 64 GiB free, not 0.9 of the whole (72 GiB)
+    assert vb.share_beside([64 * gib], [80 * gib]) == 0.7
+    # the tightest GPU of a tensor-parallel engine decides
+    assert vb.share_beside([70 * gib, 40 * gib], [80 * gib, 80 * gib]) == 0.4
+    with pytest.raises(vb.HookSettingsError, match=r"GPU 1 has 6\.0 of 80\.0 GiB free.*'hf' generator"):
+        vb.share_beside([60 * gib, 6 * gib], [80 * gib, 80 * gib])
+    with pytest.raises(ValueError, match="one free and one total"):
+        vb.share_beside([], [])
+
+
 # -- layer lookup -------------------------------------------------------------------------------------------
 
 

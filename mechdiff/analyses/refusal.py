@@ -881,7 +881,8 @@ def _each(generator: Generator, texts: Sequence[str], conditions: list[list[Inte
 def make_generator(kind: str, lm: LoadedModel, template: PromptTemplate, *, model_path: str | None = None,
                    batch_size: int = 32) -> Generator:
     """``hf``: transformers ``generate`` (batched, left-padded). ``vllm``: GPU only; raises RuntimeError with the
-    reason when vLLM or a GPU is missing."""
+    reason when vLLM or a GPU is missing. The study keeps scoring with ``lm`` while vLLM generates, so the
+    engine takes its share of what ``lm`` leaves free, and tokenizes with ``lm``'s tokenizer (the same ids)."""
     if kind == "hf":
         return HFGenerator(lm, template, batch_size=batch_size)
     if kind == "vllm":
@@ -889,8 +890,11 @@ def make_generator(kind: str, lm: LoadedModel, template: PromptTemplate, *, mode
         if not ok:
             raise RuntimeError(f"generator 'vllm' is unavailable: {why}; use generator 'hf'")
         from mechdiff.engine.generate import VLLMGenerator
+        from mechdiff.engine.vllm_backend import share_beside_resident
 
-        return VLLMGenerator(model_path or lm.model_id, template)
+        share = share_beside_resident() if lm.device.type == "cuda" else None
+        return VLLMGenerator(model_path or lm.model_id, template, gpu_memory_utilization=share,
+                             tokenizer=lm.tokenizer)
     raise ValueError(f"unknown generator {kind!r}: hf or vllm")
 
 

@@ -47,7 +47,8 @@ def run_cmd(
     total = sum(r.total for r in rep.rows)
     out.print(
         f"sweep {rep.sweep}: {done}/{total} units done ({rep.units_run} run now, {rep.units_skipped} already done), "
-        f"{rep.tokens:,} tokens in {rep.seconds:.1f}s, {rep.retries} retried, {rep.actor_deaths} actor(s) died",
+        f"{rep.tokens:,} tokens in {rep.seconds:.1f}s, {rep.retries} retried, {rep.actor_deaths} actor(s) died"
+        + (f", {rep.tokenizations_reused} dataset tokenization(s) shared" if rep.tokenizations_reused else ""),
         highlight=False,
     )
 

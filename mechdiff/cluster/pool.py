@@ -198,9 +198,12 @@ class ModelWorker:
     # -- work -------------------------------------------------------------------------------
 
     def prepare(self, model: ModelSpec, target_key: str, prompts_ref: list, capture: CaptureEntry,
-                max_length: int | None, truncate: bool):
+                max_length: int | None, truncate: bool, shared: dict[str, list] | None = None):
         """Tokenize a dataset for a capture; returns the :class:`~mechdiff.engine.extract.PreparedExtraction`
-        (the driver creates the store group with it and shares it with the units through the object store)."""
+        (the driver creates the store group with it and shares it with the units through the object store).
+
+        ``shared``: the preparations made so far, by tokenization key; one under this model's key lends its
+        token ids (a model with the same tokenizer) instead of a second tokenization."""
         from mechdiff.engine.extract import prepare
 
         with self.work:
@@ -208,7 +211,8 @@ class ModelWorker:
             try:
                 lm = self._ensure(model)
                 prompts = ray.get(prompts_ref[0])
-                prep = prepare(lm, prompts, capture.spec, max_length=max_length, truncate=truncate)
+                prep = prepare(lm, prompts, capture.spec, max_length=max_length, truncate=truncate,
+                               reuse=_SharedTokenizations(shared or {}))
                 self.preps[target_key] = prep
                 return prep
             finally:
@@ -272,6 +276,23 @@ class ModelWorker:
                 self.current = None
 
 
+class _SharedTokenizations(Mapping):
+    """Other targets' preparations in the object store, seen as their tokenizations by key; only the one
+    asked for is fetched."""
+
+    def __init__(self, refs: dict[str, list]):
+        self.refs = refs  # each ref wrapped in a list, so that Ray passes it unresolved
+
+    def __getitem__(self, key: str):
+        return ray.get(self.refs[key][0]).tokenization()
+
+    def __iter__(self):
+        return iter(self.refs)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+
 # ---------------------------------------------------------------------------------------------
 # the driver side
 
@@ -286,6 +307,7 @@ class Task:
     info: Any = None  # the caller's bookkeeping (e.g. the target)
     shape: ReplicaShape | None = None  # only actors of this shape take it; None: any actor
     keep_result: bool = True  # False: the result goes to on_done and is not kept (a prepare's token matrix)
+    late_args: Callable[[], tuple] | None = None  # more arguments, made when it is dispatched (what is known by then)
     attempts: int = 0
     failed_on: set[int] = field(default_factory=set)
     errors: list[str] = field(default_factory=list)
@@ -577,7 +599,8 @@ class ActorPool:
                 slot.live_tokens = 0
             slot.tasks.append(t)
             slot.model = t.model.key
-            ref = getattr(slot.handle, t.method).remote(t.model, *t.args)
+            late = t.late_args() if t.late_args is not None else ()
+            ref = getattr(slot.handle, t.method).remote(t.model, *t.args, *late)
             inflight[ref] = (slot, t)
             emit(PoolEvent("dispatch", slot, t))
 

@@ -16,7 +16,9 @@ The order of things, each step only after the previous one succeeded:
    without loading their model).
 
 The tokenized dataset of a target (its ``PreparedExtraction``) is made once, by its prepare task, and
-shared with the units through the object store; the driver keeps only a reference to it.
+shared with the units through the object store; the driver keeps only a reference to it. A prepare
+dispatched after another target of the same dataset was prepared under an equal tokenization key (a
+model with the same tokenizer) takes that target's token ids, after re-tokenizing a sample of rows.
 
 Each model's units run only on actors of its resource shape (:class:`~mechdiff.cluster.pool.ReplicaShape`,
 from its ``resources``); a shape that no node can hold is refused before any store is touched.
@@ -55,6 +57,7 @@ class SweepReport:
     actor_deaths: int
     failures: dict[str, str] = field(default_factory=dict)
     studies: list[str] = field(default_factory=list)
+    tokenizations_reused: int = 0  # targets that took another's token ids (same dataset, same tokenizer)
 
     @property
     def tokens_per_s(self) -> float:
@@ -213,8 +216,13 @@ def run_sweep(
             return f"{t.key}@{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
 
         made: set[str] = set()  # store roots whose metadata is consolidated once, after the pool has run
+        # the first preparation under each tokenization key; a later prepare (a model with the same
+        # tokenizer) takes its ids from it. Given at dispatch, so it holds what is done by then.
+        tokenized: dict[str, list] = {}
+        reused = 0
 
         def on_done(task: Task, prep: Any) -> list[Task]:
+            nonlocal reused
             if task.kind != "prepare":
                 return []
             p = by_key[task.info]
@@ -232,6 +240,8 @@ def run_sweep(
             made.add(t.url)
             # the units fetch the tokenized dataset from the object store; this process keeps only the reference
             prep_ref = [ray.put(prep)]
+            tokenized.setdefault(prep.tokenization_key, prep_ref)
+            reused += prep.reused_tokens
             sh = shape_of[t.model.key]
             budget = sweep.resources_of(t.model).unit_tokens or (DEFAULT_GPU_UNIT_TOKENS if sh.num_gpus > 0 else None)
             n_tokens = np.asarray(prep.coords["n_tokens"])
@@ -253,7 +263,8 @@ def run_sweep(
         # targets one after another
         tasks = [Task(f"prepare {p.target.key}", p.target.model, "prepare",
                       (prep_key(p.target), [refs[p.target.dataset.name]], p.target.capture, sweep.max_length, sweep.truncate),
-                      kind="prepare", info=p.target.key, shape=shape(p.target.model), keep_result=False)
+                      kind="prepare", info=p.target.key, shape=shape(p.target.model), keep_result=False,
+                      late_args=lambda: (dict(tokenized),))
                  for p in todo]
         try:
             with display:
@@ -273,6 +284,7 @@ def run_sweep(
             if at is not None:
                 c.print(at)
         report = _report(sweep, plan_sweep(sweep, extra), units, rep.seconds, rep.retries, rep.actor_deaths, failures, tokens)
+        report.tokenizations_reused = reused
     if failures:
         raise SweepFailed(report)
     return report

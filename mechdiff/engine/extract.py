@@ -14,15 +14,16 @@ import shutil
 from concurrent.futures import Future
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 import mechdiff
-from mechdiff.engine.batching import length_batches, pad_batch, resolve_token_budget, tokenize
+from mechdiff.engine.batching import length_batches, pad_batch, resolve_token_budget
 from mechdiff.engine.capture import CaptureSpec, ResolvedCapture, capture_of, describe_differences
 from mechdiff.engine.data import PromptSet
 from mechdiff.engine.host_memory import retain_freed_memory
@@ -30,6 +31,7 @@ from mechdiff.engine.models import LoadedModel, resolve_dtype
 from mechdiff.engine.positions import Positions, gather_index
 from mechdiff.engine.sites import Capture, hooks, mlp_only_at, site_width
 from mechdiff.engine.store import ActivationStore, ArraySpec, StoreIncompleteError, StoreMismatchError, cast_to_spec
+from mechdiff.engine.tokenization import Tokenization, ids_and_counts, spot_check, tokenization_key
 
 __all__ = ["CaptureSpec", "ExtractReport", "PreparedExtraction", "tokenize_prompts", "prepare", "extract", "run_shards",
            "capture_shard", "fill_shard", "ShardWriter"]
@@ -64,6 +66,9 @@ class PreparedExtraction:
     arrays: list[ArraySpec]
     coords: dict[str, np.ndarray]
     provenance: dict
+    # what the ids were made under (tokenization_key), and whether they were reused from another target
+    tokenization_key: str = ""
+    reused_tokens: bool = False
     max_layer: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -76,6 +81,10 @@ class PreparedExtraction:
         for i, ids in enumerate(self.token_ids):
             out[i, t - len(ids) :] = ids
         return out
+
+    def tokenization(self) -> Tokenization:
+        """The ids and counts, for another target of this dataset to reuse (``prepare(..., reuse=...)``)."""
+        return Tokenization(self.tokenization_key, self.token_ids, self.counts)
 
 
 def default_group(model_id: str, dataset_source: str) -> str:
@@ -105,16 +114,9 @@ def tokenize_prompts(
     if len(prompts) == 0:
         raise ValueError(f"dataset {prompts.source} is empty")
     layers = spec.resolve_layers(n_layers)
-    pos, template = spec.positions, spec.template
-    texts = [template.apply(t, tokenizer) for t in prompts.texts]
-    # A chat template already writes the special tokens; adding them again would double the BOS.
-    ids = tokenize(tokenizer, texts, max_length=max_length or max_positions, truncate=truncate,
-                   add_special_tokens=template.spec != "chat")
-    marker_ids = None
-    if pos.kind in ("from", "post_instruction"):
-        marker = pos.marker if pos.kind == "from" else template.suffix(tokenizer)
-        marker_ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
-    return layers, pos, ids, pos.counts(ids, marker_ids)
+    ids, counts = ids_and_counts(tokenizer, prompts.texts, spec.positions, spec.template,
+                                 max_length=max_length or max_positions, truncate=truncate)
+    return layers, spec.positions, ids, counts
 
 
 def prepare(
@@ -124,13 +126,32 @@ def prepare(
     *,
     max_length: int | None = None,
     truncate: bool = False,
+    reuse: Mapping[str, Tokenization] | None = None,
 ) -> PreparedExtraction:
     """Validate and resolve a capture before touching any store: raises on bad layers, sites, positions or
-    prompts that do not fit the model."""
+    prompts that do not fit the model.
+
+    ``reuse``: other targets' tokenizations, by :func:`~mechdiff.engine.tokenization.tokenization_key`
+    (models with the same tokenizer). The one under this model's key lends its ids when a re-tokenized
+    sample of rows agrees; otherwise the dataset is tokenized here."""
     adapter = lm.adapter
-    layers, pos, ids, counts = tokenize_prompts(
-        lm.tokenizer, adapter.n_layers, adapter.max_positions, prompts, spec, max_length=max_length, truncate=truncate
-    )
+    limit = max_length or adapter.max_positions
+    key = tokenization_key(lm.tokenizer, prompts, spec.positions, spec.template, max_length=limit, truncate=truncate,
+                           definition=lm.tokenizer_hash)
+    reused = False
+    if reuse and key in reuse and len(prompts) > 0:
+        given = reuse[key]
+        differs = spot_check(given, lm.tokenizer, prompts, spec.positions, spec.template, max_length=limit, truncate=truncate)
+        if differs is None:
+            layers, pos, ids, counts = spec.resolve_layers(adapter.n_layers), spec.positions, given.token_ids, given.counts
+            reused = True
+        else:
+            warnings.warn(f"{lm.model_id}: the shared tokenization of {prompts.source} does not hold ({differs}); "
+                          "tokenizing it again", stacklevel=2)
+    if not reused:
+        layers, pos, ids, counts = tokenize_prompts(
+            lm.tokenizer, adapter.n_layers, adapter.max_positions, prompts, spec, max_length=max_length, truncate=truncate
+        )
     width = max(counts)
     n_pos = width if pos.keeps_position_dim else None
     arrays = [
@@ -160,7 +181,7 @@ def prepare(
         "capture": spec.resolve(adapter.n_layers).to_json(),
         "mechdiff_version": mechdiff.__version__,
     }
-    return PreparedExtraction(spec, layers, pos, ids, counts, width, arrays, coords, provenance)
+    return PreparedExtraction(spec, layers, pos, ids, counts, width, arrays, coords, provenance, key, reused)
 
 
 def _check_disk(url: str, nbytes: int) -> None:

@@ -47,7 +47,7 @@ from mechdiff.errors import MechdiffError
 __all__ = [
     "VLLMUnavailableError", "HookSettingsError", "HookNeverFiredError", "PrefillSplitError", "vllm_available",
     "require_vllm", "engine_kwargs", "decoder_layers", "resid_of", "with_resid", "request_segments",
-    "match_requests", "kept_rows", "release_cuda", "HookedLLM", "CaptureResult", "VLLM_LAYER_PATHS",
+    "match_requests", "kept_rows", "release_cuda", "share_beside", "share_beside_resident", "HookedLLM", "CaptureResult", "VLLM_LAYER_PATHS",
 ]
 
 #: Where each family's decoder layers live in vLLM's model classes (``vllm/model_executor/models/*.py``): the HF
@@ -171,6 +171,37 @@ def release_cuda(*holders: Any) -> int:
         torch.cuda.empty_cache()
         return int(sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())))
     return 0
+
+
+# vLLM asks for a fixed share of each GPU at start-up and refuses to start when less than that is free
+# ("Free memory on device ... is less than desired GPU memory utilization"). Beside an HF copy that stays in use
+# (a study that scores with it while vLLM generates), the share is taken from what is free, keeping some of it
+# for the HF model's own forward passes.
+DEFAULT_SHARE = 0.9
+KEEP_FREE = 0.1  # of each GPU, left to the HF model's activations
+MIN_SHARE = 0.05
+
+
+def share_beside(free: Sequence[int], total: Sequence[int], *, want: float = DEFAULT_SHARE,
+                 keep: float = KEEP_FREE) -> float:
+    """The ``gpu_memory_utilization`` vLLM can start with on GPUs with ``free`` of ``total`` bytes (one entry
+    per GPU it will use): the free share less ``keep`` of the GPU, at most ``want``. Raises
+    :class:`HookSettingsError` when too little is free for an engine."""
+    if not free or len(free) != len(total):
+        raise ValueError("share_beside: one free and one total figure per GPU")
+    share = min(want, *(f / t - keep for f, t in zip(free, total)))
+    if share < MIN_SHARE:
+        worst = min(range(len(free)), key=lambda i: free[i] / total[i])
+        raise HookSettingsError(
+            f"GPU {worst} has {free[worst] / 2**30:.1f} of {total[worst] / 2**30:.1f} GiB free beside the models "
+            "already loaded: too little for a vLLM engine; use the 'hf' generator or a larger GPU")
+    return round(share, 4)
+
+
+def share_beside_resident(n_gpus: int = 1, *, want: float = DEFAULT_SHARE) -> float:
+    """:func:`share_beside` for this process's first ``n_gpus`` CUDA devices, as they are now."""
+    info = [torch.cuda.mem_get_info(i) for i in range(n_gpus)]
+    return share_beside([f for f, _ in info], [t for _, t in info], want=want)
 
 
 # ---------------------------------------------------------------------------------------------
