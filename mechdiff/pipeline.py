@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import mechdiff
 from mechdiff.analyses.common import Finding, ModelGroup, StudyResult, to_jsonable
-from mechdiff.analyses.study import STUDY_NAMES, StoreRef, StudyContext, config_from_options, get_study, run_study
+from mechdiff.analyses.study import STUDY_NAMES, StoreRef, StudyContext, check_study, config_from_options, get_study, run_study
 
 __all__ = ["STUDIES", "StudyInputs", "RunOptions", "RunOutcome", "GroupJob", "embedded_inputs", "embedded_job",
            "study_configs", "run_group", "run_job", "finite_numbers"]
@@ -181,6 +181,8 @@ def run_group(
 
     inputs.check(opts.studies)
     cfg = dict(study_configs(opts.quick)) if configs is None else dict(configs)
+    for name in opts.studies:  # every study's settings against the data and the models' configs, before any loads
+        check_study(get_study(name), cfg[name], group, inputs.datasets())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ctx = StudyContext(group, inputs.datasets(), out, device=opts.device, progress=opts.progress,

@@ -544,9 +544,10 @@ def test_analyze_defaults_to_the_embedded_pair_for_every_study(tmp_path, monkeyp
     (["analyze", "confidence", "--q", "1.5"], ["q must be a fraction in (0, 1], got 1.5"]),
     (["analyze", "confidence", "--bootstrap", "3", "--n-bootstrap", "4"], ["--n-bootstrap given twice"]),
     (["analyze", "knowledge", "--n-bootstrap", "0"], ["n_bootstrap must be at least 1"]),
-    (["analyze", "knowledge", "--normalisation", "nie"], ["--normalisation 'nie'"]),
-    (["analyze", "truthfulness", "--probe-layer", "99"], ["--probe-layer 99", "the model has layers"]),
-    (["analyze", "truthfulness", "--heldout-topics", "moon"], ["--heldout-topics moon: not among"]),
+    (["analyze", "knowledge", "--normalisation", "nie"], ["normalisation 'nie': one of logit, paper"]),
+    (["analyze", "knowledge", "--no-few-shot", "--shots", __file__], ["few_shot is off but shots are given"]),
+    (["analyze", "truthfulness", "--probe-layer", "99"], ["probe_layer 99: model 'base' has layers 0..5"]),
+    (["analyze", "truthfulness", "--heldout-topics", "moon"], ["heldout_topics moon: not among the statements' topics"]),
     (["analyze", "knowledge", "--base", "./no-model-here"], ["give both --base and at least one --post"]),
 ])
 def test_analyze_bad_flags_are_one_line_before_any_work(args, needles, tmp_path, monkeypatch):

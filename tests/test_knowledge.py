@@ -642,6 +642,23 @@ def test_run_knowledge_end_to_end(group_dirs, tmp_path):
     assert raw is not None and raw > 0.5
 
 
+def test_the_study_prompts_zero_shot_when_few_shot_is_off(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    seen = []
+    monkeypatch.setattr(kn, "run_knowledge", lambda *a, **kw: seen.append(kw["shots"]))
+
+    def ctx(shots):
+        return SimpleNamespace(group=None, dataset=lambda role, study: tmp_path / "pairs.csv", out=tmp_path,
+                               datasets={"shots": shots}, device="cpu", all_models=lambda: {})
+
+    given = tmp_path / "shots.json"
+    kn._run_study(ctx(None), kn.KnowledgeConfig())
+    kn._run_study(ctx(given), kn.KnowledgeConfig())
+    kn._run_study(ctx(None), kn.KnowledgeConfig(few_shot=False))
+    assert seen == ["auto", given, None]
+
+
 def test_cli_knowledge(group_dirs, tmp_path, tiny_dir):
     from typer.testing import CliRunner
 
@@ -672,6 +689,6 @@ def test_cli_knowledge(group_dirs, tmp_path, tiny_dir):
     r = runner.invoke(app, args[:7] + [str(bad)] + args[8:])
     assert r.exit_code == 2 and "equal token length" in r.output
     r = runner.invoke(app, args + ["--normalisation", "nie", "--out", str(tmp_path / "bad2")])
-    assert r.exit_code == 2 and "--normalisation 'nie'" in r.output and not (tmp_path / "bad2").exists()
+    assert r.exit_code == 2 and "normalisation 'nie'" in r.output and not (tmp_path / "bad2").exists()
     r = runner.invoke(app, args + ["--n-bootstrap", "0", "--out", str(tmp_path / "bad3")])
     assert r.exit_code == 2 and "n_bootstrap must be at least 1" in r.output

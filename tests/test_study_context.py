@@ -40,3 +40,23 @@ def test_a_study_runs_its_dask_graphs_on_the_contexts_scheduler(tmp_path):
         res = run_study(study, _Config(), StudyContext(group, {}, tmp_path / "b"))
     assert res.summary["scheduler"] == "threads"
     assert np.isclose(float(res.data["total"]), 4.0)
+
+
+def test_the_main_job_checks_every_studys_settings_before_a_model_loads(tmp_path, monkeypatch):
+    import pytest
+
+    from mechdiff.analyses.confidence import ConfidenceConfig, ConfidenceOptionError
+    from mechdiff.analyses.truthfulness import TruthSettingsError
+    from mechdiff.pipeline import RunOptions, embedded_group, embedded_inputs, run_group, study_configs
+
+    def no_models(self):
+        raise AssertionError("models loaded before the settings were checked")
+
+    monkeypatch.setattr(StudyContext, "all_models", no_models)
+    cfg = study_configs(quick=True)
+    with pytest.raises(TruthSettingsError, match="probe_layer 6: model 'base' has layers 0..5"):
+        run_group(embedded_group(), embedded_inputs(), tmp_path / "a", RunOptions(studies=("confidence", "truthfulness")),
+                  configs={**cfg, "truthfulness": dataclasses.replace(cfg["truthfulness"], probe_layer=6)})
+    with pytest.raises(ConfidenceOptionError, match="layer 6: model 'base'"):
+        run_group(embedded_group(), embedded_inputs(), tmp_path / "b", RunOptions(studies=("confidence",)),
+                  configs={**cfg, "confidence": ConfidenceConfig(layer=6)})

@@ -112,6 +112,29 @@ def test_study_options_are_checked_against_the_study_config(world):
     assert issubclass(StudyConfigError, ValueError)
 
 
+@pytest.mark.parametrize("old, new, needle", [
+    ("n_intervene: 4,", "n_intervene: 4, probe_layer: 6,", r"studies\.truthfulness \(model group embedded\): probe_layer 6: "
+     r"model 'base' has layers 0\.\.5"),
+    ("n_intervene: 4,", "n_intervene: 4, heldout_topics: [moon],", r"heldout_topics moon: not among the statements' topics"),
+    ("limit: 4,", "limit: 4, normalisation: nie,", r"studies\.knowledge \(model group embedded\): normalisation 'nie'"),
+    ('layers: "0,3"', 'layers: "0,9"', r"studies\.knowledge .*layers: .*9.*model 'base' has 6 layers"),
+    ("limit: 8,", "limit: 8, layer: -7,", r"studies\.confidence .*layer -7: model 'base' has layers 0\.\.5"),
+    ("n_val: 3,", "n_val: 3, kl_max: -1,", r"studies\.refusal .*kl_max=-1"),
+    ("n_val: 3,", "n_val: 3, templates: {nobody: chat},", r"studies\.refusal .*nobody"),
+])
+def test_study_settings_the_data_or_models_refute_stop_the_plan(world, old, new, needle):
+    """Refused while the sweep is planned, before Ray starts or any store exists: not after hours of extraction."""
+    from mechdiff.cluster.study_plan import study_targets
+
+    text = _sweep(world)
+    assert old in text
+    path = world / "refuted.yaml"
+    path.write_text(text.replace(old, new, 1))
+    with pytest.raises(SweepError, match=needle):
+        study_targets(load_sweep(path))
+    assert not (world / "stores").exists()
+
+
 def test_a_pinned_capture_that_lacks_the_studys_positions_is_an_error(world):
     text = _sweep(world, studies="  truthfulness: {capture: last, datasets: [cities]}\n").replace(
         "studies:\n", "captures:\n  last: {sites: [resid_post], positions: last, datasets: [cities]}\nstudies:\n")

@@ -553,9 +553,9 @@ def test_cli_truthfulness(tiny_pair, tmp_path):
     bad = runner.invoke(app, common + ["--heldout-topic", "moon"])
     assert bad.exit_code == 2 and "moon" in bad.output and not (tmp_path / "store.zarr").exists()
     bad = runner.invoke(app, common + ["--iv-layers", "7:9"])
-    assert bad.exit_code == 2 and "--iv-layers" in bad.output and "layer 7 is out of range" in bad.output
+    assert bad.exit_code == 2 and "iv_layers: layer 7 is out of range" in bad.output
     bad = runner.invoke(app, common + ["--probe-layer", "3"])
-    assert bad.exit_code == 2 and "--probe-layer 3" in bad.output and not (tmp_path / "store.zarr").exists()
+    assert bad.exit_code == 2 and "probe_layer 3: model" in bad.output and not (tmp_path / "store.zarr").exists()
     ok = runner.invoke(app, common + ["--heldout-topic", "t2", "--iv-layers", "0:2", "--coef", "2", "--probe-layer", "1",
                                       "--center-by-topic"])
     assert ok.exit_code == 0, ok.output

@@ -49,7 +49,7 @@ import xarray as xr
 from mechdiff.errors import MechdiffError
 from mechdiff.analyses.attribution import attribution_agreement
 from mechdiff.analyses.common import Finding, ModelGroup, StudyResult
-from mechdiff.analyses.study import StudyContext, StudyDef
+from mechdiff.analyses.study import StudyContext, StudyDef, layer_counts
 from mechdiff.analyses.prompts import truth_prompt
 from mechdiff.analyses.knowledge_maps import (
     KnowledgeControls,
@@ -941,16 +941,40 @@ class KnowledgeConfig:
     control_model: str | None = None
     controls: KnowledgeControls = KnowledgeControls()
     attribution_method: str = "ig"
+    few_shot: bool = True  # False: zero-shot prompts, even where a shots.json lies beside the pairs
 
 
 def _run_study(ctx: StudyContext, config: KnowledgeConfig) -> StudyResult:
     options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    return run_knowledge(ctx.group, ctx.dataset("pairs", "knowledge"), ctx.out, shots=ctx.datasets.get("shots") or "auto",
+    shots = (ctx.datasets.get("shots") or "auto") if options.pop("few_shot") else None
+    return run_knowledge(ctx.group, ctx.dataset("pairs", "knowledge"), ctx.out, shots=shots,
                          device=ctx.device, models=ctx.all_models(), save=False, **options)
+
+
+def _check(config: KnowledgeConfig, group: ModelGroup, datasets: Mapping[str, Any]) -> None:
+    from mechdiff.engine.sites import parse_sites
+
+    parse_sites(",".join(config.sites))
+    if config.positions not in POSITIONS:
+        raise KnowledgeOptionError(f"positions {config.positions!r}: one of {', '.join(POSITIONS)}")
+    if config.normalisation not in NORMALISATIONS:
+        raise KnowledgeOptionError(f"normalisation {config.normalisation!r}: one of {', '.join(NORMALISATIONS)}")
+    if config.attribution and config.attribution_method not in ATTRIBUTION_METHODS:
+        raise AttributionError(f"attribution method {config.attribution_method!r}: one of {', '.join(ATTRIBUTION_METHODS)}")
+    if not config.few_shot and datasets.get("shots") is not None:
+        raise KnowledgeOptionError("few_shot is off but shots are given: zero-shot prompts read no shots; give one of them")
+    for label, n in layer_counts(group).items():
+        try:
+            parse_layers(config.layers, n)
+        except ValueError as e:
+            raise KnowledgeOptionError(f"layers: {e} (model {label!r} has {n} layers)") from None
+    if datasets.get("pairs") is not None:
+        load_pairs(datasets["pairs"])
 
 
 study = StudyDef(
     name="knowledge", Config=KnowledgeConfig, datasets=("pairs", "shots"),
     requirements=lambda config, group, datasets: [],  # patching runs the models; it reads no store
     run=_run_study, describe="activation patching of true/false fact pairs over layers x positions, within and across models",
+    check=_check,
 )

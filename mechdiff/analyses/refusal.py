@@ -1006,6 +1006,37 @@ def _unselected(label: str, site: str, dirs: xr.DataArray, layer: int) -> Select
                      selected=False)
 
 
+def _check_settings(*, site: str, generator: str, addition_scope: str, addition_coefs: Sequence[float], match: str,
+                    kl_max: float | None, n_bootstrap: int, n_null: int, n_splits: int, rerank: int,
+                    max_new_tokens: int, n_val: int, n_eval: int, batch_size: int, skip_last: float,
+                    phrases: Sequence[str] | None) -> tuple[tuple[float, ...], tuple[str, ...]]:
+    """Refuse bad settings (before any model loads, and in a sweep before any extraction); returns the addition
+    coefficients and the refusal phrases as the study uses them. Whether vLLM runs is not asked here: a sweep's
+    driver may have no GPU where its workers have them."""
+    if site not in _RESIDUAL_SITES:
+        raise ValueError(f"site {site!r}: refusal directions live in the residual stream (resid_pre or resid_post)")
+    if generator not in ("hf", "vllm"):
+        raise ValueError(f"unknown generator {generator!r}: hf or vllm")
+    if generator == "vllm" and site != "resid_post":
+        raise ValueError("the vLLM generator hooks block outputs only: use site resid_post")
+    _check_scope(addition_scope)
+    if generator == "vllm" and addition_scope == "prompt":
+        raise ValueError("the vLLM generator cannot add to prompt positions only: give addition_scope='all'")
+    addition_coefs = _check_coefs(addition_coefs)
+    _check_match(match)
+    if kl_max is not None and not (math.isfinite(kl_max) and kl_max > 0):
+        raise ValueError(f"kl_max={kl_max}: a positive number, or None for no filter")
+    if n_bootstrap < 1 or n_null < 1 or n_splits < 1:
+        raise ValueError("n_bootstrap, n_null and n_splits must be at least 1")
+    if rerank < 0:
+        raise ValueError(f"rerank={rerank}: 0 or more candidates")
+    if max_new_tokens < 1 or n_val < 1 or n_eval < 1 or batch_size < 1:
+        raise ValueError("max_new_tokens, n_val, n_eval and batch_size must be at least 1")
+    candidate_layers(1, skip_last)  # validates skip_last
+    phrases = _check_phrases(phrases if phrases is not None else default_refusal_phrases())
+    return addition_coefs, phrases
+
+
 def run_refusal(
     group: ModelGroup,
     harmful: PromptSet | str | Path | Sequence[str],
@@ -1076,31 +1107,15 @@ def run_refusal(
 
     t0 = time.perf_counter()
     # -- everything checked before any model runs
-    if site not in _RESIDUAL_SITES:
-        raise ValueError(f"site {site!r}: refusal directions live in the residual stream (resid_pre or resid_post)")
-    if generator not in ("hf", "vllm"):
-        raise ValueError(f"unknown generator {generator!r}: hf or vllm")
     if generator == "vllm":
         ok, why = vllm_available()
         if not ok:
             raise RuntimeError(f"generator 'vllm' is unavailable: {why}; use generator 'hf'")
-        if site != "resid_post":
-            raise ValueError("the vLLM generator hooks block outputs only: use site resid_post")
-    _check_scope(addition_scope)
-    if generator == "vllm" and addition_scope == "prompt":
-        raise ValueError("the vLLM generator cannot add to prompt positions only: give addition_scope='all'")
-    addition_coefs = _check_coefs(addition_coefs)
-    _check_match(match)
-    if kl_max is not None and not (math.isfinite(kl_max) and kl_max > 0):
-        raise ValueError(f"kl_max={kl_max}: a positive number, or None for no filter")
-    if n_bootstrap < 1 or n_null < 1 or n_splits < 1:
-        raise ValueError("n_bootstrap, n_null and n_splits must be at least 1")
-    if rerank < 0:
-        raise ValueError(f"rerank={rerank}: 0 or more candidates")
-    if max_new_tokens < 1 or n_val < 1 or n_eval < 1 or batch_size < 1:
-        raise ValueError("max_new_tokens, n_val, n_eval and batch_size must be at least 1")
-    candidate_layers(1, skip_last)  # validates skip_last
-    phrases = _check_phrases(phrases if phrases is not None else default_refusal_phrases())
+    addition_coefs, phrases = _check_settings(
+        site=site, generator=generator, addition_scope=addition_scope, addition_coefs=addition_coefs, match=match,
+        kl_max=kl_max, n_bootstrap=n_bootstrap, n_null=n_null, n_splits=n_splits, rerank=rerank,
+        max_new_tokens=max_new_tokens, n_val=n_val, n_eval=n_eval, batch_size=batch_size, skip_last=skip_last,
+        phrases=phrases)
     tmpl = _templates(group, templates)
     prompts, splits = refusal_prompt_set(harmful, harmless, n_val=n_val, n_eval=n_eval, seed=seed,
                                          text_column=text_column)
@@ -1613,9 +1628,17 @@ def _run_study(ctx: StudyContext, config: RefusalConfig) -> StudyResult:
                        **options)
 
 
+def _check(config: RefusalConfig, group: ModelGroup, datasets: Mapping[str, Any]) -> None:
+    _check_settings(**{k: getattr(config, k) for k in (
+        "site", "generator", "addition_scope", "addition_coefs", "match", "kl_max", "n_bootstrap", "n_null", "n_splits",
+        "rerank", "max_new_tokens", "n_val", "n_eval", "batch_size", "skip_last", "phrases")})
+    _templates(group, config.templates)
+
+
 study = StudyDef(
     name="refusal", Config=RefusalConfig, datasets=("harmful", "harmless"),
     requirements=capture_plan,
     run=_run_study, describe="refusal directions from harmful vs harmless instructions, their similarity, ablation and "
     "addition and its transfer, scored on generations",
+    check=_check,
 )

@@ -34,6 +34,8 @@ __all__ = [
     "get_study",
     "studies",
     "config_from_options",
+    "check_study",
+    "layer_counts",
     "check_store_covers",
     "provide_captures",
     "run_study",
@@ -218,6 +220,25 @@ class StudyDef:
     requirements: Callable[[Any, ModelGroup], list[CaptureRequirement]]
     run: Callable[[StudyContext, Any], StudyResult]
     describe: str = ""
+    # what the Config cannot check alone, as it needs the datasets or the models' configs (never their weights):
+    # check(config, group, datasets) raises on bad input; see check_study
+    check: Callable[[Any, ModelGroup, Mapping[str, Any]], None] | None = None
+
+
+def layer_counts(group: ModelGroup) -> dict[str, int]:
+    """Each model's layer count from its config alone (no weights), for checks before models load."""
+    from mechdiff.engine.precheck import config_n_layers, read_config
+
+    return {label: config_n_layers(read_config(path), path) for label, path in group.models.items()}
+
+
+def check_study(study: StudyDef, config: Any, group: ModelGroup, datasets: Mapping[str, Any]) -> None:
+    """Refuse ``config`` for ``group`` and ``datasets`` before any model loads or store is written (the CLI, the
+    main job and a sweep's plan call it): the study's own :attr:`StudyDef.check`."""
+    if not isinstance(config, study.Config):
+        raise StudyConfigError(f"study {study.name} takes a {study.Config.__name__}, not {type(config).__name__}")
+    if study.check is not None:
+        study.check(config, group, datasets)
 
 
 def get_study(name: str) -> StudyDef:

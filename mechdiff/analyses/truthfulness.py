@@ -38,7 +38,7 @@ import xarray as xr
 
 from mechdiff.analyses.common import Finding, ModelGroup, StoreRequirementError, StudyResult, require
 from mechdiff.analyses.prompts import LABEL_WORDS, TRUTH_SUFFIX
-from mechdiff.analyses.study import CaptureRequirement, StudyContext, StudyDef
+from mechdiff.analyses.study import CaptureRequirement, StudyContext, StudyDef, layer_counts
 from mechdiff.engine.capture import capture_of
 from mechdiff.engine.tokens import answer_token, char_offsets
 from mechdiff.errors import MechdiffError
@@ -1326,7 +1326,24 @@ def _run(ctx: StudyContext, settings: TruthSettings) -> StudyResult:
                               settings=replace(settings), save=False)
 
 
+def _check(settings: TruthSettings, group: ModelGroup, datasets: Mapping[str, Any]) -> None:
+    """Layers every model of the group has, and held-out topics the statements have."""
+    for label, n in layer_counts(group).items():
+        if settings.probe_layer is not None and not settings.probe_layer < n:
+            raise TruthSettingsError(f"probe_layer {settings.probe_layer}: model {label!r} has layers 0..{n - 1}")
+        bad = [x for x in settings.iv_layers or () if not 0 <= x < n]
+        if bad:
+            raise TruthSettingsError(f"iv_layers: layer {bad[0]} is out of range; model {label!r} has layers 0..{n - 1}")
+    if settings.heldout_topics and datasets.get("statements") is not None:
+        statements, _ = load_statements(datasets["statements"], shots=datasets.get("shots"))
+        have = sorted(set(str(t) for t in statements.columns["topic"]))
+        miss = [t for t in settings.heldout_topics if t not in have]
+        if miss:
+            raise TruthSettingsError(f"heldout_topics {','.join(miss)}: not among the statements' topics {have}")
+
+
 study = StudyDef(
     name=STUDY, Config=TruthSettings, datasets=("statements", "shots"), requirements=_requirements, run=_run,
     describe="linear truth directions per layer, their similarity across models, probe and intervention transfer",
+    check=_check,
 )

@@ -320,56 +320,6 @@ def _datasets(study, given: Mapping[str, list[str]]) -> dict[str, Any]:
     return ds
 
 
-# -- checks a study's Config cannot make alone (they need its data or the model's config), before models load ---
-
-
-def _n_layers(model: str) -> int:
-    from mechdiff.cli.extract import config_layers
-
-    return config_layers(model)
-
-
-def _check_knowledge(config, group, datasets) -> None:
-    from mechdiff.analyses.knowledge import NORMALISATIONS, KnowledgeOptionError, load_pairs
-    from mechdiff.engine.sites import parse_sites
-
-    parse_sites(",".join(config.sites))
-    if config.positions not in ("statement", "all"):
-        raise KnowledgeOptionError(f"--positions {config.positions!r}: statement or all")
-    if config.normalisation not in NORMALISATIONS:
-        raise KnowledgeOptionError(f"--normalisation {config.normalisation!r}: one of {', '.join(NORMALISATIONS)}")
-    if datasets.get("pairs") is not None:
-        load_pairs(datasets["pairs"])
-
-
-def _check_confidence(config, group, datasets) -> None:
-    texts = datasets.get("texts")
-    if isinstance(texts, (str, Path)):
-        from mechdiff.engine.data import load_prompts
-
-        load_prompts(texts, text_column=config.text_column)
-
-
-def _check_truthfulness(config, group, datasets) -> None:
-    from mechdiff.analyses.truthfulness import load_statements
-
-    n = _n_layers(group.base)
-    if config.probe_layer is not None and not 0 <= config.probe_layer < n:
-        raise ValueError(f"--probe-layer {config.probe_layer}: the model has layers 0..{n - 1}")
-    bad = [x for x in config.iv_layers or () if not 0 <= x < n]
-    if bad:
-        raise ValueError(f"--iv-layers: layer {bad[0]} is out of range; the model has layers 0..{n - 1}")
-    if config.heldout_topics:
-        statements, _ = load_statements(datasets.get("statements"), shots=datasets.get("shots"))
-        have = set(str(t) for t in statements.columns["topic"])
-        miss = [t for t in config.heldout_topics if t not in have]
-        if miss:
-            raise ValueError(f"--heldout-topics {','.join(miss)}: not among the statements' topics {sorted(have)}")
-
-
-CHECKS = {"knowledge": _check_knowledge, "confidence": _check_confidence, "truthfulness": _check_truthfulness}
-
-
 # -- the command -------------------------------------------------------------------------------------------------
 
 
@@ -491,7 +441,7 @@ def _command(study):
     params, meaning = _parameters(study)
 
     def command(**kw: Any) -> None:
-        from mechdiff.analyses.study import StudyContext, run_study
+        from mechdiff.analyses.study import StudyContext, check_study, run_study
 
         common, roles, given = _split(meaning, kw)
         try:
@@ -508,7 +458,7 @@ def _command(study):
                                load_options={"allow_pickle": common["allow_pickle"],
                                              "trust_remote_code": common["trust_remote_code"]})
             ctx.requirements(study, config)  # the capture plan reads every dataset: bad files fail here
-            CHECKS.get(study.name, lambda *a: None)(config, group, datasets)
+            check_study(study, config, group, datasets)  # what the config cannot check alone
         except EXPECTED as e:
             fail(e)
         try:

@@ -177,6 +177,7 @@ FIELD_HELP: dict[tuple[str, str], str] = {
     ("knowledge", "attribution_method"): "atp (gradient x difference), atp+qk, atp+gd, atp* (Kramar et al.'s corrections) or ig (integrated gradients, 5 steps); its r against exact patching is reported.",
     ("knowledge", "limit"): "At most this many pairs, spread over topics.",
     ("knowledge", "positions"): "statement (leave the few-shot context unpatched) or all.",
+    ("knowledge", "few_shot"): "Prefix each statement with its topic's few-shot examples (--shots, or a shots.json beside --pairs); --no-few-shot: zero-shot prompts.",
     ("knowledge", "min_gap"): "Leave out of the normalised statistics pairs with logit-diff(true) - logit-diff(false) <= this (none: keep all).",
     ("knowledge", "token_budget"): "Rows x tokens per batched pass.",
     ("knowledge", "normalisation"): "Patching effect per pair: logit = (LD_patched - LD_false) / (LD_true - LD_false), LD = logit(TRUE) - logit(FALSE); paper = Du et al.'s (PD_patched - PD_false) / (1 - PD_false), PD = P(TRUE) - P(FALSE).",

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mechdiff.analyses.common import ModelGroup
-from mechdiff.analyses.study import CaptureRequirement, StoreRef, get_study
+from mechdiff.analyses.study import CaptureRequirement, StoreRef, check_study, get_study
 from mechdiff.cluster.sweep import CaptureEntry, DatasetSpec, Sweep, SweepError, Target, _config_n_layers, load_sweep
 from mechdiff.engine.data import PromptSet
 from mechdiff.pipeline import GroupJob, StudyInputs
@@ -127,6 +127,10 @@ def study_targets(sweep: Sweep, *, quick: bool = False, studies: Sequence[str] |
             study = get_study(st_name)
             if any(datasets.get(role) is None for role in study.datasets if role != "shots"):
                 continue  # the study has no data for this group: it is not run for it
+            try:  # before any extraction: a setting the data or a model's config refutes
+                check_study(study, configs[st_name], group, datasets)
+            except ValueError as e:
+                raise SweepError(f"{sweep.file}: studies.{st_name} (model group {gname}): {e}") from None
             for req in study.requirements(configs[st_name], group, datasets):
                 if entry.capture is not None:
                     t = _pinned_target(sweep, st_name, req, req.prompts, gname)
