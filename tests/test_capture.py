@@ -12,7 +12,7 @@ import zarr
 
 from mechdiff.engine.batching import PromptTemplate
 from mechdiff.engine.capture import CaptureSpec, LayerSelection, ResolvedCapture, capture_of, describe_differences
-from mechdiff.engine.data import PromptSet
+from mechdiff.engine.data import PromptSet, load_prompts
 from mechdiff.engine.extract import extract
 from mechdiff.engine.models import load_model
 from mechdiff.engine.positions import PositionError, Positions
@@ -210,3 +210,36 @@ def test_extract_append_on_the_command_line(tiny_dir, tmp_path):
     assert r.exit_code == 2 and "--append" in r.output, r.output  # refused before the model loads, with the way out
     r = CliRunner().invoke(app, [*base, "--data", str(tmp_path / "b.csv"), "--append"])
     assert r.exit_code == 0 and "6 examples, 2 shards written, 1 already done" in r.output, r.output
+
+
+def test_extract_on_the_command_line_tokenizes_the_dataset_once(tiny_dir, tmp_path, monkeypatch):
+    """The checks before the weights load tokenize the dataset; the extraction takes those ids (under the loaded
+    tokenizer's key, after a spot check) instead of a second tokenization, and writes the same store."""
+    from typer.testing import CliRunner
+
+    from mechdiff.cli import app
+    from mechdiff.engine import tokenization
+    from mechdiff.engine.batching import tokenize
+    from mechdiff.engine.tiny import random_prompts
+
+    model = str(tiny_dir("llama", n_layers=2))
+    n = 200
+    (tmp_path / "d.csv").write_text("text\n" + "\n".join(random_prompts(n, 3, 12, vocab_size=512, seed=5)) + "\n")
+    encoded = []
+
+    def counting(tokenizer, texts, **kw):
+        encoded.append(len(texts))
+        return tokenize(tokenizer, texts, **kw)
+
+    monkeypatch.setattr(tokenization, "tokenize", counting)
+    args = ["extract", "--model", model, "--data", str(tmp_path / "d.csv"), "--out", str(tmp_path / "s.zarr"),
+            "--group", "g", "--positions", "last:2", "--store-dtype", "float32"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert encoded[0] == n and sum(encoded[1:]) <= tokenization.SPOT_CHECK_ROWS, encoded  # once, then the check
+    lm = load_model(model)
+    extract(lm, load_prompts(tmp_path / "d.csv"), CaptureSpec(sites="resid_post", positions="last:2", dtype="float32"),
+            str(tmp_path / "ref.zarr"), "g", progress=False)
+    a, b = open_store(str(tmp_path / "s.zarr"), "g"), open_store(str(tmp_path / "ref.zarr"), "g")
+    np.testing.assert_array_equal(a["resid_post"].values, b["resid_post"].values)
+    np.testing.assert_array_equal(a["token_ids"].values, b["token_ids"].values)

@@ -309,6 +309,34 @@ def test_extract_vllm_writes_the_hf_store(tiny_llama, tmp_path, positions, llm_k
     assert ds.attrs["architecture"] == tiny_llama.adapter.describe() and ds.attrs["backend"] == "vllm"
 
 
+def test_extract_vllm_appends_a_grown_dataset(tiny_llama, tmp_path):
+    """The vLLM backend opens its group as the HF one does: a dataset that grew at its end grows the group by
+    whole shards and only they are captured; without append the grown dataset is refused, naming the way out."""
+    from mechdiff.engine.store import StoreMismatchError
+
+    model = FakeModel(tiny_llama.adapter.n_layers, tiny_llama.adapter.d_model)
+    texts = random_prompts(12, 4, 9, vocab_size=512, seed=3)
+    texts.sort(key=lambda t: -len(t.split()))  # the stored token-id matrix is as wide as the first rows' longest
+    texts = texts[::3] + [t for i, t in enumerate(texts) if i % 3]
+    spec = CaptureSpec(layers="0,2", positions="last", dtype="float32")
+    url = str(tmp_path / "s.zarr")
+    first = extract_vllm(tiny_llama.model_id, PromptSet(texts[:8], source="stream"), spec, url, "g", shard_size=4,
+                         progress=False, engine=_hooked(FakeLLM(model)))
+    assert first.shards_written == 2
+    grown = PromptSet(texts, source="stream")
+    with pytest.raises(StoreMismatchError, match=r"holds 8 examples of another dataset.*append"):
+        extract_vllm(tiny_llama.model_id, grown, spec, url, "g", shard_size=4, progress=False,
+                     engine=_hooked(FakeLLM(model)))
+    llm = FakeLLM(model)
+    rep = extract_vllm(tiny_llama.model_id, grown, spec, url, "g", shard_size=4, progress=False,
+                       engine=_hooked(llm), append=True)
+    assert (rep.shards_written, rep.shards_skipped, rep.n_examples) == (1, 2, 12)
+    got = open_store(url, "g")["resid_post"].values
+    for i, t in enumerate(texts):
+        np.testing.assert_allclose(got[i], model.resid(tiny_llama.tokenizer(t)["input_ids"])[[0, 2], -1],
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_extract_vllm_refuses_before_the_engine(tiny_llama, tmp_path):
     prompts = PromptSet(["w1 w2 w3"])
     with pytest.raises(ValueError, match="resid_post only"):

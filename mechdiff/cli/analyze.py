@@ -29,7 +29,7 @@ from mechdiff.cli.common import (
 )
 from mechdiff.cli.manpages import DATASET_HELP, FIELD_HELP, STUDY_MAN
 
-__all__ = ["StudyFlag", "study_flags", "parse_value", "config_from_flags", "register", "embedded_texts",
+__all__ = ["StudyFlag", "study_flags", "parse_value", "config_from_flags", "embedded_texts",
            "embedded_pairs", "embedded_datasets", "analyze_app", "study_command"]
 
 # Old spellings kept as hidden aliases: study -> field (or dataset role) -> flags.

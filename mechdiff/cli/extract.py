@@ -58,10 +58,10 @@ def extract(
 
             resolve_token_budget(token_budget, device)  # a budget below one token is refused before any loading
         check_output_dir(out_store)
-        precheck(model, prompts, spec, out_store, group, shard_size=shard_size, truncate=truncate,
-                 allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, gguf_file=gguf_file, append=append)
-        if append and backend == "vllm":
-            raise ValueError("--append: with --backend hf only")
+        tokens = precheck(model, prompts, spec, out_store, group, shard_size=shard_size, truncate=truncate,
+                          allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, gguf_file=gguf_file,
+                          append=append)
+        reuse = {tokens.key: tokens}  # the precheck's tokenization, not a second one
         if backend not in ("hf", "vllm"):
             raise ValueError(f"--backend {backend!r}: hf or vllm")
         if backend == "vllm" and (gguf_file is not None or gg is not None or allow_pickle):
@@ -75,7 +75,7 @@ def extract(
             rep = extract_vllm(model, prompts, spec, out_store, group, token_budget=token_budget or 8192,
                                shard_size=shard_size, truncate=truncate, dtype=model_dtype,
                                tensor_parallel_size=tensor_parallel_size, trust_remote_code=trust_remote_code,
-                               progress=progress)
+                               progress=progress, append=append, reuse=reuse)
         except EXPECTED as e:
             fail(e)
         _report(rep)
@@ -84,7 +84,7 @@ def extract(
         lm = models.load_model(model, dtype=model_dtype, device=device, allow_pickle=allow_pickle,
                                trust_remote_code=trust_remote_code, gguf_file=gguf_file)
         rep = run_extract(lm, prompts, spec, out_store, group, token_budget=token_budget, shard_size=shard_size,
-                          truncate=truncate, progress=progress, append=append)
+                          truncate=truncate, progress=progress, append=append, reuse=reuse)
     except EXPECTED as e:
         fail(e)
     _report(rep)
@@ -140,21 +140,25 @@ def config_layers(model: str, trust_remote_code: bool = False) -> int:
 def precheck(
     model: str, prompts, spec, url: str, group: str, *, shard_size: int, truncate: bool, allow_pickle: bool,
     trust_remote_code: bool, gguf_file: str | None = None, append: bool = False,
-) -> None:
+):
     """What ``extract`` would refuse after loading the weights, refused before: layers out of range, prompts
-    longer than the context, and an existing group made by another model, tokenizer, dataset or spec."""
+    longer than the context, and an existing group made by another model, tokenizer, dataset or spec. Returns
+    the dataset's tokenization, for the extraction to reuse (checked by its key) instead of a second one."""
     from mechdiff.engine.models import load_tokenizer, local_weights_hash
-    from mechdiff.engine.precheck import check_store_group, config_max_positions, config_n_layers, early_provenance, read_config
+    from mechdiff.engine.precheck import (check_store_group, config_max_positions, config_n_layers, early_provenance,
+                                          early_tokenization, read_config)
 
     cfg = read_config(model, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
     n_layers = config_n_layers(cfg, model)
     spec.resolve_layers(n_layers)  # a bad --layers fails before the tokenizer loads
     tok = load_tokenizer(model, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
-    early = early_provenance(tok, n_layers, config_max_positions(cfg), prompts, spec, truncate=truncate)
+    tokens = early_tokenization(tok, n_layers, config_max_positions(cfg), prompts, spec, truncate=truncate)
+    early = early_provenance(tok, n_layers, config_max_positions(cfg), prompts, spec, truncate=truncate, tokens=tokens)
     if "://" not in url and not Path(url).exists():
-        return  # opening would create the directory; a new store has nothing to compare
+        return tokens  # opening would create the directory; a new store has nothing to compare
     early["model_id"] = model
     weights = local_weights_hash(model, allow_pickle=allow_pickle, gguf_file=gguf_file)  # None for a hub id; cached for load_model
     if weights is not None:
         early["weights_hash"] = weights
     check_store_group(url, group, early, shard_size=shard_size, append=append)
+    return tokens

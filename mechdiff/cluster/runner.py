@@ -27,7 +27,6 @@ from its ``resources``); a shape that no node can hold is refused before any sto
 from __future__ import annotations
 
 import hashlib
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from mechdiff.errors import MechdiffError
-from mechdiff.engine.extract import identity_keys
+from mechdiff.engine.groups import check_room, identity_keys
 from mechdiff.cluster.sweep import (
     DEFAULT_GPU_UNIT_TOKENS, ModelSpec, StatusRow, Sweep, SweepError, SweepPlan, Target, TargetPlan, load_sweep,
     plan_sweep,
@@ -71,17 +70,6 @@ class SweepFailed(MechdiffError, RuntimeError):
         self.report = report
         lines = "\n  ".join(f"{k}: {v}" for k, v in report.failures.items())
         super().__init__(f"sweep {report.sweep}: {len(report.failures)} unit(s) failed:\n  {lines}")
-
-
-def _check_room(url: str, nbytes: int) -> None:
-    if "://" in url and not url.startswith("file://"):
-        return  # object stores report no free space
-    probe = Path(url.removeprefix("file://"))
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if nbytes > free:
-        raise OSError(f"{url} needs up to {nbytes / 1e9:.2f} GB (uncompressed) but {probe} has {free / 1e9:.2f} GB free")
 
 
 def group_shards(shards: Sequence[int], shard_tokens: Callable[[int], int], unit_tokens: int | None) -> list[tuple[int, ...]]:
@@ -230,7 +218,7 @@ def run_sweep(
             # room for what is left to write, not for the whole store
             n, size = len(prep.token_ids), sweep.shard_size
             left = n - sum(min(size, n - i * size) for i in p.done)
-            _check_room(t.url, ActivationStore.estimate_nbytes_for(left, prep.arrays))
+            check_room(t.url, ActivationStore.estimate_nbytes_for(left, prep.arrays))
             store = ActivationStore.create_or_open(
                 t.url, t.group, n_examples=n, shard_size=sweep.shard_size,
                 arrays=prep.arrays, coords=prep.coords, token_ids=prep.token_id_matrix(),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import queue
-import shutil
 from concurrent.futures import Future
 import threading
 import time
@@ -24,13 +23,14 @@ import torch
 
 import mechdiff
 from mechdiff.engine.batching import length_batches, pad_batch, resolve_token_budget
-from mechdiff.engine.capture import CaptureSpec, ResolvedCapture, capture_of, describe_differences
+from mechdiff.engine.capture import CaptureSpec
 from mechdiff.engine.data import PromptSet
 from mechdiff.engine.host_memory import retain_freed_memory
 from mechdiff.engine.models import LoadedModel, resolve_dtype
 from mechdiff.engine.positions import Positions, gather_index
 from mechdiff.engine.sites import Capture, hooks, mlp_only_at, site_width
-from mechdiff.engine.store import ActivationStore, ArraySpec, StoreIncompleteError, StoreMismatchError, cast_to_spec
+from mechdiff.engine.groups import open_group
+from mechdiff.engine.store import ActivationStore, ArraySpec, cast_to_spec
 from mechdiff.engine.tokenization import Tokenization, ids_and_counts, spot_check, tokenization_key
 
 __all__ = ["CaptureSpec", "ExtractReport", "PreparedExtraction", "tokenize_prompts", "prepare", "extract", "run_shards",
@@ -182,93 +182,6 @@ def prepare(
         "mechdiff_version": mechdiff.__version__,
     }
     return PreparedExtraction(spec, layers, pos, ids, counts, width, arrays, coords, provenance, key, reused)
-
-
-def _check_disk(url: str, nbytes: int) -> None:
-    if "://" in url and not url.startswith("file://"):
-        return  # object stores report no free space; nothing to check
-    path = Path(url.removeprefix("file://")).resolve()
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ValueError(f"output {url}: {probe} is not a directory")
-    import tempfile
-
-    # A real write, not os.access: as root, access() says yes on a read-only mount.
-    try:
-        with tempfile.TemporaryFile(dir=probe, prefix=".mechdiff-probe-"):
-            pass
-    except OSError as e:
-        raise PermissionError(f"output {url}: {probe} is not writable ({e.strerror or e})") from None
-    free = shutil.disk_usage(probe).free
-    if nbytes > free:
-        raise OSError(
-            f"output {url} needs up to {nbytes / 1e9:.2f} GB (uncompressed estimate) but {probe} has "
-            f"{free / 1e9:.2f} GB free"
-        )
-
-
-def _existing_missing(url: str, group: str, storage_options: dict | None) -> tuple[ActivationStore, list[int]] | None:
-    """An existing group and its shards left to write (one listing), or None for a group still to be made
-    (absent, or a creation that was interrupted: ``create_or_open`` makes it again). A group whose growth was
-    interrupted lists no shards: only finishing the growth (``append``) can tell."""
-    try:
-        st = ActivationStore.open(url, group, storage_options, read_only=True)
-    except (FileNotFoundError, StoreIncompleteError):
-        return None
-    return st, ([] if st.extending is not None else st.missing_shards())
-
-
-def _check_capture(st: ActivationStore, capture: dict) -> None:
-    """Refuse to append to a group made with another capture spec, naming every differing field."""
-    try:
-        stored = capture_of(st.provenance)
-    except ValueError as e:
-        raise StoreMismatchError(f"store {st.url} group {st.group or '/'} has an unreadable capture record ({e})") from None
-    want = ResolvedCapture.from_json(capture)
-    diffs = stored.differences(want) if stored is not None else None
-    if diffs is None or diffs:
-        what = describe_differences(diffs) if diffs else "the store records no capture spec (an older format)"
-        raise StoreMismatchError(f"store {st.url} group {st.group or '/'} was made with another capture spec: {what}; "
-                                 "use another group or remove this one")
-
-
-def _append(st: ActivationStore, prep: PreparedExtraction, prompts: PromptSet, shard_size: int) -> None:
-    """Grow ``st`` to every prompt of ``prep``: the same model, tokenizer, capture and arrays, and its stored
-    examples the first rows of the dataset (by their token ids); refused, naming why, before anything is written."""
-    where = f"store {st.url} group {st.group or '/'}"
-    old, n = st.n_examples, len(prompts)
-    if n < old:
-        raise StoreMismatchError(f"{where} holds {old} examples and the dataset {prompts.source} has {n}: an append "
-                                 "only adds examples at the end")
-    keys = [k for k in identity_keys(prep.provenance) if k != "dataset_hash"]
-    st.check_same(prep.provenance, keys, old, shard_size, prep.arrays)  # model, tokenizer, capture, array shapes
-    stored = np.asarray(st.token_ids(range(old)))
-    for i, row in enumerate(stored):
-        if [int(t) for t in row if t >= 0] != prep.token_ids[i]:
-            raise StoreMismatchError(f"{where}: example {i} of the dataset {prompts.source} is not the stored example "
-                                     f"{i}: an append needs the stored examples to be the dataset's first rows")
-    width = stored.shape[1]
-    new_ids = prep.token_ids[old:]
-    if new_ids and max(len(x) for x in new_ids) > width:
-        raise StoreMismatchError(f"{where} keeps token ids {width} wide and a new example has "
-                                 f"{max(len(x) for x in new_ids)} tokens: extract the grown dataset into a new group")
-    tok = np.full((n - old, width), -1, dtype=np.int32)
-    for j, ids in enumerate(new_ids):
-        if ids:
-            tok[j, width - len(ids):] = ids
-    coords = {k: v[old:] for k, v in prep.coords.items()}
-    st.extend(n - old, coords, tok, provenance={"dataset": prompts.source, "dataset_hash": prompts.hash})
-
-
-def identity_keys(provenance: dict) -> tuple[str, ...]:
-    """What must match for a run to append to a store. Local weights are known by their content hash, so
-    a moved or relative model path still matches; hub models also by their id."""
-    keys = ("weights_hash", "tokenizer_hash", "dataset_hash", "capture")
-    if str(provenance.get("weights_hash") or "").startswith("sha256:"):
-        return keys
-    return ("model_id", *keys)
 
 
 class _StopForward(Exception):
@@ -458,12 +371,16 @@ def extract(
     progress: bool = True,
     storage_options: dict | None = None,
     append: bool = False,
+    reuse: Mapping[str, Tokenization] | None = None,
 ) -> ExtractReport:
     """Capture ``spec`` for every prompt into the store at ``out`` (group ``group``), resuming if it exists.
 
     ``append``: the dataset has grown at its end since the group was made (a streamed dataset): the group grows
     by the new examples (whole work shards; its stored examples must be the dataset's first rows), and only
     they are extracted. Interrupted, the same call finishes the growth and resumes.
+
+    ``reuse``: tokenizations of the dataset made earlier (by key, e.g. the CLI's checks before the weights
+    load), taken as :func:`prepare` takes them.
 
     ``token_budget``: padded tokens per batch (rows x longest prompt); None takes the device's default
     (:func:`~mechdiff.engine.batching.default_token_budget`: smaller batches on CPU, where they are faster).
@@ -474,44 +391,9 @@ def extract(
     out = str(out)
     token_budget = resolve_token_budget(token_budget, lm.device)
     group = group or default_group(lm.model_id, prompts.source)
-    prep = prepare(lm, prompts, spec, max_length=max_length, truncate=truncate)
-    existing = _existing_missing(out, group, storage_options)
-    # room for what is left to write: the whole group when it is new, else only its missing shards
-    left = len(prompts) if existing is None else sum(len(existing[0].shard_range(i)) for i in existing[1])
-    if existing is not None and append:
-        left += max(0, len(prompts) - existing[0].n_examples)  # the examples it grows by
-    _check_disk(out, ActivationStore.estimate_nbytes_for(left, prep.arrays))
-    if existing is not None:
-        _check_capture(existing[0], prep.provenance["capture"])
-        if existing[0].extending is not None and not append:
-            raise StoreIncompleteError(f"store {out} group {group} was being grown to {existing[0].extending} examples "
-                                       "when it was interrupted: run the same extraction with append (--append)")
-        st0 = existing[0]
-        if not append and st0.n_examples < len(prompts) and st0.provenance.get("dataset_hash") != prompts.hash:
-            raise StoreMismatchError(
-                f"store {out} group {group} holds {st0.n_examples} examples of another dataset and {prompts.source} "
-                f"has {len(prompts)}: if the dataset grew at its end, extract with append (--append) to add the new "
-                "examples; else use another group")
-        if append and (existing[0].n_examples < len(prompts) or existing[0].extending is not None):
-            _append(ActivationStore.open(out, group, storage_options), prep, prompts, shard_size)  # writable
-            existing = _existing_missing(out, group, storage_options)
-    store = ActivationStore.create_or_open(
-        out,
-        group,
-        n_examples=len(prompts),
-        shard_size=shard_size,
-        arrays=prep.arrays,
-        coords=prep.coords,
-        token_ids=prep.token_id_matrix(),
-        provenance=prep.provenance,
-        identity_keys=identity_keys(prep.provenance),
-        storage_options=storage_options,
-    )
-    # shards not flagged done, and flagged ones with a chunk missing: from the listing above when the group
-    # existed (nothing has written to it since), else from the group just made
-    missing = set(existing[1] if existing is not None else store.missing_shards())
-    todo = [s for s in (shards if shards is not None else range(store.n_shards)) if s in missing]
-    skipped = (len(shards) if shards is not None else store.n_shards) - len(todo)
+    prep = prepare(lm, prompts, spec, max_length=max_length, truncate=truncate, reuse=reuse)
+    store, todo, skipped = open_group(prep, prompts, out, group, shard_size=shard_size,
+                                      storage_options=storage_options, append=append, shards=shards)
     total_tokens = sum(len(prep.token_ids[i]) for s in todo for i in store.shard_range(s))
     t0 = time.perf_counter()
     if progress and todo:

@@ -15,7 +15,9 @@ from typing import Any
 
 from mechdiff.engine.data import PromptSet
 from mechdiff.engine.capture import CaptureSpec, ResolvedCapture, capture_of, describe_differences
-from mechdiff.engine.extract import identity_keys, tokenize_prompts
+from mechdiff.engine.extract import tokenize_prompts
+from mechdiff.engine.tokenization import Tokenization, tokenization_key
+from mechdiff.engine.groups import identity_keys
 from mechdiff.engine.models import GGUF_INSTALL_HINT, ModelLoadError, check_model_path, gguf_source, tokenizer_hash
 from mechdiff.engine.store import ActivationStore, StoreMismatchError
 
@@ -56,6 +58,26 @@ def config_max_positions(cfg: Any) -> int | None:
     return None
 
 
+def early_tokenization(
+    tokenizer: Any,
+    n_layers: int,
+    max_positions: int | None,
+    prompts: PromptSet,
+    spec: CaptureSpec,
+    *,
+    max_length: int | None = None,
+    truncate: bool = False,
+) -> Tokenization:
+    """The dataset tokenized as ``prepare`` will tokenize it, for ``prepare(..., reuse=...)`` once the weights
+    have loaded (it takes the ids only under an equal key, after a spot check); raises as ``prepare`` does on an
+    empty dataset, bad layers, prompts longer than the context (unless ``truncate``) or a missing marker."""
+    _, _, ids, counts = tokenize_prompts(tokenizer, n_layers, max_positions, prompts, spec, max_length=max_length,
+                                         truncate=truncate)
+    key = tokenization_key(tokenizer, prompts, spec.positions, spec.template, max_length=max_length or max_positions,
+                           truncate=truncate)
+    return Tokenization(key, ids, counts)
+
+
 def early_provenance(
     tokenizer: Any,
     n_layers: int,
@@ -65,10 +87,13 @@ def early_provenance(
     *,
     max_length: int | None = None,
     truncate: bool = False,
+    tokens: Tokenization | None = None,
 ) -> dict[str, Any]:
     """The provenance entries of ``prepare`` that need no weights; raises as ``prepare`` does on an empty
-    dataset, bad layers, prompts longer than the context (unless ``truncate``) or a missing marker."""
-    tokenize_prompts(tokenizer, n_layers, max_positions, prompts, spec, max_length=max_length, truncate=truncate)
+    dataset, bad layers, prompts longer than the context (unless ``truncate``) or a missing marker (checked by
+    tokenizing, unless ``tokens`` from :func:`early_tokenization` are given)."""
+    if tokens is None:
+        early_tokenization(tokenizer, n_layers, max_positions, prompts, spec, max_length=max_length, truncate=truncate)
     return {
         "tokenizer_hash": tokenizer_hash(tokenizer),
         "dataset": prompts.source,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -23,8 +23,9 @@ import torch
 from mechdiff.engine.adapter import ArchAdapter
 from mechdiff.engine.capture import CaptureSpec
 from mechdiff.engine.data import PromptSet
-from mechdiff.engine.extract import (ExtractReport, PreparedExtraction, ShardWriter, _check_capture, _check_disk,
-                                     _existing_missing, default_group, fill_shard, identity_keys, prepare)
+from mechdiff.engine.extract import ExtractReport, PreparedExtraction, ShardWriter, default_group, fill_shard, prepare
+from mechdiff.engine.groups import open_group
+from mechdiff.engine.tokenization import Tokenization
 from mechdiff.engine.models import LoadedModel, ModelLoadError, gguf_source, load_tokenizer, local_weights_hash, resolve_dtype, tokenizer_hash
 from mechdiff.engine.store import ActivationStore
 from mechdiff.engine.vllm_backend import (HookedLLM, engine_kwargs, require_vllm, set_inprocess_env, vllm_version)
@@ -101,10 +102,12 @@ def plan_vllm_extraction(
     trust_remote_code: bool = False,
     storage_options: dict | None = None,
     tensor_parallel_size: int = 1,
+    append: bool = False,
+    reuse: Mapping[str, Tokenization] | None = None,
 ) -> VLLMPlan:
     """Validate and resolve, then create or open the store (no engine, no weights): raises on sites other than
     resid_post, a bad token budget, layers, positions, over-long prompts, a store made by another model / spec /
-    dataset, or too little disk room."""
+    dataset, or too little disk room. ``append`` and ``reuse``: as :func:`~mechdiff.engine.extract.extract`'s."""
     bad = [s for s in spec.sites if s not in VLLM_SITES]
     if bad:
         raise ValueError(f"the vLLM backend captures {', '.join(VLLM_SITES)} only, not {', '.join(bad)}: "
@@ -115,23 +118,12 @@ def plan_vllm_extraction(
     lm = weightless_model(model, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype,
                           extra={"backend": "vllm", "vllm_version": vllm_version(),
                                  "tensor_parallel_size": tensor_parallel_size})
-    prep = prepare(lm, prompts, spec, max_length=max_length, truncate=truncate)
+    prep = prepare(lm, prompts, spec, max_length=max_length, truncate=truncate, reuse=reuse)
     longest = max(len(x) for x in prep.token_ids)
     group = group or default_group(lm.model_id, prompts.source)
-    existing = _existing_missing(out, group, storage_options)
-    left = len(prompts) if existing is None else sum(len(existing[0].shard_range(i)) for i in existing[1])
-    _check_disk(out, ActivationStore.estimate_nbytes_for(left, prep.arrays))
-    if existing is not None:
-        _check_capture(existing[0], prep.provenance["capture"])
-    store = ActivationStore.create_or_open(
-        out, group, n_examples=len(prompts), shard_size=shard_size, arrays=prep.arrays, coords=prep.coords,
-        token_ids=prep.token_id_matrix(), provenance=prep.provenance, identity_keys=identity_keys(prep.provenance),
-        storage_options=storage_options,
-    )
-    missing = set(existing[1] if existing is not None else store.missing_shards())
-    asked = list(shards) if shards is not None else list(range(store.n_shards))
-    todo = [s for s in asked if s in missing]
-    return VLLMPlan(model, prep, store, todo, len(asked) - len(todo), max(token_budget, longest),
+    store, todo, skipped = open_group(prep, prompts, out, group, shard_size=shard_size,
+                                      storage_options=storage_options, append=append, shards=shards)
+    return VLLMPlan(model, prep, store, todo, skipped, max(token_budget, longest),
                     str(lm.dtype).removeprefix("torch."), longest)
 
 
@@ -225,6 +217,8 @@ def extract_vllm(
     storage_options: dict | None = None,
     engine: HookedLLM | None = None,
     llm_kwargs: dict | None = None,
+    append: bool = False,
+    reuse: Mapping[str, Tokenization] | None = None,
 ) -> ExtractReport:
     """``extract`` on vLLM: capture ``spec`` (resid_post; any layers; positions ``last``, ``last:k``, ``all``,
     ``from:``/``post_instruction``) for every prompt of ``model`` (a local safetensors directory or hub id) into
@@ -241,7 +235,8 @@ def extract_vllm(
     plan = plan_vllm_extraction(model, prompts, spec, out, group, token_budget=token_budget, shard_size=shard_size,
                                 max_length=max_length, truncate=truncate, shards=shards, dtype=dtype,
                                 revision=revision, trust_remote_code=trust_remote_code,
-                                storage_options=storage_options, tensor_parallel_size=tensor_parallel_size)
+                                storage_options=storage_options, tensor_parallel_size=tensor_parallel_size,
+                                append=append, reuse=reuse)
     store, t0 = plan.store, time.perf_counter()
     written = tokens = 0
     if plan.todo:
