@@ -319,16 +319,21 @@ def test_early_provenance_matches_prepare(tiny_llama, model, data):
     from mechdiff.engine.data import load_prompts
     from mechdiff.engine.extract import CaptureSpec, prepare
     from mechdiff.engine.models import load_tokenizer
-    from mechdiff.engine.precheck import config_max_positions, config_n_layers, early_provenance, read_config
+    from mechdiff.engine.precheck import (config_max_positions, config_n_layers, early_provenance, early_tokenization,
+                                          read_config)
 
     prompts = load_prompts(data)
     cfg = read_config(model)
     assert config_n_layers(cfg, model) == tiny_llama.adapter.n_layers
     assert config_max_positions(cfg) == tiny_llama.adapter.max_positions
     for spec in (CaptureSpec(), CaptureSpec(sites=("mlp_out", "resid_pre"), layers="1:3", positions="all", template="chat")):
-        early = early_provenance(load_tokenizer(model), config_n_layers(cfg, model), config_max_positions(cfg), prompts, spec)
-        full = prepare(tiny_llama, prompts, spec).provenance
-        assert {k: full[k] for k in early} == early
+        tok = load_tokenizer(model)
+        tokens = early_tokenization(tok, config_n_layers(cfg, model), config_max_positions(cfg), prompts, spec)
+        early = early_provenance(tok, config_n_layers(cfg, model), prompts, spec)
+        prep = prepare(tiny_llama, prompts, spec)
+        assert {k: prep.provenance[k] for k in early} == early
+        # and the tokenization the loaded model would make, under the key it computes
+        assert (tokens.key, tokens.token_ids, tokens.counts) == (prep.tokenization_key, prep.token_ids, prep.counts)
 
 
 # ------------------------------------------------------------------------------------ zoo build --out

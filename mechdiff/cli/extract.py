@@ -153,7 +153,7 @@ def precheck(
     spec.resolve_layers(n_layers)  # a bad --layers fails before the tokenizer loads
     tok = load_tokenizer(model, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
     tokens = early_tokenization(tok, n_layers, config_max_positions(cfg), prompts, spec, truncate=truncate)
-    early = early_provenance(tok, n_layers, config_max_positions(cfg), prompts, spec, truncate=truncate, tokens=tokens)
+    early = early_provenance(tok, n_layers, prompts, spec)
     if "://" not in url and not Path(url).exists():
         return tokens  # opening would create the directory; a new store has nothing to compare
     early["model_id"] = model

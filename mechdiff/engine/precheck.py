@@ -21,7 +21,8 @@ from mechdiff.engine.groups import identity_keys
 from mechdiff.engine.models import GGUF_INSTALL_HINT, ModelLoadError, check_model_path, gguf_source, tokenizer_hash
 from mechdiff.engine.store import ActivationStore, StoreMismatchError
 
-__all__ = ["read_config", "config_n_layers", "config_max_positions", "early_provenance", "check_store_group"]
+__all__ = ["read_config", "config_n_layers", "config_max_positions", "early_tokenization", "early_provenance",
+           "check_store_group"]
 
 
 def read_config(model: str | os.PathLike[str], *, trust_remote_code: bool = False, gguf_file: str | None = None) -> Any:
@@ -78,22 +79,9 @@ def early_tokenization(
     return Tokenization(key, ids, counts)
 
 
-def early_provenance(
-    tokenizer: Any,
-    n_layers: int,
-    max_positions: int | None,
-    prompts: PromptSet,
-    spec: CaptureSpec,
-    *,
-    max_length: int | None = None,
-    truncate: bool = False,
-    tokens: Tokenization | None = None,
-) -> dict[str, Any]:
-    """The provenance entries of ``prepare`` that need no weights; raises as ``prepare`` does on an empty
-    dataset, bad layers, prompts longer than the context (unless ``truncate``) or a missing marker (checked by
-    tokenizing, unless ``tokens`` from :func:`early_tokenization` are given)."""
-    if tokens is None:
-        early_tokenization(tokenizer, n_layers, max_positions, prompts, spec, max_length=max_length, truncate=truncate)
+def early_provenance(tokenizer: Any, n_layers: int, prompts: PromptSet, spec: CaptureSpec) -> dict[str, Any]:
+    """The provenance entries of ``prepare`` that need no weights (after :func:`early_tokenization` has checked
+    the dataset against the tokenizer and the config)."""
     return {
         "tokenizer_hash": tokenizer_hash(tokenizer),
         "dataset": prompts.source,
