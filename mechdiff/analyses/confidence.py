@@ -40,7 +40,7 @@ import xarray as xr
 
 from mechdiff.errors import MechdiffError
 from mechdiff.analyses.common import Finding, ModelGroup, StudyResult
-from mechdiff.analyses.study import StudyContext, StudyDef, layer_counts
+from mechdiff.analyses.study import StudyContext, StudyDef
 from mechdiff.analyses.confidence_controls import (
     AblationGate,
     ConfidenceRule,
@@ -839,9 +839,10 @@ def _run(ctx: StudyContext, config: ConfidenceConfig) -> StudyResult:
                           save=False)
 
 
-def _check(config: ConfidenceConfig, group: ModelGroup, datasets: Mapping[str, Any]) -> None:
+def _check(config: ConfidenceConfig, group: ModelGroup, datasets: Mapping[str, Any],
+           layers: Mapping[str, int]) -> None:
     """A layer every model has, and texts that load."""
-    for label, n in layer_counts(group).items():
+    for label, n in layers.items():
         if not -n <= config.layer < n:
             raise ConfidenceOptionError(f"layer {config.layer}: model {label!r} has layers 0..{n - 1} "
                                         f"(or -{n}..-1 from the end)")

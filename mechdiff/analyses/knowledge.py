@@ -49,7 +49,7 @@ import xarray as xr
 from mechdiff.errors import MechdiffError
 from mechdiff.analyses.attribution import attribution_agreement
 from mechdiff.analyses.common import Finding, ModelGroup, StudyResult
-from mechdiff.analyses.study import StudyContext, StudyDef, layer_counts
+from mechdiff.analyses.study import StudyContext, StudyDef
 from mechdiff.analyses.prompts import truth_prompt
 from mechdiff.analyses.knowledge_maps import (
     KnowledgeControls,
@@ -951,7 +951,8 @@ def _run_study(ctx: StudyContext, config: KnowledgeConfig) -> StudyResult:
                          device=ctx.device, models=ctx.all_models(), save=False, **options)
 
 
-def _check(config: KnowledgeConfig, group: ModelGroup, datasets: Mapping[str, Any]) -> None:
+def _check(config: KnowledgeConfig, group: ModelGroup, datasets: Mapping[str, Any],
+           layers: Mapping[str, int]) -> None:
     from mechdiff.engine.sites import parse_sites
 
     parse_sites(",".join(config.sites))
@@ -963,7 +964,7 @@ def _check(config: KnowledgeConfig, group: ModelGroup, datasets: Mapping[str, An
         raise AttributionError(f"attribution method {config.attribution_method!r}: one of {', '.join(ATTRIBUTION_METHODS)}")
     if not config.few_shot and datasets.get("shots") is not None:
         raise KnowledgeOptionError("few_shot is off but shots are given: zero-shot prompts read no shots; give one of them")
-    for label, n in layer_counts(group).items():
+    for label, n in layers.items():
         try:
             parse_layers(config.layers, n)
         except ValueError as e:

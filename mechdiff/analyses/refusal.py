@@ -1628,7 +1628,8 @@ def _run_study(ctx: StudyContext, config: RefusalConfig) -> StudyResult:
                        **options)
 
 
-def _check(config: RefusalConfig, group: ModelGroup, datasets: Mapping[str, Any]) -> None:
+def _check(config: RefusalConfig, group: ModelGroup, datasets: Mapping[str, Any],
+           layers: Mapping[str, int]) -> None:
     _check_settings(**{k: getattr(config, k) for k in (
         "site", "generator", "addition_scope", "addition_coefs", "match", "kl_max", "n_bootstrap", "n_null", "n_splits",
         "rerank", "max_new_tokens", "n_val", "n_eval", "batch_size", "skip_last", "phrases")})

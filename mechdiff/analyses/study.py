@@ -220,25 +220,29 @@ class StudyDef:
     requirements: Callable[[Any, ModelGroup], list[CaptureRequirement]]
     run: Callable[[StudyContext, Any], StudyResult]
     describe: str = ""
-    # what the Config cannot check alone, as it needs the datasets or the models' configs (never their weights):
-    # check(config, group, datasets) raises on bad input; see check_study
-    check: Callable[[Any, ModelGroup, Mapping[str, Any]], None] | None = None
+    # what the Config cannot check alone, as it needs the datasets or the models' layer counts (never their
+    # weights): check(config, group, datasets, layers) raises on bad input; see check_study
+    check: Callable[[Any, ModelGroup, Mapping[str, Any], Mapping[str, int]], None] | None = None
 
 
-def layer_counts(group: ModelGroup) -> dict[str, int]:
-    """Each model's layer count from its config alone (no weights), for checks before models load."""
+def layer_counts(group: ModelGroup, *, trust_remote_code: bool = False) -> dict[str, int]:
+    """Each model's layer count, by label, from its config alone (no weights)."""
     from mechdiff.engine.precheck import config_n_layers, read_config
 
-    return {label: config_n_layers(read_config(path), path) for label, path in group.models.items()}
+    return {label: config_n_layers(read_config(path, trust_remote_code=trust_remote_code), path)
+            for label, path in group.models.items()}
 
 
-def check_study(study: StudyDef, config: Any, group: ModelGroup, datasets: Mapping[str, Any]) -> None:
+def check_study(study: StudyDef, config: Any, group: ModelGroup, datasets: Mapping[str, Any],
+                layers: Mapping[str, int] | None = None) -> None:
     """Refuse ``config`` for ``group`` and ``datasets`` before any model loads or store is written (the CLI, the
-    main job and a sweep's plan call it): the study's own :attr:`StudyDef.check`."""
+    main job and a sweep's plan call it): the study's own :attr:`StudyDef.check`. ``layers``: the models' layer
+    counts by label where the caller knows them (a model left out is not checked); default
+    :func:`layer_counts`."""
     if not isinstance(config, study.Config):
         raise StudyConfigError(f"study {study.name} takes a {study.Config.__name__}, not {type(config).__name__}")
     if study.check is not None:
-        study.check(config, group, datasets)
+        study.check(config, group, datasets, layer_counts(group) if layers is None else layers)
 
 
 def get_study(name: str) -> StudyDef:

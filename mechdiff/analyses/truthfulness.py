@@ -38,7 +38,7 @@ import xarray as xr
 
 from mechdiff.analyses.common import Finding, ModelGroup, StoreRequirementError, StudyResult, require
 from mechdiff.analyses.prompts import LABEL_WORDS, TRUTH_SUFFIX
-from mechdiff.analyses.study import CaptureRequirement, StudyContext, StudyDef, layer_counts
+from mechdiff.analyses.study import CaptureRequirement, StudyContext, StudyDef
 from mechdiff.engine.capture import capture_of
 from mechdiff.engine.tokens import answer_token, char_offsets
 from mechdiff.errors import MechdiffError
@@ -1326,9 +1326,10 @@ def _run(ctx: StudyContext, settings: TruthSettings) -> StudyResult:
                               settings=replace(settings), save=False)
 
 
-def _check(settings: TruthSettings, group: ModelGroup, datasets: Mapping[str, Any]) -> None:
+def _check(settings: TruthSettings, group: ModelGroup, datasets: Mapping[str, Any],
+           layers: Mapping[str, int]) -> None:
     """Layers every model of the group has, and held-out topics the statements have."""
-    for label, n in layer_counts(group).items():
+    for label, n in layers.items():
         if settings.probe_layer is not None and not settings.probe_layer < n:
             raise TruthSettingsError(f"probe_layer {settings.probe_layer}: model {label!r} has layers 0..{n - 1}")
         bad = [x for x in settings.iv_layers or () if not 0 <= x < n]

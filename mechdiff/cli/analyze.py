@@ -441,7 +441,7 @@ def _command(study):
     params, meaning = _parameters(study)
 
     def command(**kw: Any) -> None:
-        from mechdiff.analyses.study import StudyContext, check_study, run_study
+        from mechdiff.analyses.study import StudyContext, check_study, layer_counts, run_study
 
         common, roles, given = _split(meaning, kw)
         try:
@@ -458,7 +458,8 @@ def _command(study):
                                load_options={"allow_pickle": common["allow_pickle"],
                                              "trust_remote_code": common["trust_remote_code"]})
             ctx.requirements(study, config)  # the capture plan reads every dataset: bad files fail here
-            check_study(study, config, group, datasets)  # what the config cannot check alone
+            check_study(study, config, group, datasets,  # what the config cannot check alone
+                        layer_counts(group, trust_remote_code=common["trust_remote_code"]))
         except EXPECTED as e:
             fail(e)
         try:

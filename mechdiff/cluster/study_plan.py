@@ -121,6 +121,8 @@ def study_targets(sweep: Sweep, *, quick: bool = False, studies: Sequence[str] |
         group = group_of(sweep, gname)
         datasets = group_inputs(sweep, gname).datasets()
         configs = group_configs(sweep, gname, quick)
+        # layer counts of local models (hub ids are not asked for theirs, as elsewhere in planning)
+        layers = {m.label: n for m in specs if (n := _config_n_layers(m.path)) is not None}
         for st_name, entry in sweep.studies.items():
             if gname not in entry.groups or (studies is not None and st_name not in studies):
                 continue
@@ -128,7 +130,7 @@ def study_targets(sweep: Sweep, *, quick: bool = False, studies: Sequence[str] |
             if any(datasets.get(role) is None for role in study.datasets if role != "shots"):
                 continue  # the study has no data for this group: it is not run for it
             try:  # before any extraction: a setting the data or a model's config refutes
-                check_study(study, configs[st_name], group, datasets)
+                check_study(study, configs[st_name], group, datasets, layers)
             except ValueError as e:
                 raise SweepError(f"{sweep.file}: studies.{st_name} (model group {gname}): {e}") from None
             for req in study.requirements(configs[st_name], group, datasets):
