@@ -27,7 +27,8 @@ SPOT_CHECK_ROWS = 32
 # Tokenizer settings that name where it was read from, not how it tokenizes; padding is mechdiff's own.
 _LOCATION_KWARGS = frozenset({
     "name_or_path", "vocab_file", "merges_file", "tokenizer_file", "is_local", "local_files_only", "cache_dir",
-    "_commit_hash", "revision", "padding_side", "chat_template",
+    "_commit_hash", "revision", "subfolder", "gguf_file", "token", "trust_remote_code", "_from_auto",
+    "padding_side", "chat_template",
 })
 
 
