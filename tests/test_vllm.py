@@ -337,6 +337,23 @@ def test_extract_vllm_appends_a_grown_dataset(tiny_llama, tmp_path):
                                    rtol=1e-5, atol=1e-6)
 
 
+def test_the_vllm_plan_takes_the_checks_tokenization(tiny_llama, tmp_path):
+    """``mechdiff extract --backend vllm`` hands its checks' tokenization to the plan (no second tokenization),
+    and the plan's preparation equals one made without it."""
+    from mechdiff.engine.models import load_tokenizer
+    from mechdiff.engine.precheck import early_tokenization
+
+    prompts = PromptSet(random_prompts(20, 3, 9, vocab_size=512, seed=4), source="mem")
+    spec = CaptureSpec(layers="0,1", positions="last:2", dtype="float32")
+    a = tiny_llama.adapter
+    tokens = early_tokenization(load_tokenizer(tiny_llama.model_id), a.n_layers, a.max_positions, prompts, spec)
+    plan = plan_vllm_extraction(tiny_llama.model_id, prompts, spec, str(tmp_path / "a.zarr"), "g",
+                                reuse={tokens.key: tokens})
+    alone = plan_vllm_extraction(tiny_llama.model_id, prompts, spec, str(tmp_path / "b.zarr"), "g")
+    assert plan.prep.reused_tokens and not alone.prep.reused_tokens
+    assert plan.prep.token_ids == alone.prep.token_ids and plan.prep.provenance == alone.prep.provenance
+
+
 def test_extract_vllm_refuses_before_the_engine(tiny_llama, tmp_path):
     prompts = PromptSet(["w1 w2 w3"])
     with pytest.raises(ValueError, match="resid_post only"):
