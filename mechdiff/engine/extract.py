@@ -141,17 +141,17 @@ def prepare(
     reused = False
     if reuse and key in reuse and len(prompts) > 0:
         given = reuse[key]
-        differs = spot_check(given, lm.tokenizer, prompts, spec.positions, spec.template, max_length=limit, truncate=truncate)
+        differs = spot_check(given, lm.tokenizer, prompts, spec.positions, spec.template, max_length=limit,
+                             truncate=truncate)
         if differs is None:
-            layers, pos, ids, counts = spec.resolve_layers(adapter.n_layers), spec.positions, given.token_ids, given.counts
-            reused = True
+            layers, pos = spec.resolve_layers(adapter.n_layers), spec.positions
+            ids, counts, reused = given.token_ids, given.counts, True
         else:
             warnings.warn(f"{lm.model_id}: the shared tokenization of {prompts.source} does not hold ({differs}); "
                           "tokenizing it again", stacklevel=2)
     if not reused:
-        layers, pos, ids, counts = tokenize_prompts(
-            lm.tokenizer, adapter.n_layers, adapter.max_positions, prompts, spec, max_length=max_length, truncate=truncate
-        )
+        layers, pos, ids, counts = tokenize_prompts(lm.tokenizer, adapter.n_layers, adapter.max_positions, prompts,
+                                                    spec, max_length=max_length, truncate=truncate)
     width = max(counts)
     n_pos = width if pos.keeps_position_dim else None
     arrays = [

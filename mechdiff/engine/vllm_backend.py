@@ -47,7 +47,8 @@ from mechdiff.errors import MechdiffError
 __all__ = [
     "VLLMUnavailableError", "HookSettingsError", "HookNeverFiredError", "PrefillSplitError", "vllm_available",
     "require_vllm", "engine_kwargs", "decoder_layers", "resid_of", "with_resid", "request_segments",
-    "match_requests", "kept_rows", "release_cuda", "share_beside", "share_beside_resident", "HookedLLM", "CaptureResult", "VLLM_LAYER_PATHS",
+    "match_requests", "kept_rows", "release_cuda", "share_beside", "share_beside_resident", "HookedLLM",
+    "CaptureResult", "VLLM_LAYER_PATHS",
 ]
 
 #: Where each family's decoder layers live in vLLM's model classes (``vllm/model_executor/models/*.py``): the HF
