@@ -318,7 +318,7 @@ def test_early_provenance_matches_prepare(tiny_llama, model, data):
     """precheck computes the provenance entries prepare() stores, by the same functions."""
     from mechdiff.engine.data import load_prompts
     from mechdiff.engine.extract import CaptureSpec, prepare
-    from mechdiff.engine.models import load_tokenizer
+    from mechdiff.engine.models import load_tokenizer, tokenizer_hash
     from mechdiff.engine.precheck import (config_max_positions, config_n_layers, early_provenance, early_tokenization,
                                           read_config)
 
@@ -329,7 +329,7 @@ def test_early_provenance_matches_prepare(tiny_llama, model, data):
     for spec in (CaptureSpec(), CaptureSpec(sites=("mlp_out", "resid_pre"), layers="1:3", positions="all", template="chat")):
         tok = load_tokenizer(model)
         tokens = early_tokenization(tok, config_n_layers(cfg, model), config_max_positions(cfg), prompts, spec)
-        early = early_provenance(tok, config_n_layers(cfg, model), prompts, spec)
+        early = early_provenance(tokenizer_hash(tok), config_n_layers(cfg, model), prompts, spec)
         prep = prepare(tiny_llama, prompts, spec)
         assert {k: prep.provenance[k] for k in early} == early
         # and the tokenization the loaded model would make, under the key it computes

@@ -60,3 +60,16 @@ def test_the_main_job_checks_every_studys_settings_before_a_model_loads(tmp_path
     with pytest.raises(ConfidenceOptionError, match="layer 6: model 'base'"):
         run_group(embedded_group(), embedded_inputs(), tmp_path / "b", RunOptions(studies=("confidence",)),
                   configs={**cfg, "confidence": ConfidenceConfig(layer=6)})
+
+
+def test_layer_counts_read_a_config_only_when_a_check_asks(monkeypatch):
+    from mechdiff.analyses.study import layer_counts
+    from mechdiff.engine import precheck
+    from mechdiff.pipeline import embedded_group
+
+    reads = []
+    real = precheck.read_config
+    monkeypatch.setattr(precheck, "read_config", lambda path, **kw: reads.append(path) or real(path, **kw))
+    counts = layer_counts(embedded_group())
+    assert reads == [] and list(counts) == ["base", "post"]
+    assert counts["post"] == 6 and counts["post"] == 6 and len(reads) == 1  # read once, when asked

@@ -663,6 +663,17 @@ def _verdict_numbers(c: dict[str, Any], a: str, b: str) -> tuple[dict[str, float
     return figs, ctl
 
 
+def _check_options(sites: str | Sequence[str], positions: str, normalisation: str, attribution: bool,
+                   attribution_method: str) -> None:
+    resolve_sites(sites)
+    if positions not in POSITIONS:
+        raise KnowledgeOptionError(f"positions {positions!r}: one of {', '.join(POSITIONS)}")
+    if normalisation not in NORMALISATIONS:
+        raise KnowledgeOptionError(f"normalisation {normalisation!r}: one of {', '.join(NORMALISATIONS)}")
+    if attribution and attribution_method not in ATTRIBUTION_METHODS:
+        raise AttributionError(f"attribution method {attribution_method!r}: one of {', '.join(ATTRIBUTION_METHODS)}")
+
+
 def run_knowledge(
     group: ModelGroup,
     pairs: str | Path | pd.DataFrame,
@@ -715,11 +726,7 @@ def run_knowledge(
     Writes ``out_dir/knowledge/{results.zarr, summary.json, *.png}``.
     """
     t0 = time.perf_counter()
-    normalised_effect(0.0, 1.0, 0.0, normalisation)  # bad options fail before any model loads
-    if attribution and attribution_method not in ATTRIBUTION_METHODS:
-        raise AttributionError(f"attribution method {attribution_method!r}: one of {', '.join(ATTRIBUTION_METHODS)}")
-    if positions not in POSITIONS:
-        raise KnowledgeOptionError(f"positions {positions!r}: one of {', '.join(POSITIONS)}")
+    _check_options(sites, positions, normalisation, attribution, attribution_method)  # before any model loads
     df, path = _pairs_source(pairs)
     df = load_pairs(df, limit=limit)
     if shots == "auto":
@@ -953,15 +960,7 @@ def _run_study(ctx: StudyContext, config: KnowledgeConfig) -> StudyResult:
 
 def _check(config: KnowledgeConfig, group: ModelGroup, datasets: Mapping[str, Any],
            layers: Mapping[str, int]) -> None:
-    from mechdiff.engine.sites import parse_sites
-
-    parse_sites(",".join(config.sites))
-    if config.positions not in POSITIONS:
-        raise KnowledgeOptionError(f"positions {config.positions!r}: one of {', '.join(POSITIONS)}")
-    if config.normalisation not in NORMALISATIONS:
-        raise KnowledgeOptionError(f"normalisation {config.normalisation!r}: one of {', '.join(NORMALISATIONS)}")
-    if config.attribution and config.attribution_method not in ATTRIBUTION_METHODS:
-        raise AttributionError(f"attribution method {config.attribution_method!r}: one of {', '.join(ATTRIBUTION_METHODS)}")
+    _check_options(config.sites, config.positions, config.normalisation, config.attribution, config.attribution_method)
     if not config.few_shot and datasets.get("shots") is not None:
         raise KnowledgeOptionError("few_shot is off but shots are given: zero-shot prompts read no shots; give one of them")
     for label, n in layers.items():

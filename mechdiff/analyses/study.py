@@ -225,12 +225,31 @@ class StudyDef:
     check: Callable[[Any, ModelGroup, Mapping[str, Any], Mapping[str, int]], None] | None = None
 
 
-def layer_counts(group: ModelGroup, *, trust_remote_code: bool = False) -> dict[str, int]:
-    """Each model's layer count, by label, from its config alone (no weights)."""
-    from mechdiff.engine.precheck import config_n_layers, read_config
+class _LayerCounts(Mapping):
+    """Each model's layer count by label, read from its config (no weights) when first asked for: a check that
+    needs none reads no config (a GGUF file's takes seconds to parse)."""
 
-    return {label: config_n_layers(read_config(path, trust_remote_code=trust_remote_code), path)
-            for label, path in group.models.items()}
+    def __init__(self, group: ModelGroup, trust_remote_code: bool):
+        self.paths, self.trust_remote_code, self.known = dict(group.models), trust_remote_code, {}
+
+    def __getitem__(self, label: str) -> int:
+        if label not in self.known:
+            from mechdiff.engine.precheck import config_n_layers, read_config
+
+            path = self.paths[label]
+            self.known[label] = config_n_layers(read_config(path, trust_remote_code=self.trust_remote_code), path)
+        return self.known[label]
+
+    def __iter__(self):
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def layer_counts(group: ModelGroup, *, trust_remote_code: bool = False) -> Mapping[str, int]:
+    """Each model's layer count, by label, from its config alone (no weights; each read when first needed)."""
+    return _LayerCounts(group, trust_remote_code)
 
 
 def check_study(study: StudyDef, config: Any, group: ModelGroup, datasets: Mapping[str, Any],

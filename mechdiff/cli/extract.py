@@ -144,7 +144,7 @@ def precheck(
     """What ``extract`` would refuse after loading the weights, refused before: layers out of range, prompts
     longer than the context, and an existing group made by another model, tokenizer, dataset or spec. Returns
     the dataset's tokenization, for the extraction to reuse (checked by its key) instead of a second one."""
-    from mechdiff.engine.models import load_tokenizer, local_weights_hash
+    from mechdiff.engine.models import load_tokenizer, local_weights_hash, tokenizer_hash
     from mechdiff.engine.precheck import (check_store_group, config_max_positions, config_n_layers, early_provenance,
                                           early_tokenization, read_config)
 
@@ -152,8 +152,10 @@ def precheck(
     n_layers = config_n_layers(cfg, model)
     spec.resolve_layers(n_layers)  # a bad --layers fails before the tokenizer loads
     tok = load_tokenizer(model, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
-    tokens = early_tokenization(tok, n_layers, config_max_positions(cfg), prompts, spec, truncate=truncate)
-    early = early_provenance(tok, n_layers, prompts, spec)
+    digest = tokenizer_hash(tok)  # once: it serialises the whole vocabulary
+    tokens = early_tokenization(tok, n_layers, config_max_positions(cfg), prompts, spec, truncate=truncate,
+                                definition=digest)
+    early = early_provenance(digest, n_layers, prompts, spec)
     if "://" not in url and not Path(url).exists():
         return tokens  # opening would create the directory; a new store has nothing to compare
     early["model_id"] = model

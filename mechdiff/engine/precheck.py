@@ -18,7 +18,7 @@ from mechdiff.engine.capture import CaptureSpec, ResolvedCapture, capture_of, de
 from mechdiff.engine.extract import tokenize_prompts
 from mechdiff.engine.tokenization import Tokenization, tokenization_key
 from mechdiff.engine.groups import identity_keys
-from mechdiff.engine.models import GGUF_INSTALL_HINT, ModelLoadError, check_model_path, gguf_source, tokenizer_hash
+from mechdiff.engine.models import GGUF_INSTALL_HINT, ModelLoadError, check_model_path, gguf_source
 from mechdiff.engine.store import ActivationStore, StoreMismatchError
 
 __all__ = ["read_config", "config_n_layers", "config_max_positions", "early_tokenization", "early_provenance",
@@ -68,22 +68,25 @@ def early_tokenization(
     *,
     max_length: int | None = None,
     truncate: bool = False,
+    definition: str | None = None,
 ) -> Tokenization:
     """The dataset tokenized as ``prepare`` will tokenize it, for ``prepare(..., reuse=...)`` once the weights
     have loaded (it takes the ids only under an equal key, after a spot check); raises as ``prepare`` does on an
-    empty dataset, bad layers, prompts longer than the context (unless ``truncate``) or a missing marker."""
+    empty dataset, bad layers, prompts longer than the context (unless ``truncate``) or a missing marker.
+    ``definition``: the tokenizer's hash, when already computed."""
     _, _, ids, counts = tokenize_prompts(tokenizer, n_layers, max_positions, prompts, spec, max_length=max_length,
                                          truncate=truncate)
     key = tokenization_key(tokenizer, prompts, spec.positions, spec.template, max_length=max_length or max_positions,
-                           truncate=truncate)
+                           truncate=truncate, definition=definition)
     return Tokenization(key, ids, counts)
 
 
-def early_provenance(tokenizer: Any, n_layers: int, prompts: PromptSet, spec: CaptureSpec) -> dict[str, Any]:
+def early_provenance(tokenizer_digest: str, n_layers: int, prompts: PromptSet, spec: CaptureSpec) -> dict[str, Any]:
     """The provenance entries of ``prepare`` that need no weights (after :func:`early_tokenization` has checked
-    the dataset against the tokenizer and the config)."""
+    the dataset against the tokenizer and the config); ``tokenizer_digest``: the tokenizer's
+    :func:`~mechdiff.engine.models.tokenizer_hash`."""
     return {
-        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "tokenizer_hash": tokenizer_digest,
         "dataset": prompts.source,
         "dataset_hash": prompts.hash,
         "capture": spec.resolve(n_layers).to_json(),
