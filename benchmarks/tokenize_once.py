@@ -41,7 +41,7 @@ def model_path(tmp: Path) -> str:
 
 
 def words(tokenizer) -> list[str]:
-    vocab = list(tokenizer.get_vocab())
+    vocab = sorted(tokenizer.get_vocab())  # a fixed order: the same prompts in every run
     spaced = [w[1:] for w in vocab if w[:1] in ("Ġ", "▁") and w[1:].isalpha()]
     return spaced or [w for w in vocab if w.isalnum()]
 
